@@ -1,0 +1,79 @@
+"""Every knob of the gateway, read from the environment (pydantic-settings).
+
+Kept in one place so the README table and the code cannot disagree about names.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Gateway settings; each field is an environment variable of the same name."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # Upstream Prometheus (or Thanos / Mimir / VictoriaMetrics / Grafana Cloud).
+    prometheus_url: str = "http://prometheus:9090"
+    prometheus_bearer_token: SecretStr | None = None
+    prometheus_bearer_token_file: Path | None = None
+    prometheus_username: str | None = None
+    prometheus_password: SecretStr | None = None
+    prometheus_headers: dict[str, str] = Field(default_factory=dict)
+    prometheus_verify_tls: bool = True
+    prometheus_ca_file: Path | None = None
+    prometheus_max_connections: int = Field(default=50, ge=1, le=1000)
+    prometheus_max_response_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+
+    # Time budget: one deadline per request; the remainder is sent as `timeout`.
+    request_deadline_seconds: float = Field(default=3.0, gt=0, le=60)
+    connect_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
+
+    # Caching: per-category TTL, last-good retention for stale answers.
+    cache_ttl_seconds: float = Field(default=15.0, ge=0)
+    cache_ttl_overrides: dict[str, float] = Field(default_factory=dict)
+    cache_max_entries: int = Field(default=4096, ge=16)
+    stale_max_age_seconds: float = Field(default=3600.0, ge=0)
+    batch_max_queries: int = Field(default=64, ge=1, le=500)
+
+    # Circuit breaker.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_reset_seconds: float = Field(default=10.0, gt=0)
+
+    # Catalog: the packaged default, or a TOML file of the user's.
+    catalog_path: Path | None = None
+    metrics_prefix: str = "gateway"
+
+    # Filters.
+    filter_max_values: int = Field(default=10, ge=1, le=100)
+    filter_max_value_length: int = Field(default=128, ge=1, le=1024)
+
+    log_level: str = "INFO"
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        v = v.strip()
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("PROMETHEUS_URL must start with http:// or https://")
+        return v.rstrip("/")
+
+    def ttl_for(self, category: str) -> float:
+        return self.cache_ttl_overrides.get(category, self.cache_ttl_seconds)
+
+    def bearer_token(self) -> str | None:
+        """The token from the variable, or from the file (re-read so rotation works)."""
+        if self.prometheus_bearer_token is not None:
+            return self.prometheus_bearer_token.get_secret_value()
+        if self.prometheus_bearer_token_file is not None:
+            return self.prometheus_bearer_token_file.read_text().strip()
+        return None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

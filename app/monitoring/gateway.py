@@ -1,0 +1,75 @@
+"""The gateway's own metrics about its upstream, cache and circuit breaker.
+
+Defined once at module level on the default registry (a module runs once per
+process however often it is imported, so two apps in one test process share
+them instead of colliding). Services call the small functions below rather
+than touching metric objects, so names live in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CacheOutcome = Literal["hit", "miss", "stale", "coalesced"]
+BreakerState = Literal["closed", "open", "half_open"]
+
+UPSTREAM_DURATION = Histogram(
+    "metrics_gateway_upstream_query_duration_seconds",
+    "Time of one upstream Prometheus request (a batch of catalog queries), by category.",
+    ["category"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+UPSTREAM_ERRORS = Counter(
+    "metrics_gateway_upstream_errors_total",
+    "Failed upstream requests by category and Prometheus errorType (or transport error).",
+    ["category", "error_type"],
+)
+UPSTREAM_REQUESTS = Counter(
+    "metrics_gateway_upstream_requests_total",
+    "Upstream Prometheus requests sent, by category.",
+    ["category"],
+)
+CACHE_EVENTS = Counter(
+    "metrics_gateway_cache_events_total",
+    "Query-cache outcomes: hit, miss, stale (last good served), coalesced (waited on a fetch).",
+    ["category", "outcome"],
+)
+UPSTREAM_UP = Gauge(
+    "metrics_gateway_upstream_up",
+    "1 when the last upstream Prometheus request succeeded, else 0.",
+    multiprocess_mode="mostrecent",
+)
+UPSTREAM_LAST_SUCCESS = Gauge(
+    "metrics_gateway_upstream_last_success_timestamp_seconds",
+    "Unix time of the last successful upstream Prometheus request.",
+    multiprocess_mode="max",
+)
+BREAKER_STATE = Gauge(
+    "metrics_gateway_circuit_breaker_state",
+    "Circuit breaker state: 1 for the current state, 0 for the others.",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def observe_upstream(category: str, seconds: float, error_type: str | None) -> None:
+    UPSTREAM_REQUESTS.labels(category).inc()
+    UPSTREAM_DURATION.labels(category).observe(seconds)
+    if error_type is None:
+        UPSTREAM_UP.set(1)
+        UPSTREAM_LAST_SUCCESS.set(time.time())
+    else:
+        UPSTREAM_ERRORS.labels(category, error_type).inc()
+        UPSTREAM_UP.set(0)
+
+
+def cache_outcome(category: str, outcome: CacheOutcome, count: int = 1) -> None:
+    CACHE_EVENTS.labels(category, outcome).inc(count)
+
+
+def set_breaker_state(state: BreakerState) -> None:
+    for s in ("closed", "open", "half_open"):
+        BREAKER_STATE.labels(s).set(1 if s == state else 0)
