@@ -1,0 +1,166 @@
+"""Start and stop real servers (Prometheus, Redis, uvicorn apps) on loopback for tests.
+
+Every helper binds to 127.0.0.1 on a free port, waits a bounded time for the
+process to answer, and returns a handle whose stop() ends the process it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMETHEUS_BIN = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL_BIN = shutil.which("promtool") or "/usr/bin/promtool"
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll check() until it returns a truthy value; bounded by timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polling tolerates transient errors
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}: {last_exc!r}")
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    wait_until(lambda: httpx.get(url, timeout=1.0).status_code < 500, timeout, what=url)
+
+
+@dataclass
+class Proc:
+    """A process this test session started, with the address it serves."""
+
+    popen: subprocess.Popen[bytes]
+    url: str
+    port: int
+    workdir: Path
+    log_path: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None = None,
+           port: int = 0, url: str = "") -> Proc:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    popen = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        env={**os.environ, **(env or {})}, start_new_session=True,
+    )
+    return Proc(popen=popen, url=url, port=port, workdir=workdir, log_path=log_path)
+
+
+def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
+                     scrape_interval: str = "1s", extra_config: str = "",
+                     timeout: float = 30.0) -> Proc:
+    """A real Prometheus on loopback with the given scrape_configs block (YAML list)."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "prometheus.yml"
+    cfg.write_text(
+        f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
+        f"{extra_config}"
+        + (f"scrape_configs:\n{scrape_configs_yaml}" if scrape_configs_yaml else "")
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc = _spawn(
+        [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
+         "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+        workdir, "prometheus", port=port, url=url,
+    )
+    try:
+        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200,
+                   timeout, what="prometheus ready")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(f"prometheus did not start:\n{proc.log()}") from None
+    return proc
+
+
+def start_redis(workdir: Path, timeout: float = 15.0) -> Proc:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = _spawn(
+        [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        workdir, "redis", port=port, url=url,
+    )
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    try:
+        wait_until(ping, timeout, what="redis ready")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(f"redis did not start:\n{proc.log()}") from None
+    return proc
+
+
+def start_uvicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *,
+                  factory: bool = False, health_path: str = "/health",
+                  timeout: float = 30.0) -> Proc:
+    """`python -m uvicorn app` on a free loopback port; app is 'module:attr'."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning"]
+    if factory:
+        cmd.append("--factory")
+    proc = _spawn(cmd, workdir, f"uvicorn-{port}", env=env, port=port, url=url)
+    try:
+        wait_http(f"{url}{health_path}", timeout)
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(f"{app} did not start:\n{proc.log()}") from None
+    return proc
+
+
+def promtool_check_metrics(body: bytes) -> subprocess.CompletedProcess[bytes]:
+    """Run the real `promtool check metrics` on an exposition body."""
+    return subprocess.run([PROMTOOL_BIN, "check", "metrics"], input=body,
+                          capture_output=True, timeout=30, check=False)
