@@ -1,0 +1,181 @@
+"""HTTP metrics by route template, as a pure ASGI middleware.
+
+Metric names and labels follow the GatewayZ backend contract (the default query
+catalog reads them), so the gateway's own dashboards work on the gateway too:
+
+- ``fastapi_requests_total{app_name,method,path,status_code}``
+- ``fastapi_requests_duration_seconds{app_name,method,path}`` (histogram)
+- ``fastapi_requests_in_progress{app_name,method,path}`` (gauge, ``livesum``)
+- ``fastapi_exceptions_total{app_name,exception_type}``
+
+``path`` is the route template (``/prometheus/metrics/{category}``), never the raw
+path, so cardinality is bounded by the number of routes: requests no route
+matches share the single value ``<unmatched>``, and methods outside the standard
+set share ``OTHER``. ``/metrics`` and the health routes are not counted.
+
+Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task, no body buffering,
+streaming responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from cachetools import LRUCache
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.routing import BaseRoute, Host, Match, Mount, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+UNMATCHED = "<unmatched>"
+OTHER_METHOD = "OTHER"
+DEFAULT_EXCLUDED_PATHS: frozenset[str] = frozenset({"/metrics", "/health", "/ready"})
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+_TEMPLATE_CACHE_SIZE = 2048
+
+HTTP_REQUESTS = Counter(
+    "fastapi_requests_total",
+    "HTTP requests answered, by route template and status code.",
+    ["app_name", "method", "path", "status_code"],
+)
+HTTP_DURATION = Histogram(
+    "fastapi_requests_duration_seconds",
+    "Time from request start to the end of the response, by route template.",
+    ["app_name", "method", "path"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+HTTP_IN_PROGRESS = Gauge(
+    "fastapi_requests_in_progress",
+    "HTTP requests being handled now, by route template (summed over live workers).",
+    ["app_name", "method", "path"],
+    multiprocess_mode="livesum",
+)
+HTTP_EXCEPTIONS = Counter(
+    "fastapi_exceptions_total",
+    "Exceptions that escaped the application (answered 500), by exception class name.",
+    ["app_name", "exception_type"],
+)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches on: ``scope['path']`` without ``root_path``."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+def resolve_template(routes: Sequence[BaseRoute], scope: Scope) -> str | None:
+    """The template of the route Starlette would dispatch ``scope`` to, or None.
+
+    Mirrors ``Router.app``: the first FULL match wins, else the first PARTIAL one
+    (a method mismatch, answered 405). Mounts and hosts are descended into and
+    their prefix joined to the inner template.
+    """
+    partial: str | None = None
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        if isinstance(route, Mount | Host):
+            prefix = route.path if isinstance(route, Mount) else ""
+            inner_routes = route.routes
+            if not inner_routes:  # a mounted ASGI app (static files, sub-app without routes)
+                template: str | None = (
+                    route.path_format if isinstance(route, Mount) else None
+                )
+            else:
+                inner = resolve_template(inner_routes, {**scope, **child_scope})
+                template = None if inner is None else prefix + inner
+            if match is Match.FULL:
+                return template
+            if partial is None:
+                partial = template
+            continue
+        template = getattr(route, "path", None)
+        if match is Match.FULL:
+            return template
+        if partial is None:
+            partial = template
+    return partial
+
+
+def _has_host_routes(routes: Iterable[BaseRoute]) -> bool:
+    return any(isinstance(r, Host) for r in routes)
+
+
+class PrometheusMiddleware:
+    """Counts and times every HTTP request by route template."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        router: Router,
+        app_name: str,
+        excluded_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
+    ) -> None:
+        self.app = app
+        self.router = router
+        self.app_name = app_name
+        self.excluded_paths = frozenset(excluded_paths)
+        # (method, root_path, route path) -> template; bounded, so raw paths
+        # cannot grow it without limit. Cleared when the route list changes.
+        self._cache: LRUCache[tuple[str, str, str], str] = LRUCache(_TEMPLATE_CACHE_SIZE)
+        self._cache_routes = -1
+        self._cacheable = True
+
+    def template_for(self, scope: Scope, path: str, method: str) -> str:
+        routes = self.router.routes
+        if len(routes) != self._cache_routes:
+            self._cache.clear()
+            self._cache_routes = len(routes)
+            # Host routes match on the Host header, which the key leaves out.
+            self._cacheable = not _has_host_routes(routes)
+        key = (method, scope.get("root_path", ""), path)
+        if self._cacheable:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+        template = resolve_template(routes, scope) or UNMATCHED
+        if self._cacheable:
+            self._cache[key] = template
+        return template
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if path in self.excluded_paths:
+            await self.app(scope, receive, send)
+            return
+
+        raw_method: str = scope["method"]
+        method = raw_method if raw_method in _KNOWN_METHODS else OTHER_METHOD
+        template = self.template_for(scope, path, raw_method)
+        app_name = self.app_name
+        status_code = 500  # if the app fails before starting a response
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        in_progress = HTTP_IN_PROGRESS.labels(app_name, method, template)
+        in_progress.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            HTTP_EXCEPTIONS.labels(app_name, type(exc).__name__).inc()
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            in_progress.dec()
+            HTTP_DURATION.labels(app_name, method, template).observe(elapsed)
+            HTTP_REQUESTS.labels(app_name, method, template, str(status_code)).inc()

@@ -1,0 +1,89 @@
+"""Gunicorn settings for the gateway: uvicorn workers + prometheus_client multiprocess mode.
+
+Run from the repository root::
+
+    PROMETHEUS_MULTIPROC_DIR=/run/metrics-gateway gunicorn -c gunicorn.conf.py app.main:app
+
+With several workers each one is a separate process with its own metrics; for
+GET /metrics to report the whole server, every worker writes its samples to
+mmap files in ``PROMETHEUS_MULTIPROC_DIR`` and the worker answering a scrape
+merges them (app/monitoring/registry.py). Three hooks keep that directory right:
+
+``on_starting``  (master, once) creates the directory and empties it, so counts
+                 from a previous run are not added to this one.
+``child_exit``   (master, each dead worker) ``mark_process_dead(pid)``: drops the
+                 dead worker's ``live*`` gauge files (in-progress requests).
+                 Its counter/histogram files stay, so totals are never lost.
+``on_exit``      (master) removes the directory if this file created it.
+
+If ``PROMETHEUS_MULTIPROC_DIR`` is unset, a private temporary directory is
+created here, before any worker imports prometheus_client, and exported to the
+workers (they are forked from this process and inherit its environment).
+
+Module-level names are gunicorn settings; helpers are underscored so gunicorn
+does not read them as settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util as _importlib_util
+import os as _os
+import shutil as _shutil
+import tempfile as _tempfile
+from pathlib import Path as _Path
+from typing import Any as _Any
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_created_dir: str | None = None
+if not _os.environ.get(_MULTIPROC_ENV):
+    _created_dir = _tempfile.mkdtemp(prefix="metrics-gateway-prom-")
+    _os.environ[_MULTIPROC_ENV] = _created_dir
+
+
+def _worker_class() -> str:
+    # uvicorn.workers is deprecated in favour of the separate uvicorn-worker
+    # package; prefer it when installed, fall back to the old module otherwise.
+    if _importlib_util.find_spec("uvicorn_worker") is not None:
+        return "uvicorn_worker.UvicornWorker"
+    return "uvicorn.workers.UvicornWorker"
+
+
+bind = _os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+workers = int(_os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = _worker_class()
+# Worker recycling leaves one set of files per dead worker in the multiprocess
+# directory (scrapes get slower as they pile up), so it is off unless asked for.
+max_requests = int(_os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
+max_requests_jitter = int(_os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0"))
+graceful_timeout = int(_os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+timeout = int(_os.environ.get("GUNICORN_TIMEOUT", "60"))
+accesslog = _os.environ.get("GUNICORN_ACCESSLOG") or None
+
+
+def _multiproc_dir() -> _Path:
+    return _Path(_os.environ[_MULTIPROC_ENV])
+
+
+def on_starting(server: _Any) -> None:
+    """Create the multiprocess directory and delete what a previous run left in it."""
+    path = _multiproc_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    # Empty it rather than removing it: it may be a mount point (emptyDir, tmpfs).
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            _shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    server.log.info("prometheus multiprocess directory %s emptied", path)
+
+
+def child_exit(server: _Any, worker: _Any) -> None:
+    """A worker died (exit, crash, SIGKILL or recycling): drop its live gauges."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, str(_multiproc_dir()))
+
+
+def on_exit(server: _Any) -> None:
+    if _created_dir is not None:
+        _shutil.rmtree(_created_dir, ignore_errors=True)
