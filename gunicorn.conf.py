@@ -81,7 +81,7 @@ def child_exit(server: _Any, worker: _Any) -> None:
     """A worker died (exit, crash, SIGKILL or recycling): drop its live gauges."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid, str(_multiproc_dir()))
+    multiprocess.mark_process_dead(worker.pid, str(_multiproc_dir()))  # type: ignore[no-untyped-call]
 
 
 def on_exit(server: _Any) -> None:

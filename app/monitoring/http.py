@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from cachetools import LRUCache
 from prometheus_client import Counter, Gauge, Histogram
@@ -68,39 +69,70 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def _template_of(route: object) -> str | None:
+    # path_format drops convertors ("/items/{item_id}" for "/items/{item_id:int}"),
+    # the same form FastAPI reports as the OpenTelemetry http.route.
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return template if isinstance(template, str) else None
+
+
+def _included_contexts(route: BaseRoute) -> list[Any] | None:
+    """Routes of a router included by FastAPI without copying (newer FastAPI).
+
+    Newer FastAPI keeps ``include_router`` routers as one route object that
+    matches for all of them; its ``effective_route_contexts()`` lists each route
+    with the full (prefixed) template and its own ``matches``. Older FastAPI
+    copies the routes into the app, so this returns None there.
+    """
+    contexts = getattr(route, "effective_route_contexts", None)
+    if contexts is None or not callable(contexts):
+        return None
+    return list(contexts())
+
+
 def resolve_template(routes: Sequence[BaseRoute], scope: Scope) -> str | None:
     """The template of the route Starlette would dispatch ``scope`` to, or None.
 
     Mirrors ``Router.app``: the first FULL match wins, else the first PARTIAL one
-    (a method mismatch, answered 405). Mounts and hosts are descended into and
-    their prefix joined to the inner template.
+    (a method mismatch, answered 405). Mounts, hosts and FastAPI included routers
+    are descended into and their prefix joined to the inner template.
     """
+    return _resolve(routes, scope)[1]
+
+
+def _resolve(routes: Iterable[Any], scope: Scope) -> tuple[Match, str | None]:
     partial: str | None = None
     for route in routes:
-        match, child_scope = route.matches(scope)
-        if match is Match.NONE:
-            continue
-        if isinstance(route, Mount | Host):
-            prefix = route.path if isinstance(route, Mount) else ""
-            inner_routes = route.routes
-            if not inner_routes:  # a mounted ASGI app (static files, sub-app without routes)
-                template: str | None = (
-                    route.path_format if isinstance(route, Mount) else None
-                )
-            else:
-                inner = resolve_template(inner_routes, {**scope, **child_scope})
-                template = None if inner is None else prefix + inner
-            if match is Match.FULL:
-                return template
-            if partial is None:
-                partial = template
-            continue
-        template = getattr(route, "path", None)
+        match, template = _match_one(route, scope)
         if match is Match.FULL:
-            return template
-        if partial is None:
+            return match, template
+        if match is Match.PARTIAL and partial is None:
             partial = template
-    return partial
+    return (Match.NONE, None) if partial is None else (Match.PARTIAL, partial)
+
+
+def _match_one(route: Any, scope: Scope) -> tuple[Match, str | None]:
+    contexts = _included_contexts(route)
+    if contexts is not None:
+        if route.matches(scope)[0] is Match.NONE:
+            return Match.NONE, None
+        return _resolve(contexts, scope)
+    inner_route = getattr(route, "starlette_route", None)
+    if isinstance(inner_route, BaseRoute):  # one route of an included router, not an APIRoute
+        return _match_one(inner_route, scope)
+    match, child_scope = route.matches(scope)
+    if match is Match.NONE:
+        return match, None
+    if isinstance(route, Mount | Host):
+        inner_routes = route.routes
+        if not inner_routes:  # a mounted ASGI app (static files, a sub-app without routes)
+            return match, _template_of(route) if isinstance(route, Mount) else None
+        inner_match, inner = _resolve(inner_routes, {**scope, **child_scope})
+        if inner is None:
+            return match, None
+        prefix = route.path if isinstance(route, Mount) else ""
+        return (match if inner_match is Match.FULL else inner_match), prefix + inner
+    return match, _template_of(route)
 
 
 def _has_host_routes(routes: Iterable[BaseRoute]) -> bool:
@@ -140,7 +172,8 @@ class PrometheusMiddleware:
             cached = self._cache.get(key)
             if cached is not None:
                 return cached
-        template = resolve_template(routes, scope) or UNMATCHED
+        # A shallow copy: some routers note state in the scope while matching.
+        template = resolve_template(routes, dict(scope)) or UNMATCHED
         if self._cacheable:
             self._cache[key] = template
         return template
