@@ -1,0 +1,113 @@
+"""Routes under /prometheus/metrics: parse and validate input, pick a renderer.
+
+No PromQL here: the catalog holds the queries and the services run them.
+`create_gateway_router()` is the documented way to serve these routes from
+another FastAPI app (it brings its own lifespan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+import httpx
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+
+from app.catalog.model import CATEGORIES, Catalog
+from app.config import Settings, get_settings
+from app.render import docs as docs_render
+from app.render import json as json_render
+from app.render import text as text_render
+from app.services.exposition import render_families, wants_json
+from app.services.gateway import GatewayService
+from app.services.promql import PLAIN_LABEL_VALUE
+from app.services.result import QueryResult
+
+FILTERABLE = ("providers", "models")
+JSON_TYPE = "application/json"
+
+Fmt = Annotated[Literal["json", "text"] | None,
+                Query(description="`json` for JSON, `text` for Prometheus exposition")]
+FilterValues = Annotated[list[str] | None, Query(description="exact label value; repeatable")]
+
+
+def _filters(settings: Settings, category: str, **given: list[str] | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for label, values in given.items():
+        if not values:
+            continue
+        if category not in FILTERABLE:
+            raise HTTPException(422, f"{label}= filters apply to {' and '.join(FILTERABLE)} only")
+        if len(values) > settings.filter_max_values:
+            raise HTTPException(422, f"at most {settings.filter_max_values} {label} values")
+        for v in values:
+            if len(v) > settings.filter_max_value_length:
+                raise HTTPException(
+                    422, f"{label} value longer than {settings.filter_max_value_length} characters"
+                )
+            if not PLAIN_LABEL_VALUE.match(v):
+                raise HTTPException(
+                    422,
+                    f"{label}={v!r} is not a plain label value "
+                    "(letters, digits and _ . : / @ + -, starting with a letter or digit)",
+                )
+        out[label] = list(dict.fromkeys(values))
+    return out
+
+
+def create_gateway_router(settings: Settings | None = None, catalog: Catalog | None = None,
+                          transport: httpx.AsyncBaseTransport | None = None,
+                          prefix: str = "/prometheus/metrics") -> APIRouter:
+    """The /prometheus/metrics routes with their own lifespan (pooled client, cache)."""
+    settings = settings or get_settings()
+    service = GatewayService(settings, catalog, transport)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        app.state.gateway = service
+        app.state.prometheus = service.client
+        try:
+            yield
+        finally:
+            await service.aclose()
+
+    router = APIRouter(prefix=prefix, tags=["gateway"], lifespan=lifespan)
+    cat = service.catalog
+
+    def respond(results: list[QueryResult], name: str, request: Request, fmt: str | None,
+                filters: dict[str, list[str]]) -> Response:
+        up = service.client.up
+        if wants_json(request.headers.get("accept"), fmt):
+            doc = json_render.category(cat, name, results, filters, up)
+            return Response(json_render.dumps(doc), media_type=JSON_TYPE)
+        body, ctype = render_families(text_render.families(cat.prefix, results, up),
+                                      request.headers.get("accept"))
+        return Response(body, media_type=ctype)
+
+    @router.get("/summary", summary="Summary figures for widgets (JSON)")
+    async def summary() -> Response:
+        results = await service.summary()
+        doc = json_render.summary(cat, results, service.client.up)
+        return Response(json_render.dumps(doc), media_type=JSON_TYPE)
+
+    @router.get("/docs", summary="Markdown documentation of every figure, from the catalog")
+    async def docs() -> Response:
+        return Response(docs_render.markdown(cat, prefix), media_type="text/markdown; charset=utf-8")
+
+    @router.get("/all", summary="Every category in one exposition")
+    async def everything(request: Request, format: Fmt = None) -> Response:
+        return respond(await service.everything(), "all", request, format, {})
+
+    @router.get("/{category}", summary="One category as Prometheus text or JSON")
+    async def category(request: Request, category: str, format: Fmt = None,
+                       provider: FilterValues = None, model: FilterValues = None) -> Response:
+        if category not in CATEGORIES:
+            raise HTTPException(404, f"unknown category {category!r}; one of: "
+                                     f"summary, {', '.join(CATEGORIES)}, all, docs")
+        filters = _filters(settings, category, provider=provider, model=model)
+        results = await service.category(category, filters)
+        return respond(results, category, request, format, filters)
+
+    return router

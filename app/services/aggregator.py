@@ -1,0 +1,186 @@
+"""Turn a list of catalog queries into results, as few upstream requests as possible.
+
+Cached figures are answered from memory; the missing ones are joined into one
+PromQL request (`label_replace(q1, "gateway_query", "0", "", "") or ...`) so a
+cold summary costs Prometheus one evaluation, not 23 round trips. Concurrent
+requests for a figure already being fetched wait for that fetch. Everything is
+bounded by the request's deadline; a figure that cannot be had fresh is served
+from its last good value, marked stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from app.catalog.model import CatalogQuery
+from app.config import Settings
+from app.monitoring import gateway as gm
+from app.services.cache import Outcome, QueryCache
+from app.services.prometheus import PrometheusClient, QueryAnswer, UpstreamError
+from app.services.promql import apply_filters
+from app.services.result import Fetched, QueryResult, Sample, State, UpstreamFailure
+
+log = logging.getLogger("gateway.aggregator")
+
+BATCH_LABEL = "gateway_query"
+Filters = Mapping[str, Sequence[str]]
+
+
+@lru_cache(maxsize=4096)
+def _filtered(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    return apply_filters(expr, dict(filters)) if filters else expr
+
+
+def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], float]]) -> tuple[Sample, ...]:
+    """Keep only the query's declared labels; series that then coincide are summed.
+
+    This is what keeps job/instance (or any label the catalog did not ask for) out
+    of the output, without ever producing duplicate series.
+    """
+    merged: dict[tuple[tuple[str, str], ...], float] = {}
+    for labels, value in answer_series:
+        key = tuple((name, labels.get(name, "")) for name in q.labels)
+        merged[key] = merged[key] + value if key in merged else value
+    return tuple(Sample(k, v) for k, v in merged.items())
+
+
+@dataclass(slots=True)
+class _Job:
+    query: CatalogQuery
+    key: str
+
+
+class Aggregator:
+    def __init__(self, settings: Settings, client: PrometheusClient, cache: QueryCache) -> None:
+        self.settings = settings
+        self.client = client
+        self.cache = cache
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, queries: Sequence[CatalogQuery], category: str,
+                  filters: Filters | None = None) -> list[QueryResult]:
+        """Results for `queries`, in order, within the request deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_deadline_seconds
+        frozen = tuple(sorted((k, tuple(v)) for k, v in (filters or {}).items()))
+        keys = [_filtered(q.expr, frozen) for q in queries]
+
+        results: dict[int, QueryResult] = {}
+        waiting: dict[int, asyncio.Future[Outcome]] = {}
+        to_fetch: list[_Job] = []
+        hits = coalesced = 0
+        for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
+            fetched = self.cache.fresh(key)
+            if fetched is not None:
+                hits += 1
+                results[i] = self._from_fetched(q, fetched, State.CACHED)
+                continue
+            fut = self.cache.inflight(key)
+            if fut is None:
+                fut = self.cache.begin(key)
+                to_fetch.append(_Job(q, key))
+            else:
+                coalesced += 1
+            waiting[i] = fut
+        if hits:
+            gm.cache_outcome(category, "hit", hits)
+        if coalesced:
+            gm.cache_outcome(category, "coalesced", coalesced)
+        if to_fetch:
+            gm.cache_outcome(category, "miss", len(to_fetch))
+            # The fetch is shared with other requests: it must outlive this one.
+            task = loop.create_task(self._fetch(to_fetch, category, deadline))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        if waiting:
+            remaining = max(0.0, deadline - loop.time())
+            await asyncio.wait(waiting.values(), timeout=remaining)
+        stale = 0
+        for i, fut in waiting.items():
+            q = queries[i]
+            if fut.done():
+                outcome = fut.result()
+            else:
+                outcome = UpstreamFailure("timeout", "request deadline reached before Prometheus answered")
+            if isinstance(outcome, Fetched):
+                results[i] = self._from_fetched(q, outcome, State.FRESH)
+            else:
+                results[i] = self._failed(q, keys[i], outcome)
+                stale += results[i].state is State.STALE
+        if stale:
+            gm.cache_outcome(category, "stale", stale)
+        return [results[i] for i in range(len(queries))]
+
+    def _from_fetched(self, q: CatalogQuery, fetched: Fetched, state: State) -> QueryResult:
+        age = max(0.0, time.time() - fetched.fetched_at)
+        return QueryResult(q, state, fetched.samples, fetched.fetched_at, age,
+                           warnings=fetched.warnings)
+
+    def _failed(self, q: CatalogQuery, key: str, failure: UpstreamFailure) -> QueryResult:
+        good = self.cache.last_good(key)
+        if good is None:
+            return QueryResult(q, State.FAILED, error=failure)
+        age = max(0.0, time.time() - good.fetched_at)
+        return QueryResult(q, State.STALE, good.samples, good.fetched_at, age, error=failure)
+
+    async def _fetch(self, jobs: list[_Job], category: str, deadline: float) -> None:
+        """Fetch `jobs` in as few requests as possible and settle their futures."""
+        try:
+            batchable = [j for j in jobs if j.query.batchable]
+            solo = [j for j in jobs if not j.query.batchable]
+            size = self.settings.batch_max_queries
+            groups = [batchable[i:i + size] for i in range(0, len(batchable), size)]
+            groups += [[j] for j in solo]
+            await asyncio.gather(*(self._fetch_group(g, category, deadline) for g in groups))
+        finally:
+            for j in jobs:  # never leave a waiter hanging, whatever happened above
+                self.cache.finish(j.key, UpstreamFailure("internal", "fetch ended without an answer"))
+
+    async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        if len(jobs) == 1:
+            expr = jobs[0].key
+        else:
+            expr = " or ".join(
+                f'label_replace({j.key}, "{BATCH_LABEL}", "{n}", "", "")' for n, j in enumerate(jobs)
+            )
+        try:
+            answer = await self.client.query(expr, timeout=deadline - loop.time(), category=category)
+        except UpstreamError as exc:
+            if len(jobs) > 1 and exc.error_type in ("bad_data", "execution"):
+                # One query is at fault: evaluate each alone so the others still answer.
+                await asyncio.gather(*(self._fetch_group([j], category, deadline) for j in jobs))
+                return
+            failure = UpstreamFailure(exc.error_type, exc.message)
+            for j in jobs:
+                self.cache.finish(j.key, failure)
+            return
+        self._settle(jobs, answer, category)
+
+    def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> None:
+        now = time.time()
+        per_job: list[list[tuple[dict[str, str], float]]] = [[] for _ in jobs]
+        for s in answer.series:
+            if len(jobs) == 1:
+                per_job[0].append((s.labels, s.value))
+                continue
+            idx = s.labels.pop(BATCH_LABEL, None)
+            if idx is not None and idx.isdigit() and int(idx) < len(jobs):
+                per_job[int(idx)].append((s.labels, s.value))
+        ttl = self.settings.ttl_for(category)
+        for j, series in zip(jobs, per_job, strict=True):
+            fetched = Fetched(_project(j.query, series), now, answer.warnings)
+            self.cache.store(j.key, fetched, ttl)
+            self.cache.finish(j.key, fetched)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,58 @@
+"""A circuit breaker for the upstream: answer at once while it is known to be down.
+
+After `threshold` consecutive failures the circuit opens and requests fail fast
+(no connection attempt, no waiting for a deadline). After `reset_seconds` one
+probe is let through (half-open); its outcome closes or re-opens the circuit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from app.monitoring.gateway import BreakerState, set_breaker_state
+
+
+class CircuitBreaker:
+    def __init__(self, threshold: int, reset_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.reset_seconds = reset_seconds
+        self._clock = clock
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self.state: BreakerState = "closed"
+        set_breaker_state("closed")
+
+    def _set(self, state: BreakerState) -> None:
+        if state != self.state:
+            self.state = state
+            set_breaker_state(state)
+
+    def allow(self) -> bool:
+        """May a request go upstream now? (At most one probe while half-open.)"""
+        if self.state == "closed":
+            return True
+        if self.state == "open" and self._clock() - self._opened_at >= self.reset_seconds:
+            self._set("half_open")
+            self._probing = False
+        if self.state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def retry_after(self) -> float:
+        return max(0.0, self.reset_seconds - (self._clock() - self._opened_at))
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+        self._set("closed")
+
+    def failure(self) -> None:
+        self._failures += 1
+        self._probing = False
+        if self.state == "half_open" or self._failures >= self.threshold:
+            self._opened_at = self._clock()
+            self._set("open")

@@ -1,0 +1,83 @@
+"""The one result type every renderer works from.
+
+A figure is only trustworthy when its reader can tell fresh data from a cached
+copy, a stale last-good value, or a failure; so each result carries its
+provenance, and JSON, text exposition and the status page all read it from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from app.catalog.model import CatalogQuery
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class State(StrEnum):
+    FRESH = "fresh"  # fetched from Prometheus for this request
+    CACHED = "cached"  # served from the TTL cache
+    STALE = "stale"  # upstream failed; last good value served, with its age
+    FAILED = "failed"  # upstream failed and nothing good is known
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    labels: Labels
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What one successful upstream evaluation of a query produced."""
+
+    samples: tuple[Sample, ...]
+    fetched_at: float  # unix time the data was read from Prometheus
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """Why an upstream evaluation did not produce data (Prometheus errorType or transport)."""
+
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    query: CatalogQuery
+    state: State
+    samples: tuple[Sample, ...] = ()
+    fetched_at: float | None = None
+    age_seconds: float | None = None
+    error: UpstreamFailure | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.samples)
+
+    def total(self) -> float | None:
+        """The sum over all series, or None when there is no data.
+
+        Summing is the contract: gauges with several label sets are totals, never
+        the first series only.
+        """
+        if not self.samples:
+            return None
+        return math.fsum(s.value for s in self.samples)
+
+
+def overall_status(results: list[QueryResult]) -> str:
+    """ok: every figure answered by Prometheus; degraded: some stale or failed;
+    unavailable: nothing could be had, not even a stale value."""
+    if not results:
+        return "ok"
+    if all(r.state is State.FAILED for r in results):
+        return "unavailable"
+    if any(r.state in (State.STALE, State.FAILED) for r in results):
+        return "degraded"
+    return "ok"
