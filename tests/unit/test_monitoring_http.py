@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -46,7 +47,7 @@ def build_app() -> tuple[FastAPI, str]:
 
     @app.get("/stream")
     async def stream() -> StreamingResponse:
-        async def body():  # type: ignore[no-untyped-def]
+        async def body() -> AsyncIterator[bytes]:
             for chunk in (b"a", b"b"):
                 yield chunk
 
