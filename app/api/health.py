@@ -86,15 +86,17 @@ async def _check_prometheus(state: Any, budget: float) -> dict[str, Any]:
 
 
 def _redis_url() -> str | None:
-    try:
-        from app.config import get_settings
+    url: Any = os.environ.get("REDIS_URL")
+    if not url:
+        try:
+            from app.vrops.settings import get_vrops_settings
 
-        url = getattr(get_settings(), "redis_url", None)
-    except Exception:
-        url = None
+            url = getattr(get_vrops_settings(), "redis_url", None)
+        except Exception:
+            url = None
     if url is not None and hasattr(url, "get_secret_value"):
         url = url.get_secret_value()
-    return str(url) if url else (os.environ.get("REDIS_URL") or None)
+    return str(url) if url else None
 
 
 async def _ping_client(client: Any) -> tuple[bool, str]:
