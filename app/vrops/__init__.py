@@ -1,0 +1,1 @@
+"""vROps collection: background Celery workers fill Redis, the API serves Prometheus text."""

@@ -1,0 +1,1 @@
+"""Celery workers: background collection from vROps into Redis (see docs/vrops.md)."""
