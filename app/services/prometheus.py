@@ -137,7 +137,8 @@ class PrometheusClient:
         timeout = max(timeout, 0.001)
         # Ask Prometheus to give up slightly before we do, so it reports its own timeout.
         upstream_timeout = max(timeout * 0.9, 0.001)
-        form = {"query": expr, "timeout": f"{upstream_timeout:.3f}s"}
+        # Prometheus durations take no fractions: whole milliseconds.
+        form = {"query": expr, "timeout": f"{max(1, int(upstream_timeout * 1000))}ms"}
         limit = self.settings.prometheus_max_response_bytes
         try:
             async with self._http.stream(
