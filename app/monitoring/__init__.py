@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable
 
 from fastapi import FastAPI
+from prometheus_client import disable_created_metrics
 from starlette.routing import Route
 
 # Imported for their side effect: their metrics exist (with HELP/TYPE) from the start.
@@ -85,6 +86,10 @@ def install_monitoring(
         excluded_paths=excluded,
     )
     app.state.monitoring_installed = True
+    # No `*_created` series: Prometheus 2.x text scrapes store them as extra gauges
+    # (a third more series), multiprocess mode never has them, and they cost ~15%
+    # of render time. Process-wide, like prometheus_client's own env switch.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
     if multiprocess_dir() is not None and not multiprocess_values_active():
         log.warning(

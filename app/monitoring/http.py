@@ -159,6 +159,12 @@ class PrometheusMiddleware:
         self._cache: LRUCache[tuple[str, str, str], str] = LRUCache(_TEMPLATE_CACHE_SIZE)
         self._cache_routes = -1
         self._cacheable = True
+        # Metric children per label set: `.labels()` costs a lock and validation
+        # on every call. Bounded: templates come from the route table (or the one
+        # UNMATCHED value), methods and status codes from small fixed sets.
+        # (Labels are never removed from these metrics, so children stay valid.)
+        self._timers: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._counters: dict[tuple[str, str, str], Any] = {}
 
     def template_for(self, scope: Scope, path: str, method: str) -> str:
         routes = self.router.routes
@@ -199,7 +205,14 @@ class PrometheusMiddleware:
                 status_code = message["status"]
             await send(message)
 
-        in_progress = HTTP_IN_PROGRESS.labels(app_name, method, template)
+        timers = self._timers.get((method, template))
+        if timers is None:
+            timers = (
+                HTTP_IN_PROGRESS.labels(app_name, method, template),
+                HTTP_DURATION.labels(app_name, method, template),
+            )
+            self._timers[(method, template)] = timers
+        in_progress, duration = timers
         in_progress.inc()
         start = time.perf_counter()
         try:
@@ -210,5 +223,10 @@ class PrometheusMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             in_progress.dec()
-            HTTP_DURATION.labels(app_name, method, template).observe(elapsed)
-            HTTP_REQUESTS.labels(app_name, method, template, str(status_code)).inc()
+            duration.observe(elapsed)
+            key = (method, template, str(status_code))
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = HTTP_REQUESTS.labels(app_name, *key)
+                self._counters[key] = counter
+            counter.inc()
