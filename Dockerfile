@@ -1,0 +1,32 @@
+# The gateway image: API (gunicorn + uvicorn workers), Celery worker and beat
+# all run from it with different commands (see docker-compose.yml, railway.toml).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PORT=8000
+
+WORKDIR /srv
+
+RUN groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid gateway --home-dir /srv --shell /usr/sbin/nologin gateway
+
+# Dependencies and package first (layer cache), then the runtime files.
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN pip install --no-compile . \
+ && rm -rf /root/.cache
+
+COPY gunicorn.conf.py ./
+COPY scripts/demo_backend.py ./scripts/demo_backend.py
+
+USER gateway
+
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=3)" || exit 1
+
+CMD ["sh", "-c", "exec gunicorn -c gunicorn.conf.py --bind 0.0.0.0:${PORT:-8000} app.main:app"]
