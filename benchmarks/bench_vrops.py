@@ -71,7 +71,7 @@ def make_api() -> FastAPI:
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 async def collect(settings: VropsSettings) -> tuple[float, float, dict[str, object]]:
@@ -135,10 +135,10 @@ def main() -> int:
         procs.append(fake)
         targets = [{"name": "bench", "url": fake.url, "username": "admin",
                     "password": "s3cret"}]
-        settings = VropsSettings(redis_url=redis.url, vrops_targets=targets,
-                                 vrops_stat_keys=[
-                                     "cpu|usage_average", "mem|usage_average", "diskspace|used",
-                                     "diskspace|total_capacity", "badge|health"])
+        settings = VropsSettings.model_validate({
+            "redis_url": redis.url, "vrops_targets": targets,
+            "vrops_stat_keys": ["cpu|usage_average", "mem|usage_average", "diskspace|used",
+                                "diskspace|total_capacity", "badge|health"]})
         n_samples = args.clusters * (args.objects + 1) * 5
         print(f"inventory: {args.clusters} clusters x {args.objects} objects (+ the clusters),"
               f" 5 metrics = {n_samples} samples")

@@ -50,11 +50,12 @@ async def api(settings: VropsSettings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def settings_for(url: str, **kw: object) -> VropsSettings:
-    return VropsSettings(
-        redis_url=url,
-        vrops_targets=[{"name": "lab", "url": "http://v", "username": "u", "password": "p"},
-                       {"name": "prod", "url": "http://w", "username": "u", "password": "p"}],
-        **kw)
+    return VropsSettings.model_validate({
+        "redis_url": url,
+        "vrops_targets": [
+            {"name": "lab", "url": "http://v", "username": "u", "password": "p"},
+            {"name": "prod", "url": "http://w", "username": "u", "password": "p"}],
+        **kw})
 
 
 async def seed(url: str) -> None:

@@ -19,10 +19,10 @@ PASSWORD = "hunter2-very-secret"
 
 
 def settings(**kw: Any) -> VropsSettings:
-    return VropsSettings(
-        vrops_targets=[{"name": "lab", "url": BASE, "username": "svc", "password": PASSWORD,
-                        "auth_source": "LDAP-corp"}],
-        vrops_retry_backoff_seconds=0.01, **kw)
+    return VropsSettings.model_validate({
+        "vrops_targets": [{"name": "lab", "url": BASE, "username": "svc", "password": PASSWORD,
+                           "auth_source": "LDAP-corp"}],
+        "vrops_retry_backoff_seconds": 0.01, **kw})
 
 
 class Clock:
@@ -216,7 +216,8 @@ async def test_token_cache_shared_between_clients() -> None:
 def test_password_from_file(tmp_path: Any) -> None:
     f = tmp_path / "pw"
     f.write_text("from-file\n")
-    s = VropsSettings(vrops_targets=[{"name": "x", "url": BASE, "username": "u"}],
-                      vrops_password_file=f)
+    s = VropsSettings.model_validate({
+        "vrops_targets": [{"name": "x", "url": BASE, "username": "u"}],
+        "vrops_password_file": f})
     assert s.vrops_targets[0].secret(s.vrops_password_file) == "from-file"
     assert "from-file" not in repr(s)

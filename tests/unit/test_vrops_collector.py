@@ -30,10 +30,10 @@ def fresh_tokens() -> None:
 
 
 def settings(url: str, **kw: object) -> VropsSettings:
-    return VropsSettings(
-        redis_url=url, vrops_retry_backoff_seconds=0.01, vrops_max_retries=1,
-        vrops_targets=[{"name": "lab", "url": "http://fake", "username": "admin",
-                        "password": "s3cret"}], **kw)
+    return VropsSettings.model_validate({
+        "redis_url": url, "vrops_retry_backoff_seconds": 0.01, "vrops_max_retries": 1,
+        "vrops_targets": [{"name": "lab", "url": "http://fake", "username": "admin",
+                           "password": "s3cret"}], **kw})
 
 
 async def test_inventory_maps_objects_to_clusters(redis_proc: Proc) -> None:

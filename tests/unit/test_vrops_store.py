@@ -135,7 +135,7 @@ async def test_openmetrics_negotiation(redis: Redis) -> None:
                               "application/openmetrics-text; version=1.0.0")
     assert ctype.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
-    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}  # type: ignore[no-untyped-call]
     assert len(fams["vrops_cpu_usage_ratio"].samples) == 6
 
 
