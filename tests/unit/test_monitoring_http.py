@@ -233,14 +233,15 @@ async def test_two_apps_in_one_process_do_not_collide() -> None:
 
 async def test_root_path_is_stripped_before_matching() -> None:
     app_name = f"test-{uuid.uuid4().hex[:8]}"
-    app = FastAPI(root_path="/gw")
+    app = FastAPI()
 
     @app.get("/things/{x}")
     async def things(x: str) -> PlainTextResponse:
         return PlainTextResponse(x)
 
     install_monitoring(app, app_name=app_name)
-    async with client(app) as c:
+    transport = httpx.ASGITransport(app=app, root_path="/gw")  # as behind a proxy prefix
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         assert (await c.get("/gw/things/1")).status_code == 200
         assert (await c.get("/gw/metrics")).status_code == 200
     assert value("fastapi_requests_total", req_labels(app_name, "/things/{x}", "200")) == 1
@@ -265,3 +266,24 @@ async def test_custom_exclusions_still_exclude_metrics(path: str) -> None:
         await c.get(path)
     counted = value("fastapi_requests_total", req_labels(app_name, path, "200"))
     assert counted == (1 if path == "/health" else 0)
+
+
+async def test_nested_included_routers_and_405_inside_them() -> None:
+    app_name = f"test-{uuid.uuid4().hex[:8]}"
+    app = FastAPI()
+    outer = APIRouter(prefix="/outer")
+    inner = APIRouter(prefix="/inner")
+
+    @inner.get("/leaf/{x}")
+    async def leaf(x: str) -> dict[str, str]:
+        return {"x": x}
+
+    outer.include_router(inner)
+    app.include_router(outer)
+    install_monitoring(app, app_name=app_name)
+    async with client(app) as c:
+        assert (await c.get("/outer/inner/leaf/1")).status_code == 200
+        assert (await c.post("/outer/inner/leaf/2")).status_code == 405
+    tmpl = "/outer/inner/leaf/{x}"
+    assert value("fastapi_requests_total", req_labels(app_name, tmpl, "200")) == 1
+    assert value("fastapi_requests_total", req_labels(app_name, tmpl, "405", "POST")) == 1
