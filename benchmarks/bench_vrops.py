@@ -177,11 +177,15 @@ def main() -> int:
             t0 = time.perf_counter()
             js = c.get("/vrops/metrics", params={"cluster": "cluster-007", "format": "json"})
             js_ms = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            alljs = c.get("/vrops/metrics", params={"format": "json"})
+            alljs_ms = (time.perf_counter() - t0) * 1000
         print(f"HTTP GET /vrops/metrics (all {count} samples, {len(body)/1e6:.1f} MB, "
               f"{args.requests} requests): p50 {pct(lat, 50)*1000:.1f} ms, "
               f"p95 {pct(lat, 95)*1000:.1f} ms, max {max(lat)*1000:.1f} ms")
         print(f"HTTP one cluster text: {one_ms:.1f} ms ({len(one.content)/1e3:.0f} kB); "
-              f"one cluster JSON: {js_ms:.1f} ms ({len(js.json()['samples'])} samples)")
+              f"one cluster JSON: {js_ms:.1f} ms ({len(js.json()['samples'])} samples); "
+              f"all samples JSON: {alljs_ms:.0f} ms ({len(alljs.content)/1e6:.1f} MB)")
         ok &= count == n_samples and pct(lat, 50) < 0.100
         res = promtool_check_metrics(body)
         print(f"promtool check metrics: exit {res.returncode} "
