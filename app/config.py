@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     cache_ttl_overrides: dict[str, float] = Field(default_factory=dict)
     cache_max_entries: int = Field(default=4096, ge=16)
     stale_max_age_seconds: float = Field(default=3600.0, ge=0)
+    response_memo_seconds: float = Field(default=0.5, ge=0, le=5)
     batch_max_queries: int = Field(default=64, ge=1, le=500)
 
     # Circuit breaker.

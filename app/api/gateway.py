@@ -13,16 +13,18 @@ from typing import Annotated, Literal
 
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from prometheus_client.exposition import choose_encoder
 
 from app.catalog.model import CATEGORIES, Catalog
 from app.config import Settings, get_settings
 from app.render import docs as docs_render
 from app.render import json as json_render
 from app.render import text as text_render
+from app.services.cache import ResponseMemo
 from app.services.exposition import render_families, wants_json
 from app.services.gateway import GatewayService
 from app.services.promql import PLAIN_LABEL_VALUE
-from app.services.result import QueryResult
+from app.services.result import QueryResult, State
 
 FILTERABLE = ("providers", "models")
 JSON_TYPE = "application/json"
@@ -76,21 +78,39 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
     router = APIRouter(prefix=prefix, tags=["gateway"], lifespan=lifespan)
     cat = service.catalog
 
-    def respond(results: list[QueryResult], name: str, request: Request, fmt: str | None,
-                filters: dict[str, list[str]]) -> Response:
+    memo = ResponseMemo(settings.response_memo_seconds)
+
+    def negotiate(request: Request, fmt: str | None) -> str:
+        accept = request.headers.get("accept")
+        return "json" if wants_json(accept, fmt) else choose_encoder(accept or "")[1]
+
+    def remember(key: tuple[str, ...], results: list[QueryResult], body: bytes, media_type: str) -> Response:
+        if all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
+            memo.put(key, body, media_type, settings.ttl_for(key[0]))
+        return Response(body, media_type=media_type)
+
+    def recall(key: tuple[str, ...]) -> Response | None:
+        hit = memo.get(key)
+        return Response(hit[0], media_type=hit[1]) if hit is not None else None
+
+    def respond(results: list[QueryResult], name: str, kind: str, request: Request,
+                filters: dict[str, list[str]], key: tuple[str, ...]) -> Response:
         up = service.client.up
-        if wants_json(request.headers.get("accept"), fmt):
+        if kind == "json":
             doc = json_render.category(cat, name, results, filters, up)
-            return Response(json_render.dumps(doc), media_type=JSON_TYPE)
+            return remember(key, results, json_render.dumps(doc), JSON_TYPE)
         body, ctype = render_families(text_render.families(cat.prefix, results, up),
                                       request.headers.get("accept"))
-        return Response(body, media_type=ctype)
+        return remember(key, results, body, ctype)
 
     @router.get("/summary", summary="Summary figures for widgets (JSON)")
     async def summary() -> Response:
+        key = ("summary",)
+        if (hit := recall(key)) is not None:
+            return hit
         results = await service.summary()
         doc = json_render.summary(cat, results, service.client.up)
-        return Response(json_render.dumps(doc), media_type=JSON_TYPE)
+        return remember(key, list(results.values()), json_render.dumps(doc), JSON_TYPE)
 
     @router.get("/docs", summary="Markdown documentation of every figure, from the catalog")
     async def docs() -> Response:
@@ -98,7 +118,11 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
 
     @router.get("/all", summary="Every category in one exposition")
     async def everything(request: Request, format: Fmt = None) -> Response:
-        return respond(await service.everything(), "all", request, format, {})
+        kind = negotiate(request, format)
+        key = ("all", kind)
+        if (hit := recall(key)) is not None:
+            return hit
+        return respond(await service.everything(), "all", kind, request, {}, key)
 
     @router.get("/{category}", summary="One category as Prometheus text or JSON")
     async def category(request: Request, category: str, format: Fmt = None,
@@ -107,7 +131,11 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
             raise HTTPException(404, f"unknown category {category!r}; one of: "
                                      f"summary, {', '.join(CATEGORIES)}, all, docs")
         filters = _filters(settings, category, provider=provider, model=model)
+        kind = negotiate(request, format)
+        key = (category, kind, *(f"{k}={','.join(v)}" for k, v in sorted(filters.items())))
+        if (hit := recall(key)) is not None:
+            return hit
         results = await service.category(category, filters)
-        return respond(results, category, request, format, filters)
+        return respond(results, category, kind, request, filters, key)
 
     return router

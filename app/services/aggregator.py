@@ -74,19 +74,20 @@ class Aggregator:
         waiting: dict[int, asyncio.Future[Outcome]] = {}
         to_fetch: list[_Job] = []
         hits = coalesced = 0
-        for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
-            fetched = self.cache.fresh(key)
-            if fetched is not None:
-                hits += 1
-                results[i] = self._from_fetched(q, fetched, State.CACHED)
-                continue
-            fut = self.cache.inflight(key)
-            if fut is None:
-                fut = self.cache.begin(key)
-                to_fetch.append(_Job(q, key))
-            else:
-                coalesced += 1
-            waiting[i] = fut
+        with self.cache.frozen_time():
+            for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
+                fetched = self.cache.fresh(key)
+                if fetched is not None:
+                    hits += 1
+                    results[i] = self._from_fetched(q, fetched, State.CACHED)
+                    continue
+                fut = self.cache.inflight(key)
+                if fut is None:
+                    fut = self.cache.begin(key)
+                    to_fetch.append(_Job(q, key))
+                else:
+                    coalesced += 1
+                waiting[i] = fut
         if hits:
             gm.cache_outcome(category, "hit", hits)
         if coalesced:
@@ -173,10 +174,10 @@ class Aggregator:
             idx = s.labels.pop(BATCH_LABEL, None)
             if idx is not None and idx.isdigit() and int(idx) < len(jobs):
                 per_job[int(idx)].append((s.labels, s.value))
-        ttl = self.settings.ttl_for(category)
+        expires_at = self.cache.expiry(self.settings.ttl_for(category))
         for j, series in zip(jobs, per_job, strict=True):
             fetched = Fetched(_project(j.query, series), now, answer.warnings)
-            self.cache.store(j.key, fetched, ttl)
+            self.cache.store(j.key, fetched, expires_at)
             self.cache.finish(j.key, fetched)
 
     async def aclose(self) -> None:

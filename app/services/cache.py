@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractContextManager
 
 from cachetools import LRUCache, TLRUCache
 
@@ -19,8 +20,8 @@ from app.services.result import Fetched, UpstreamFailure
 Outcome = Fetched | UpstreamFailure
 
 
-def _ttu(_key: str, value: tuple[Fetched, float], now: float) -> float:
-    return now + value[1]
+def _ttu(_key: str, value: tuple[Fetched, float], _now: float) -> float:
+    return value[1]  # an absolute expiry, shared by every figure of one fetch
 
 
 class QueryCache:
@@ -32,9 +33,15 @@ class QueryCache:
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self.stale_max_age = stale_max_age
 
+    def frozen_time(self) -> AbstractContextManager[float]:
+        """Look up many keys at one instant: a request must not see half a batch expired."""
+        return self._fresh.timer
+
     def fresh(self, key: str) -> Fetched | None:
-        hit = self._fresh.get(key)
-        return hit[0] if hit is not None else None
+        try:
+            return self._fresh[key][0]
+        except KeyError:
+            return None
 
     def last_good(self, key: str) -> Fetched | None:
         good = self._last_good.get(key)
@@ -42,12 +49,18 @@ class QueryCache:
             return None
         return good
 
-    def store(self, key: str, fetched: Fetched, ttl: float) -> None:
+    @staticmethod
+    def expiry(ttl: float) -> float:
+        """The expiry for answers fetched now. Figures fetched together expire together,
+        so the next request refetches them in one batch, not in several small ones."""
+        return time.monotonic() + ttl
+
+    def store(self, key: str, fetched: Fetched, expires_at: float) -> None:
         """Keep a good answer; one that carried warnings is not trusted as good."""
         if fetched.warnings:
             return
-        if ttl > 0:
-            self._fresh[key] = (fetched, ttl)
+        if expires_at > time.monotonic():
+            self._fresh[key] = (fetched, expires_at)
         self._last_good[key] = fetched
 
     def inflight(self, key: str) -> asyncio.Future[Outcome] | None:
@@ -66,3 +79,35 @@ class QueryCache:
     def clear(self) -> None:
         self._fresh.clear()
         self._last_good.clear()
+
+
+class ResponseMemo:
+    """Rendered bodies of healthy answers, reused for a fraction of a second.
+
+    Under heavy load a warm figure should cost what serving bytes costs. Only
+    answers whose figures all came from Prometheus (fresh or cached) are kept,
+    never degraded ones, and for at most `seconds`, so the ages and timestamp a
+    reader sees are off by less than that.
+    """
+
+    def __init__(self, seconds: float, max_entries: int = 256) -> None:
+        self.seconds = seconds
+        self._bodies: TLRUCache[tuple[str, ...], tuple[tuple[bytes, str], float]] = TLRUCache(
+            maxsize=max_entries, ttu=_ttu_body, timer=time.monotonic
+        )
+
+    def get(self, key: tuple[str, ...]) -> tuple[bytes, str] | None:
+        try:
+            return self._bodies[key][0]
+        except KeyError:
+            return None
+
+    def put(self, key: tuple[str, ...], body: bytes, media_type: str, ttl: float) -> None:
+        """Keep a body for `seconds`, never longer than the figures' own TTL."""
+        keep = min(self.seconds, ttl)
+        if keep > 0:
+            self._bodies[key] = ((body, media_type), time.monotonic() + keep)
+
+
+def _ttu_body(_key: tuple[str, ...], value: tuple[tuple[bytes, str], float], _now: float) -> float:
+    return value[1]
