@@ -151,7 +151,8 @@ def main() -> None:
     backend = SyntheticBackend()
     target = backend.start()
     backend.backfill(work / "prom" / "data", job="backend")
-    prom = start_prometheus(work / "prom", f"  - job_name: backend\n    static_configs:\n      - targets: ['{target}']\n")
+    scrape = f"  - job_name: backend\n    static_configs:\n      - targets: ['{target}']\n"
+    prom = start_prometheus(work / "prom", scrape)
     procs: list[Proc] = [prom]
     try:
         wait_until(lambda: httpx.post(f"{prom.url}/api/v1/query",

@@ -38,7 +38,7 @@ def wait_until(check, timeout: float = 20.0, interval: float = 0.1, what: str = 
             value = check()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - polling tolerates transient errors
+        except Exception as exc:
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}: {last_exc!r}")
@@ -83,7 +83,7 @@ def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None 
            port: int = 0, url: str = "") -> Proc:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    log = open(log_path, "wb")
     popen = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
         env={**os.environ, **(env or {})}, start_new_session=True,

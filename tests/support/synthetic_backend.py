@@ -43,7 +43,8 @@ BUCKETS = (("0.01", 1.0), ("0.05", 5.0), ("0.1", 9.0), ("0.5", 10.0), ("+Inf", 1
 
 SERIES: list[S] = [
     # HTTP: 10 req/s, 1 of them 5xx; mean latency 0.5/10 = 50 ms.
-    _c("fastapi_requests", "fastapi_requests_total", 9.0, 1000, **APP, method="GET", path="/v1/chat", status_code="200"),
+    _c("fastapi_requests", "fastapi_requests_total", 9.0, 1000, **APP, method="GET", path="/v1/chat",
+       status_code="200"),
     _c("fastapi_requests", "fastapi_requests_total", 1.0, 50, **APP, method="POST", path="/v1/chat", status_code="500"),
     *[_c("fastapi_requests_duration_seconds", "fastapi_requests_duration_seconds_bucket", r, 0, **APP, method="GET",
          path="/v1/chat", le=le) for le, r in BUCKETS],
@@ -210,7 +211,7 @@ class SyntheticBackend:
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 body = backend.exposition(time.time()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
