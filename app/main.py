@@ -17,6 +17,7 @@ from app.api import health, status_page, vrops
 from app.api.gateway import create_gateway_router
 from app.config import Settings, get_settings
 from app.monitoring import install_monitoring
+from app.security import install_security
 from app.vrops import wiring as vrops_wiring
 
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Metrics gateway", version="0.1.0", lifespan=lifespan,
                   description="PromQL figures for widgets and Grafana: concurrent, cached, honest about failure.")
+    install_security(app)
     install_monitoring(app)
     app.include_router(health.router)
     app.include_router(create_gateway_router(settings))
