@@ -66,14 +66,6 @@ class Settings(BaseSettings):
     def ttl_for(self, category: str) -> float:
         return self.cache_ttl_overrides.get(category, self.cache_ttl_seconds)
 
-    def bearer_token(self) -> str | None:
-        """The token from the variable, or from the file (re-read so rotation works)."""
-        if self.prometheus_bearer_token is not None:
-            return self.prometheus_bearer_token.get_secret_value()
-        if self.prometheus_bearer_token_file is not None:
-            return self.prometheus_bearer_token_file.read_text().strip()
-        return None
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -53,6 +53,7 @@ def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], floa
 class _Job:
     query: CatalogQuery
     key: str
+    future: asyncio.Future[Outcome]
 
 
 class Aggregator:
@@ -84,7 +85,7 @@ class Aggregator:
                 fut = self.cache.inflight(key)
                 if fut is None:
                     fut = self.cache.begin(key)
-                    to_fetch.append(_Job(q, key))
+                    to_fetch.append(_Job(q, key, fut))
                 else:
                     coalesced += 1
                 waiting[i] = fut
@@ -141,7 +142,7 @@ class Aggregator:
             await asyncio.gather(*(self._fetch_group(g, category, deadline) for g in groups))
         finally:
             for j in jobs:  # never leave a waiter hanging, whatever happened above
-                self.cache.finish(j.key, UpstreamFailure("internal", "fetch ended without an answer"))
+                self.cache.finish(j.key, j.future, UpstreamFailure("internal", "fetch ended without an answer"))
 
     async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -160,7 +161,7 @@ class Aggregator:
                 return
             failure = UpstreamFailure(exc.error_type, exc.message)
             for j in jobs:
-                self.cache.finish(j.key, failure)
+                self.cache.finish(j.key, j.future, failure)
             return
         self._settle(jobs, answer, category)
 
@@ -178,7 +179,7 @@ class Aggregator:
         for j, series in zip(jobs, per_job, strict=True):
             fetched = Fetched(_project(j.query, series), now, answer.warnings)
             self.cache.store(j.key, fetched, expires_at)
-            self.cache.finish(j.key, fetched)
+            self.cache.finish(j.key, j.future, fetched)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -71,9 +71,12 @@ class QueryCache:
         self._inflight[key] = fut
         return fut
 
-    def finish(self, key: str, outcome: Outcome) -> None:
-        fut = self._inflight.pop(key, None)
-        if fut is not None and not fut.done():
+    def finish(self, key: str, fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
+        """Settle `fut`; unregister it only if it is still the key's fetch in flight
+        (a later request may have begun a new one after this one settled)."""
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.done():
             fut.set_result(outcome)
 
     def clear(self) -> None:

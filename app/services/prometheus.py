@@ -8,10 +8,13 @@ fed to the circuit breaker, and logged once per episode.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -78,9 +81,33 @@ def parse_answer(body: bytes, status: int) -> QueryAnswer:
             series = [Series({}, _value(result))]
         else:
             raise UpstreamError("bad_response", f"unexpected resultType {rtype!r}", status)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise UpstreamError("bad_response", f"malformed result: {exc!r}", status) from None
     return QueryAnswer(series, warnings)
+
+
+class BearerFileAuth(httpx.Auth):
+    """A bearer token read from a file, re-read when the file changes (rotation).
+
+    One stat() per request; the file is read only when its mtime or size moved.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+
+    def _current(self) -> str:
+        st = self.path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._token = self.path.read_text().strip()
+            self._stamp = stamp
+        return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._current()}"
+        yield request
 
 
 class PrometheusClient:
@@ -91,10 +118,11 @@ class PrometheusClient:
         self.settings = settings
         self.query_url = f"{settings.prometheus_url}/api/v1/query"
         headers = {"Accept": "application/json", **settings.prometheus_headers}
-        token = settings.bearer_token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        auth = None
+        auth: httpx.Auth | None = None
+        if settings.prometheus_bearer_token is not None:
+            headers["Authorization"] = f"Bearer {settings.prometheus_bearer_token.get_secret_value()}"
+        elif settings.prometheus_bearer_token_file is not None:
+            auth = BearerFileAuth(settings.prometheus_bearer_token_file)
         if settings.prometheus_username is not None:
             password = settings.prometheus_password.get_secret_value() if settings.prometheus_password else ""
             auth = httpx.BasicAuth(settings.prometheus_username, password)
@@ -126,10 +154,19 @@ class PrometheusClient:
             )
         started = time.perf_counter()
         try:
-            answer = await self._post(expr, timeout)
+            async with asyncio.timeout(max(timeout, 0.001)):  # total, not per read
+                answer = await self._post(expr, timeout)
         except UpstreamError as exc:
             self._record(category, started, exc)
             raise
+        except TimeoutError:
+            exc = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
+            self._record(category, started, exc)
+            raise exc from None
+        except Exception as unexpected:  # the breaker must see every outcome
+            exc = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
+            self._record(category, started, exc)
+            raise exc from None
         self._record(category, started, None)
         return answer
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import promql_parser as pp
 
 # A "plain" label value: what provider and model names look like in practice.
-PLAIN_LABEL_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]*$")
+PLAIN_LABEL_VALUE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:/@+-]*\Z")  # \Z: no trailing newline
 
 
 class PromQLError(ValueError):
@@ -162,8 +162,12 @@ def print_expr(node: pp.Expr) -> str:
 
 def check_printable(expr: str) -> None:
     """Refuse at start-up a query this module cannot print back to the same tree."""
-    printed = print_expr(parse(expr))
-    if str(parse(printed)) != str(parse(expr)):
+    try:
+        printed = print_expr(parse(expr))
+        same = str(parse(printed)) == str(parse(expr))
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise PromQLError(f"cannot print the query back: {exc}") from exc
+    if not same:
         raise PromQLError(f"query does not print back to itself: {printed}")
 
 

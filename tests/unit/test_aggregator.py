@@ -377,9 +377,6 @@ async def test_open_circuit_fails_fast_and_serves_stale(make: Any) -> None:
     assert b.state is State.FAILED and b.error is not None and b.error.error_type == "circuit_open"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Aggregator._fetch's finally calls cache.finish(key, 'internal') "
-                                        "after its futures were settled; if a new request has meanwhile begun "
-                                        "a fetch of the same key, that pops and fails the NEW future")
 @respx.mock
 async def test_back_to_back_uncached_requests(make: Any) -> None:
     route = respx.post(QUERY_URL).mock(side_effect=fake_prometheus)

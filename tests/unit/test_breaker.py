@@ -234,9 +234,6 @@ async def test_query_error_between_failures_resets_the_count() -> None:
         await c.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an exception other than UpstreamError in a half-open probe "
-                                        "(AttributeError from parse_answer on garbage) skips _record, leaves "
-                                        "_probing=True, and the breaker stays half-open refusing every request")
 @respx.mock
 async def test_garbage_probe_does_not_wedge_the_breaker() -> None:
     route = respx.post(QUERY_URL)

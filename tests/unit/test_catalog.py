@@ -116,8 +116,6 @@ def test_scalar_query_is_accepted_but_not_batchable() -> None:
     assert cat.categories == {c: () for c in CATEGORIES}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: check_printable lets promql_parser's ValueError (negative offset) "
-                                        "escape; load fails with a message not naming the query")
 def test_query_the_printer_cannot_handle_names_the_query() -> None:
     with pytest.raises(CatalogError, match="'neg_offset'"):
         build_catalog({"queries": [q("neg_offset", expr="sum(up offset -5m)")]})

@@ -432,8 +432,6 @@ def test_bad_filter_value_is_422_with_a_message(mock: respx.MockRouter, value: s
     assert route.call_count == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: PLAIN_LABEL_VALUE ends in `$`, which also matches before a "
-                                        "trailing newline, so provider='openai\\n' is accepted")
 def test_trailing_newline_filter_value_is_422(mock: respx.MockRouter) -> None:
     route = mock.post(QUERY_URL).mock(side_effect=FakeProm())
     with app_client() as c:

@@ -125,8 +125,6 @@ async def test_bearer_token_from_a_file(tmp_path: Path) -> None:
     assert route.calls[0].request.headers["authorization"] == "Bearer file-token"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Settings.bearer_token() re-reads the file 'so rotation works', "
-                                        "but PrometheusClient reads it once into its default headers")
 @respx.mock
 async def test_bearer_token_file_rotation_is_picked_up(tmp_path: Path) -> None:
     token = tmp_path / "token"
@@ -220,8 +218,6 @@ async def test_error_type_mapping(response: httpx.Response, error_type: str, sta
     assert info.value.status == status
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_answer lets AttributeError escape for a vector result whose "
-                                        "items are not objects; it should be UpstreamError('bad_response')")
 @pytest.mark.parametrize("result", [[1], ["x"], {"metric": {}}])
 def test_garbage_vector_items_are_bad_response(result: object) -> None:
     body = httpx.Response(200, json={"status": "success",
@@ -323,8 +319,6 @@ async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: httpx timeouts are per read, not total; an upstream that trickles "
-                                        "bytes keeps PrometheusClient.query running far past its timeout")
 async def test_trickling_upstream_is_bounded_by_the_timeout() -> None:
     async with tcp_server(_trickle) as url:
         t = time.perf_counter()

@@ -121,7 +121,6 @@ def test_non_plain_values_are_rejected(bad: str) -> None:
         apply_filters("sum(x)", {"model": ["ok", bad]})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: PLAIN_LABEL_VALUE uses `$`, which matches before a trailing newline")
 def test_trailing_newline_is_not_a_plain_value() -> None:
     with pytest.raises(PromQLError):
         apply_filters("sum(x)", {"provider": ["openai\n"]})
