@@ -160,13 +160,13 @@ class PrometheusClient:
             self._record(category, started, exc)
             raise
         except TimeoutError:
-            exc = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
-            self._record(category, started, exc)
-            raise exc from None
+            timed_out = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
+            self._record(category, started, timed_out)
+            raise timed_out from None
         except Exception as unexpected:  # the breaker must see every outcome
-            exc = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
-            self._record(category, started, exc)
-            raise exc from None
+            odd = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
+            self._record(category, started, odd)
+            raise odd from None
         self._record(category, started, None)
         return answer
 
