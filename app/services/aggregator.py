@@ -52,7 +52,8 @@ def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], floa
 @dataclass(slots=True)
 class _Job:
     query: CatalogQuery
-    key: str
+    key: str  # cache key: the kept labels and the final PromQL
+    expr: str  # the final PromQL, filters applied
     future: asyncio.Future[Outcome]
 
 
@@ -69,7 +70,9 @@ class Aggregator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_deadline_seconds
         frozen = tuple(sorted((k, tuple(v)) for k, v in (filters or {}).items()))
-        keys = [_filtered(q.expr, frozen) for q in queries]
+        exprs = [_filtered(q.expr, frozen) for q in queries]
+        # The projection depends on the kept labels, so they are part of the key.
+        keys = [f"{','.join(q.labels)}|{e}" for q, e in zip(queries, exprs, strict=True)]
 
         results: dict[int, QueryResult] = {}
         waiting: dict[int, asyncio.Future[Outcome]] = {}
@@ -85,7 +88,7 @@ class Aggregator:
                 fut = self.cache.inflight(key)
                 if fut is None:
                     fut = self.cache.begin(key)
-                    to_fetch.append(_Job(q, key, fut))
+                    to_fetch.append(_Job(q, key, exprs[i], fut))
                 else:
                     coalesced += 1
                 waiting[i] = fut
@@ -147,10 +150,10 @@ class Aggregator:
     async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         if len(jobs) == 1:
-            expr = jobs[0].key
+            expr = jobs[0].expr
         else:
             expr = " or ".join(
-                f'label_replace({j.key}, "{BATCH_LABEL}", "{n}", "", "")' for n, j in enumerate(jobs)
+                f'label_replace({j.expr}, "{BATCH_LABEL}", "{n}", "", "")' for n, j in enumerate(jobs)
             )
         try:
             answer = await self.client.query(expr, timeout=deadline - loop.time(), category=category)
