@@ -387,3 +387,18 @@ async def test_back_to_back_uncached_requests(make: Any) -> None:
         states.append((r.state, r.error))
     assert states == [(State.FRESH, None)] * 3
     assert route.call_count == 3
+
+
+@respx.mock
+async def test_same_expression_with_different_kept_labels_is_projected_per_figure(make: Any) -> None:
+    cat = build_catalog({"queries": [
+        {"id": "per_provider", "expr": "max by (provider) (metric_c)", "help": "P.", "unit": "u",
+         "labels": ["provider"]},
+        {"id": "total", "name": "total", "expr": "max by (provider) (metric_c)", "help": "T.", "unit": "u"},
+    ]}, "test")
+    respx.post(QUERY_URL).mock(side_effect=fake_prometheus)
+    agg = make()
+    per_provider, total = await agg.run([cat.queries["per_provider"], cat.queries["total"]], "test")
+    assert {s.labels: s.value for s in per_provider.samples} == {
+        (("provider", "openai"),): 1.0, (("provider", "anthropic"),): 0.5}
+    assert [(s.labels, s.value) for s in total.samples] == [((), 1.5)]
