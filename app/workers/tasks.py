@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -93,77 +93,69 @@ def _log_transition(target: str, what: str, prev: dict[str, Any], now: dict[str,
         log.warning("vROps %s %s recovered", target, what)
 
 
-async def run_stats(target_name: str, settings: VropsSettings,
-                    transport: httpx.AsyncBaseTransport | None = None) -> str:
+CollectStep = Callable[[VropsClient, VropsStore, VropsSettings, float], Awaitable[dict[str, Any]]]
+
+
+async def _stats_step(client: VropsClient, store: VropsStore, settings: VropsSettings,
+                      started: float) -> dict[str, Any]:
+    res = await collect_stats(client, store, settings, started)
+    out: dict[str, Any] = {"up": 0 if res.errors else 1, "samples": res.samples,
+                           "stale_samples": res.stale_samples, "objects": res.objects,
+                           "error": res.errors[0][:300] if res.errors else None}
+    if not res.errors:
+        out["last_success"] = started
+    return out
+
+
+async def _inventory_step(client: VropsClient, store: VropsStore, settings: VropsSettings,
+                          started: float) -> dict[str, Any]:
+    n = await collect_inventory(client, store, settings)
+    return {"up": 1, "objects": n, "last_success": started, "error": None}
+
+
+async def _run_collection(kind: str, step: CollectStep, target_name: str, settings: VropsSettings,
+                          transport: httpx.AsyncBaseTransport | None, keep: tuple[str, ...] = ()) -> str:
+    """One locked, time-bounded collection of `kind` for a target; its status lands in Redis."""
     target = settings.target(target_name)
     redis = make_redis(settings.redis_url, settings.vrops_worker_redis_timeout_seconds)
     store = VropsStore(redis, sample_ttl=settings.vrops_sample_ttl_seconds,
                        latest_ttl=settings.vrops_latest_ttl_seconds)
     try:
         deadline = settings.vrops_collection_timeout_seconds
-        lock = await store.try_lock("stats", target.name, deadline + 5)
+        lock = await store.try_lock(kind, target.name, deadline + 5)
         if lock is None:
             return "skipped"
-        prev = await store.get_status(target.name, "stats")
+        prev = await store.get_status(target.name, kind)
         started = time.time()
         t0 = time.monotonic()
-        status: dict[str, Any] = {"last_attempt": started,
-                                  "last_success": prev.get("last_success")}
+        status: dict[str, Any] = {"last_attempt": started, "last_success": prev.get("last_success"),
+                                  **{k: prev.get(k) for k in keep}}
         try:
             async with asyncio.timeout(deadline):
                 async with VropsClient(target, settings, transport=transport,
                                        token_cache=TOKEN_CACHE) as client:
-                    res = await collect_stats(client, store, settings, started)
-            status.update(up=0 if res.errors else 1, samples=res.samples,
-                          stale_samples=res.stale_samples, objects=res.objects,
-                          error=res.errors[0][:300] if res.errors else None)
-            if not res.errors:
-                status["last_success"] = started
+                    status.update(await step(client, store, settings, started))
         except (VropsError, TimeoutError, httpx.HTTPError, ValueError) as exc:
             status.update(up=0, error=_safe_error(exc))
         finally:
             status["duration"] = round(time.monotonic() - t0, 3)
-            await store.unlock("stats", target.name, lock)
-        await store.set_status(target.name, "stats", status)
-        _log_transition(target.name, "stats", prev, status)
+            await store.unlock(kind, target.name, lock)
+        await store.set_status(target.name, kind, status)
+        _log_transition(target.name, kind, prev, status)
         return "success" if status["up"] else "failure"
     finally:
         await redis.aclose()
+
+
+async def run_stats(target_name: str, settings: VropsSettings,
+                    transport: httpx.AsyncBaseTransport | None = None) -> str:
+    return await _run_collection("stats", _stats_step, target_name, settings, transport)
 
 
 async def run_inventory(target_name: str, settings: VropsSettings,
                         transport: httpx.AsyncBaseTransport | None = None) -> str:
-    target = settings.target(target_name)
-    redis = make_redis(settings.redis_url, settings.vrops_worker_redis_timeout_seconds)
-    store = VropsStore(redis, sample_ttl=settings.vrops_sample_ttl_seconds,
-                       latest_ttl=settings.vrops_latest_ttl_seconds)
-    try:
-        deadline = settings.vrops_collection_timeout_seconds
-        lock = await store.try_lock("inventory", target.name, deadline + 5)
-        if lock is None:
-            return "skipped"
-        prev = await store.get_status(target.name, "inventory")
-        started = time.time()
-        t0 = time.monotonic()
-        status: dict[str, Any] = {"last_attempt": started,
-                                  "last_success": prev.get("last_success"),
-                                  "objects": prev.get("objects")}
-        try:
-            async with asyncio.timeout(deadline):
-                async with VropsClient(target, settings, transport=transport,
-                                       token_cache=TOKEN_CACHE) as client:
-                    n = await collect_inventory(client, store, settings)
-            status.update(up=1, objects=n, last_success=started, error=None)
-        except (VropsError, TimeoutError, httpx.HTTPError, ValueError) as exc:
-            status.update(up=0, error=_safe_error(exc))
-        finally:
-            status["duration"] = round(time.monotonic() - t0, 3)
-            await store.unlock("inventory", target.name, lock)
-        await store.set_status(target.name, "inventory", status)
-        _log_transition(target.name, "inventory", prev, status)
-        return "success" if status["up"] else "failure"
-    finally:
-        await redis.aclose()
+    return await _run_collection("inventory", _inventory_step, target_name, settings, transport,
+                                 keep=("objects",))
 
 
 _SETTINGS = get_vrops_settings()
