@@ -1,0 +1,1 @@
+"""Fault-injection suite (pytest -m faults): real gateway process, controllable fake dependencies."""
