@@ -18,7 +18,9 @@ Rules (every HTTP request, before any route runs):
    Tokens are accepted only in the Authorization header: never in the query
    string (it ends up in access logs, browser history and Referer headers) and
    never from cookies (no CSRF surface).
-3. Open: ``/health``, ``/ready`` (orchestrators call them without secrets),
+3. Accept headers whose ``version=`` parameter is not a dotted number lose that
+   parameter (see ``sanitize_accept``: prometheus_client would answer them with a 500).
+4. Open: ``/health``, ``/ready`` (orchestrators call them without secrets),
    ``/metrics`` (its own ``METRICS_TOKEN``, see app/monitoring), ``/status`` and
    its assets (static files with no data in them; the figures come from
    ``/prometheus/metrics/summary``, which *is* protected: see "Status page"
@@ -42,6 +44,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +58,49 @@ log = logging.getLogger("gateway.security")
 
 PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops")
 REALM = 'Bearer realm="gateway"'
+_GOOD_VERSION = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,9}){0,3}")
+
+
+def sanitize_accept(value: bytes) -> bytes | None:
+    """Drop ``version=`` parameters that are not dotted numbers; None when nothing changed.
+
+    prometheus_client's ``choose_encoder`` (used by every text route and /metrics)
+    raises TypeError on ``Accept: application/openmetrics-text; version=abc`` (or
+    ``text/plain; version=1.x``): it compares a tuple holding a str with (1, 0, 0).
+    One request header must not make a 500, so such a parameter is removed here,
+    before any route sees the header; the route then negotiates as if no version
+    had been given.
+    """
+    if b"version" not in value.lower():
+        return None
+    changed = False
+    ranges = []
+    for media_range in value.split(b","):
+        parts = media_range.split(b";")
+        kept = [parts[0]]
+        for param in parts[1:]:
+            key, _, val = param.partition(b"=")
+            if key.strip().lower() == b"version" and not _GOOD_VERSION.fullmatch(val.strip()):
+                changed = True
+                continue
+            kept.append(param)
+        ranges.append(b";".join(kept))
+    return b",".join(ranges) if changed else None
+
+
+def _sanitized_scope(scope: Scope) -> Scope:
+    headers = scope.get("headers", ())
+    new_headers = None
+    for i, (name, value) in enumerate(headers):
+        if name == b"accept":
+            clean = sanitize_accept(value)
+            if clean is not None:
+                if new_headers is None:
+                    new_headers = list(headers)
+                new_headers[i] = (name, clean)
+    if new_headers is None:
+        return scope
+    return {**scope, "headers": new_headers}
 
 
 class _BodyTooLarge(Exception):
@@ -139,6 +185,7 @@ class SecurityMiddleware:
                 await send(message)
             return
 
+        scope = _sanitized_scope(scope)
         if not self._may_have_body(scope):
             await self.app(scope, receive, send)
             return

@@ -20,7 +20,7 @@ from app.config import Settings
 from app.main import create_app
 from app.security import SecurityMiddleware, SecuritySettings, TokenSource, install_security
 from app.security import auth as auth_mod
-from app.security.auth import bearer_credentials, is_protected, token_allowed
+from app.security.auth import bearer_credentials, is_protected, sanitize_accept, token_allowed
 
 PROM = "http://prom.test:9090"
 T1 = "tok-one-4f0c9a7e1b2d"
@@ -302,3 +302,10 @@ async def test_chunked_body_is_counted_and_malformed_length_is_400() -> None:
     assert (await _call(mw, chunked, [b"x" * 60, b"x" * 30])) == (200, b"ok")
     bad = base | {"headers": [(b"content-length", b"12abc")]}
     assert (await _call(mw, bad, [b""]))[0] == 400
+
+
+def test_sanitize_accept_drops_only_bad_versions() -> None:
+    assert sanitize_accept(b"text/plain") is None
+    assert sanitize_accept(b"application/openmetrics-text; version=1.0.0") is None
+    assert sanitize_accept(b"application/openmetrics-text; version=abc") == b"application/openmetrics-text"
+    assert sanitize_accept(b"text/plain;version=1.x;q=0.5, */*") == b"text/plain;q=0.5, */*"
