@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,12 +19,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
     # Upstream Prometheus (or Thanos / Mimir / VictoriaMetrics / Grafana Cloud).
-    prometheus_url: str = "http://prometheus:9090"
+    # repr=False: a URL may carry user:password, headers may carry tokens.
+    prometheus_url: str = Field(default="http://prometheus:9090", repr=False)
     prometheus_bearer_token: SecretStr | None = None
     prometheus_bearer_token_file: Path | None = None
     prometheus_username: str | None = None
     prometheus_password: SecretStr | None = None
-    prometheus_headers: dict[str, str] = Field(default_factory=dict)
+    prometheus_headers: dict[str, str] = Field(default_factory=dict, repr=False)
     prometheus_verify_tls: bool = True
     prometheus_ca_file: Path | None = None
     prometheus_max_connections: int = Field(default=50, ge=1, le=1000)
@@ -65,6 +67,16 @@ class Settings(BaseSettings):
 
     def ttl_for(self, category: str) -> float:
         return self.cache_ttl_overrides.get(category, self.cache_ttl_seconds)
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, f"***@{netloc}", parts.path, parts.query, parts.fragment))
 
 
 @lru_cache(maxsize=1)

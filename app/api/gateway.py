@@ -13,7 +13,6 @@ from typing import Annotated, Literal
 
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
-from prometheus_client.exposition import choose_encoder
 
 from app.catalog.model import CATEGORIES, Catalog
 from app.config import Settings, get_settings
@@ -21,13 +20,33 @@ from app.render import docs as docs_render
 from app.render import json as json_render
 from app.render import text as text_render
 from app.services.cache import ResponseMemo
-from app.services.exposition import render_families, wants_json
+from app.services.exposition import negotiate, render_families, wants_json
 from app.services.gateway import GatewayService
 from app.services.promql import PLAIN_LABEL_VALUE
 from app.services.result import QueryResult, State
 
 FILTERABLE = ("providers", "models")
 JSON_TYPE = "application/json"
+
+
+class MarkdownResponse(Response):
+    media_type = "text/markdown"  # starlette adds the charset
+
+
+_TEXT = {"schema": {"type": "string"}}
+_OBJECT = {"schema": {"type": "object"}}
+_DETAIL = {"application/json": {"schema": {"type": "object", "properties": {"detail": {}}}}}
+EXPOSITION_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "Prometheus text (0.0.4), OpenMetrics when the Accept header asks, or JSON "
+                         "with ?format=json / Accept: application/json",
+          "content": {"text/plain": _TEXT, "application/openmetrics-text": _TEXT, JSON_TYPE: _OBJECT}},
+    404: {"description": "Unknown category", "content": _DETAIL},
+}
+
+
+def _invalid(label: str, message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors (the documented HTTPValidationError)."""
+    return HTTPException(422, [{"loc": ["query", label], "msg": message, "type": "value_error"}])
 
 Fmt = Annotated[Literal["json", "text"] | None,
                 Query(description="`json` for JSON, `text` for Prometheus exposition")]
@@ -40,20 +59,15 @@ def _filters(settings: Settings, category: str, **given: list[str] | None) -> di
         if not values:
             continue
         if category not in FILTERABLE:
-            raise HTTPException(422, f"{label}= filters apply to {' and '.join(FILTERABLE)} only")
+            raise _invalid(label, f"{label}= filters apply to {' and '.join(FILTERABLE)} only")
         if len(values) > settings.filter_max_values:
-            raise HTTPException(422, f"at most {settings.filter_max_values} {label} values")
+            raise _invalid(label, f"at most {settings.filter_max_values} {label} values")
         for v in values:
             if len(v) > settings.filter_max_value_length:
-                raise HTTPException(
-                    422, f"{label} value longer than {settings.filter_max_value_length} characters"
-                )
+                raise _invalid(label, f"{label} value longer than {settings.filter_max_value_length} characters")
             if not PLAIN_LABEL_VALUE.match(v):
-                raise HTTPException(
-                    422,
-                    f"{label}={v!r} is not a plain label value "
-                    "(letters, digits and _ . : / @ + -, starting with a letter or digit)",
-                )
+                raise _invalid(label, f"{label}={v!r} is not a plain label value "
+                                      "(letters, digits and _ . : / @ + -, starting with a letter or digit)")
         out[label] = list(dict.fromkeys(values))
     return out
 
@@ -80,9 +94,9 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
 
     memo = ResponseMemo(settings.response_memo_seconds)
 
-    def negotiate(request: Request, fmt: str | None) -> str:
+    def kind_of(request: Request, fmt: str | None) -> str:
         accept = request.headers.get("accept")
-        return "json" if wants_json(accept, fmt) else choose_encoder(accept or "")[1]
+        return "json" if wants_json(accept, fmt) else negotiate(accept)[1]
 
     def remember(key: tuple[str, ...], results: list[QueryResult], body: bytes, media_type: str) -> Response:
         if all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
@@ -103,7 +117,8 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
                                       request.headers.get("accept"))
         return remember(key, results, body, ctype)
 
-    @router.get("/summary", summary="Summary figures for widgets (JSON)")
+    @router.get("/summary", summary="Summary figures for widgets (JSON)",
+                responses={200: {"description": "The summary contract", "content": {JSON_TYPE: _OBJECT}}})
     async def summary() -> Response:
         key = ("summary",)
         if (hit := recall(key)) is not None:
@@ -112,26 +127,27 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
         doc = json_render.summary(cat, results, service.client.up)
         return remember(key, list(results.values()), json_render.dumps(doc), JSON_TYPE)
 
-    @router.get("/docs", summary="Markdown documentation of every figure, from the catalog")
-    async def docs() -> Response:
-        return Response(docs_render.markdown(cat, prefix), media_type="text/markdown; charset=utf-8")
+    @router.get("/docs", summary="Markdown documentation of every figure, from the catalog",
+                response_class=MarkdownResponse)
+    async def docs() -> MarkdownResponse:
+        return MarkdownResponse(docs_render.markdown(cat, prefix))
 
-    @router.get("/all", summary="Every category in one exposition")
+    @router.get("/all", summary="Every category in one exposition", responses=EXPOSITION_RESPONSES)
     async def everything(request: Request, format: Fmt = None) -> Response:
-        kind = negotiate(request, format)
+        kind = kind_of(request, format)
         key = ("all", kind)
         if (hit := recall(key)) is not None:
             return hit
         return respond(await service.everything(), "all", kind, request, {}, key)
 
-    @router.get("/{category}", summary="One category as Prometheus text or JSON")
+    @router.get("/{category}", summary="One category as Prometheus text or JSON", responses=EXPOSITION_RESPONSES)
     async def category(request: Request, category: str, format: Fmt = None,
                        provider: FilterValues = None, model: FilterValues = None) -> Response:
         if category not in CATEGORIES:
             raise HTTPException(404, f"unknown category {category!r}; one of: "
                                      f"summary, {', '.join(CATEGORIES)}, all, docs")
         filters = _filters(settings, category, provider=provider, model=model)
-        kind = negotiate(request, format)
+        kind = kind_of(request, format)
         key = (category, kind, *(f"{k}={','.join(v)}" for k, v in sorted(filters.items())))
         if (hit := recall(key)) is not None:
             return hit

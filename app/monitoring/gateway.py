@@ -55,15 +55,19 @@ BREAKER_STATE = Gauge(
 )
 
 
-def observe_upstream(category: str, seconds: float, error_type: str | None) -> None:
+def observe_upstream(category: str, seconds: float, error_type: str | None,
+                     upstream_ok: bool | None = None) -> None:
+    """Count one upstream request. `upstream_ok` says whether the upstream answered
+    (a query error such as bad_data is an answer: the upstream is up); by default
+    only a request without error counts as up."""
     UPSTREAM_REQUESTS.labels(category).inc()
     UPSTREAM_DURATION.labels(category).observe(seconds)
-    if error_type is None:
-        UPSTREAM_UP.set(1)
-        UPSTREAM_LAST_SUCCESS.set(time.time())
-    else:
+    if error_type is not None:
         UPSTREAM_ERRORS.labels(category, error_type).inc()
-        UPSTREAM_UP.set(0)
+    ok = error_type is None if upstream_ok is None else upstream_ok
+    UPSTREAM_UP.set(1 if ok else 0)
+    if ok:
+        UPSTREAM_LAST_SUCCESS.set(time.time())
 
 
 def cache_outcome(category: str, outcome: CacheOutcome, count: int = 1) -> None:

@@ -30,11 +30,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, values
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from app.services.exposition import negotiate
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
 def render(accept: str | None, accept_encoding: str | None) -> Rendered:
     """Collect and encode one scrape. Blocking: call it from a worker thread."""
     _warn_once_if_misconfigured()
-    encoder, content_type = choose_encoder(accept or "")
+    encoder, content_type = negotiate(accept)
     body: bytes = encoder(scrape_registry())
     if accepts_gzip(accept_encoding):
         return Rendered(gzip.compress(body, compresslevel=5), content_type, True)

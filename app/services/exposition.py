@@ -7,7 +7,7 @@ encoders instead of hand-written string formatting.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
@@ -25,11 +25,26 @@ class _StaticCollector(Collector):
         return self._families
 
 
+Encoder = Callable[[CollectorRegistry], bytes]
+
+
+def negotiate(accept: str | None) -> tuple[Encoder, str]:
+    """prometheus_client's choose_encoder, minus its crash on odd Accept headers.
+
+    `application/openmetrics-text; version=abc` makes choose_encoder raise; a
+    client's malformed header must get the default format, never a 500.
+    """
+    try:
+        return choose_encoder(accept or "")
+    except (TypeError, ValueError, IndexError):
+        return choose_encoder("")
+
+
 def render_families(families: Sequence[Metric], accept: str | None) -> tuple[bytes, str]:
     """Encode families as 0.0.4 text, or OpenMetrics when the Accept header asks for it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StaticCollector(families))
-    encoder, content_type = choose_encoder(accept or "")
+    encoder, content_type = negotiate(accept)
     return encoder(registry), content_type
 
 

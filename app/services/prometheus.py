@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from app.config import Settings
+from app.config import Settings, redact_url
 from app.monitoring import gateway as gm
 from app.services.breaker import CircuitBreaker
 from app.services.episodes import FailureEpisode
@@ -138,7 +138,7 @@ class PrometheusClient:
         )
         self.breaker = breaker or CircuitBreaker(settings.breaker_failure_threshold,
                                                  settings.breaker_reset_seconds)
-        self.episode = FailureEpisode(f"upstream Prometheus {settings.prometheus_url}", log)
+        self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
         self.up: bool | None = None  # unknown until the first request
         self.last_success: float | None = None
 
@@ -202,17 +202,18 @@ class PrometheusClient:
 
     def _record(self, category: str, started: float, exc: UpstreamError | None) -> None:
         seconds = time.perf_counter() - started
-        if exc is None or exc.error_type in QUERY_ERRORS:
+        answered = exc is None or exc.error_type in QUERY_ERRORS
+        if answered:
             # The upstream answered: healthy, even if this query was at fault.
             self.breaker.success()
             self.up = True
             self.last_success = time.time()
             self.episode.success()
-        else:
+        elif exc is not None:
             self.breaker.failure()
             self.up = False
             self.episode.failure(f"{exc.error_type}: {exc.message}")
-        gm.observe_upstream(category, seconds, None if exc is None else exc.error_type)
+        gm.observe_upstream(category, seconds, None if exc is None else exc.error_type, answered)
 
     async def ready(self) -> tuple[bool, str]:
         """Readiness: can the query API evaluate `vector(1)`? Works under any API prefix."""

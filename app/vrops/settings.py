@@ -67,8 +67,9 @@ class VropsSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
-    redis_url: str = "redis://localhost:6379/0"
-    celery_broker_url: str | None = None
+    # repr=False: a Redis URL may carry a password.
+    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)
+    celery_broker_url: str | None = Field(default=None, repr=False)
 
     vrops_targets: list[VropsTarget] = Field(default_factory=list)
     vrops_password_file: Path | None = None
