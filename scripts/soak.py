@@ -80,7 +80,7 @@ class PhaseStats:
 def _pct(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return 0.0
-    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[idx]
 
 
@@ -249,8 +249,8 @@ async def soak(duration: float, rate: float, ttl: float, work: Path, log: Any) -
         })
         return results
     finally:
-        for p in reversed(procs):
-            p.stop()
+        for proc in reversed(procs):
+            proc.stop()
         backend.stop()
 
 

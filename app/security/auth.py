@@ -264,29 +264,45 @@ class SecurityMiddleware:
         return None
 
 
-def _document_security(app: FastAPI, prefixes: tuple[str, ...]) -> None:
-    """Declare the bearer scheme in the OpenAPI document (no token value, ever)."""
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "detail": {"type": "string"},
+                   "status_code": {"type": "integer"}},
+    "required": ["error", "detail"],
+}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+
+
+def _document_security(app: FastAPI, prefixes: tuple[str, ...], auth: bool) -> None:
+    """Declare the limits' answers (every operation) and, with tokens, the bearer scheme
+    (protected operations) in the OpenAPI document. No token value, ever."""
     original: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema and app.openapi_schema.get("x-security-documented"):
             return app.openapi_schema
         schema = original()
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes["bearerAuth"] = {
-            "type": "http", "scheme": "bearer",
-            "description": "One of API_TOKENS / API_TOKENS_FILE. 401 when missing, 403 when wrong.",
-        }
+        if auth:
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearerAuth"] = {
+                "type": "http", "scheme": "bearer",
+                "description": "One of API_TOKENS / API_TOKENS_FILE. 401 when missing, 403 when wrong.",
+            }
         for path, item in schema.get("paths", {}).items():
-            if not is_protected(path, prefixes):
-                continue
             for op in item.values():
                 if not isinstance(op, dict):
                     continue
-                op["security"] = [{"bearerAuth": []}]
                 responses = op.setdefault("responses", {})
-                responses.setdefault("401", {"description": "Missing bearer token"})
-                responses.setdefault("403", {"description": "Bearer token not accepted"})
+                responses.setdefault("400", _error_response("Malformed Content-Length"))
+                responses.setdefault("413", _error_response("Request body too large"))
+                responses.setdefault("414", _error_response("Path or query string too long"))
+                if auth and is_protected(path, prefixes):
+                    op["security"] = [{"bearerAuth": []}]
+                    responses.setdefault("401", _error_response("Missing bearer token"))
+                    responses.setdefault("403", _error_response("Bearer token not accepted"))
         schema["x-security-documented"] = True
         app.openapi_schema = schema
         return schema
@@ -318,8 +334,7 @@ def install_security(app: FastAPI, settings: SecuritySettings | None = None) -> 
             allow_credentials=False,
             max_age=600,
         )
-    if tokens.enabled:
-        _document_security(app, PROTECTED_PREFIXES)
+    _document_security(app, PROTECTED_PREFIXES, tokens.enabled)
     app.state.security_installed = True
     app.state.security_settings = settings
     log.info("API access control %s (%d token(s) in API_TOKENS, file %s); CORS origins: %s",

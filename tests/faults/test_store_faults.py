@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from app.vrops.settings import VropsSettings, VropsTarget
 from app.workers import tasks
@@ -162,7 +163,8 @@ def test_vrops_fault_with_collector_in_process(gw: Gateway, redis: list[Proc], m
     transport = httpx.ASGITransport(app=create_app(state))
     settings = VropsSettings(
         redis_url=redis[-1].url,
-        vrops_targets=[VropsTarget(name=TARGET, url="http://vrops.test", username="admin", password=PASSWORD)],
+        vrops_targets=[VropsTarget(name=TARGET, url="http://vrops.test", username="admin",
+                                  password=SecretStr(PASSWORD))],
         vrops_max_retries=1, vrops_retry_backoff_seconds=0.01, vrops_collection_timeout_seconds=5,
     )
     tasks.TOKEN_CACHE.put(f"{TARGET}|http://vrops.test|admin", None)

@@ -260,11 +260,6 @@ def test_circuit_breaker_opens_answers_fast_and_recovers(fake: FakePrometheus, t
         stop_gateway(gw)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: app/monitoring/gateway.py observe_upstream() sets metrics_gateway_upstream_up to 0 for every "
-    "error_type, while app/services/prometheus.py PrometheusClient._record() treats QUERY_ERRORS "
-    "(bad_data, execution, not_found, too_large) as a healthy upstream (up=True, breaker success, no "
-    "episode): after a query error /metrics says the upstream is down while every answer says up"))
 def test_query_errors_leave_the_upstream_up_metric_at_1(gateway: Gateway, fake: FakePrometheus) -> None:
     fake.mode = "ok"
     _ok(gateway)

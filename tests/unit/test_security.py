@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.main import create_app
 from app.security import SecurityMiddleware, SecuritySettings, TokenSource, install_security
-from app.security import auth as auth_mod
 from app.security.auth import bearer_credentials, is_protected, sanitize_accept, token_allowed
 
 PROM = "http://prom.test:9090"
@@ -149,7 +148,7 @@ def test_tokens_file_rotation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     f.write_text(f"# current\n{T1}\n\n")
     with make_client(monkeypatch, API_TOKENS_FILE=str(f)) as c:
         def status(tok: str) -> int:
-            return c.get(DOCS, headers={"Authorization": f"Bearer {tok}"}).status_code
+            return int(c.get(DOCS, headers={"Authorization": f"Bearer {tok}"}).status_code)
 
         assert status(T1) == 200 and status(T2) == 403
         f.write_text(f"{T1}\n{T2}\n")  # rollout: both
@@ -174,7 +173,7 @@ def test_comparison_touches_every_token(monkeypatch: pytest.MonkeyPatch) -> None
         calls.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(auth_mod.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # the module app.security.auth calls
     tokens = [b"a" * 10, b"b" * 20, b"c" * 30]
     assert token_allowed(b"a" * 10, tokens) and len(calls) == 3  # no early exit on a match
     calls.clear()
@@ -207,7 +206,7 @@ def test_install_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
     app = FastAPI()
     s = install_security(app)
     assert install_security(app) is s
-    assert sum(m.cls is SecurityMiddleware for m in app.user_middleware) == 1
+    assert sum(getattr(m, "cls", None) is SecurityMiddleware for m in app.user_middleware) == 1
 
 
 # --- CORS ---------------------------------------------------------------------------------------------
