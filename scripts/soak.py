@@ -240,6 +240,10 @@ async def soak(duration: float, rate: float, ttl: float, work: Path, log: Any) -
                 "fetches_per_ttl_window": round(prom_fetches / windows, 2) if windows else None,
                 "fetches_per_route_per_ttl_window": round(prom_fetches / windows / len(ROUTES), 2)
                 if windows else None,
+                "phase1_prometheus_query_requests": prom1 - prom0,
+                "phase1_ttl_windows": round(p1.seconds / ttl, 1),
+                "phase3_prometheus_query_requests": prom3 - prom3_0,
+                "phase3_ttl_windows": round(p3.seconds / ttl, 1),
             },
             "rss_kib_start": rss_start,
             "rss_kib_end": rss_end,
