@@ -10,6 +10,7 @@ Three jobs, one key space (the final PromQL text):
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from contextlib import AbstractContextManager
 
@@ -51,9 +52,18 @@ class QueryCache:
 
     @staticmethod
     def expiry(ttl: float) -> float:
-        """The expiry for answers fetched now. Figures fetched together expire together,
-        so the next request refetches them in one batch, not in several small ones."""
-        return time.monotonic() + ttl
+        """The expiry for answers fetched now, on a grid of TTL steps (as Trickster aligns).
+
+        Every figure with the same TTL expires at the same instant, whichever route
+        fetched it and when, so routes that share figures refetch them in step: at
+        most one fetch per route per window instead of several small ones. An answer
+        fetched in the last tenth of a step is kept to the end of the next one.
+        """
+        now = time.monotonic()
+        if ttl <= 0:
+            return now
+        boundary = (math.floor(now / ttl) + 1) * ttl
+        return boundary + ttl if boundary - now < ttl / 10 else boundary
 
     def store(self, key: str, fetched: Fetched, expires_at: float) -> None:
         """Keep a good answer; one that carried warnings is not trusted as good."""
