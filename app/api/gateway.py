@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 
+from app.api.errors import invalid_query
 from app.catalog.model import CATEGORIES, Catalog
 from app.config import Settings, get_settings
 from app.render import docs as docs_render
@@ -43,11 +44,6 @@ EXPOSITION_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"description": "Unknown category", "content": _DETAIL},
 }
 
-
-def _invalid(label: str, message: str) -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors (the documented HTTPValidationError)."""
-    return HTTPException(422, [{"loc": ["query", label], "msg": message, "type": "value_error"}])
-
 Fmt = Annotated[Literal["json", "text"] | None,
                 Query(description="`json` for JSON, `text` for Prometheus exposition")]
 FilterValues = Annotated[list[str] | None, Query(description="exact label value; repeatable")]
@@ -59,14 +55,14 @@ def _filters(settings: Settings, category: str, **given: list[str] | None) -> di
         if not values:
             continue
         if category not in FILTERABLE:
-            raise _invalid(label, f"{label}= filters apply to {' and '.join(FILTERABLE)} only")
+            raise invalid_query(label, f"{label}= filters apply to {' and '.join(FILTERABLE)} only")
         if len(values) > settings.filter_max_values:
-            raise _invalid(label, f"at most {settings.filter_max_values} {label} values")
+            raise invalid_query(label, f"at most {settings.filter_max_values} {label} values")
         for v in values:
             if len(v) > settings.filter_max_value_length:
-                raise _invalid(label, f"{label} value longer than {settings.filter_max_value_length} characters")
+                raise invalid_query(label, f"{label} value longer than {settings.filter_max_value_length} characters")
             if not PLAIN_LABEL_VALUE.match(v):
-                raise _invalid(label, f"{label}={v!r} is not a plain label value "
+                raise invalid_query(label, f"{label}={v!r} is not a plain label value "
                                       "(letters, digits and _ . : / @ + -, starting with a letter or digit)")
         out[label] = list(dict.fromkeys(values))
     return out

@@ -14,10 +14,11 @@ import re
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
+from app.api.errors import invalid_query
 from app.services.episodes import FailureEpisode
 from app.services.exposition import render_families, wants_json
 from app.vrops.exposition import json_payload, render_text, store_down_families
@@ -40,11 +41,10 @@ def _check_values(name: str, values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     if len(values) > MAX_VALUES:
-        raise HTTPException(422, f"at most {MAX_VALUES} values for {name}")
+        raise invalid_query(name, f"at most {MAX_VALUES} values for {name}")
     for v in values:
         if not v or len(v) > MAX_VALUE_LENGTH or _CONTROL.search(v):
-            raise HTTPException(
-                422, f"{name} values must be 1..{MAX_VALUE_LENGTH} printable characters")
+            raise invalid_query(name, f"{name} values must be 1..{MAX_VALUE_LENGTH} printable characters")
     return list(dict.fromkeys(values))
 
 
@@ -79,21 +79,19 @@ async def vrops_metrics(
     targets = _check_values("target", target) or known_targets
     unknown = [t for t in targets if t not in known_targets]
     if unknown:
-        raise HTTPException(422, f"unknown target(s): {', '.join(unknown)}")
+        raise invalid_query("target", f"unknown target(s): {', '.join(unknown)}")
     clusters = _check_values("cluster", cluster)
     objects = _check_values("object", object)
     kinds = _check_values("kind", kind)
     if kinds:
         bad = [k for k in kinds if k not in OBJECT_KINDS.values()]
         if bad:
-            raise HTTPException(
-                422, f"kind must be one of {sorted(OBJECT_KINDS.values())}")
+            raise invalid_query("kind", f"kind must be one of {sorted(OBJECT_KINDS.values())}")
     metrics_in = _check_values("metric", metric)
     if metrics_in:
         specs = [metric_by_name(m) for m in metrics_in]
         if any(s is None for s in specs):
-            raise HTTPException(
-                422, f"metric must be one of {sorted(s.metric for s in STAT_SPECS.values())}")
+            raise invalid_query("metric", f"metric must be one of {sorted(s.metric for s in STAT_SPECS.values())}")
         metrics = [s.short for s in specs if s is not None]
     else:
         metrics = [s.short for s in STAT_SPECS.values()]

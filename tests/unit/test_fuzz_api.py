@@ -153,12 +153,9 @@ def test_text_routes_document_their_content_type() -> None:
     assert "text/markdown" in content
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (schema): app/api/vrops.py raises HTTPException(422, '<text>') from _check_values() and "
-    "vrops_metrics() (unknown target/kind/metric, too many values, empty or control-character values): "
-    "`detail` is a string where the schema documents HTTPValidationError (a list of errors), and the "
-    "schema (list[str] query parameters, no minLength/pattern) admits the values that are then rejected"))
 def test_vrops_422_uses_the_documented_shape(client: TestClient) -> None:
-    r = client.get("/vrops/metrics", params={"kind": "bogus"})
+    r = client.get("/vrops/metrics", params={"kind": "bogus"}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 422
-    assert isinstance(r.json()["detail"], list)
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail[0]["loc"] == ["query", "kind"]
+    assert "kind must be one of" in detail[0]["msg"]
