@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.catalog.loader import load_catalog  # noqa: E402
 from tests.support.procs import Proc, start_prometheus, start_uvicorn, wait_until  # noqa: E402
-from tests.support.synthetic_backend import SyntheticBackend  # noqa: E402
+from tests.support.synthetic_backend import SyntheticBackend, scrape_config  # noqa: E402
 
 
 def ms(values: list[float]) -> float:
@@ -163,7 +163,7 @@ def main() -> None:
     backend = SyntheticBackend()
     target = backend.start()
     backend.backfill(work / "prom" / "data", job="backend")
-    scrape = f"  - job_name: backend\n    static_configs:\n      - targets: ['{target}']\n"
+    scrape = scrape_config(target)
     prom = start_prometheus(work / "prom", scrape)
     procs: list[Proc] = [prom]
     try:

@@ -42,7 +42,7 @@ from tests.support.procs import (  # noqa: E402
     start_uvicorn,
     wait_until,
 )
-from tests.support.synthetic_backend import SyntheticBackend  # noqa: E402
+from tests.support.synthetic_backend import SyntheticBackend, scrape_config  # noqa: E402
 
 ROUTES = ("/prometheus/metrics/summary", "/prometheus/metrics/system")
 
@@ -162,10 +162,7 @@ async def soak(duration: float, rate: float, ttl: float, work: Path, log: Any) -
     backend = SyntheticBackend()
     target = backend.start()
     backend.backfill(work / "prom" / "data", job="backend")
-    prom = start_prometheus(
-        work / "prom",
-        f"  - job_name: backend\n    static_configs:\n      - targets: ['{target}']\n",
-    )
+    prom = start_prometheus(work / "prom", scrape_config(target))
     procs: list[Proc] = [prom]
     try:
         wait_until(lambda: httpx.post(f"{prom.url}/api/v1/query",

@@ -206,13 +206,46 @@
     });
   }
 
+  // API token: from the form, or from the URL fragment (/status#token=...), which
+  // browsers never send to a server; kept in sessionStorage for this tab only and
+  // sent as an Authorization header, never in a URL.
+  var TOKEN_KEY = "metricsGatewayToken";
+  function storedToken() {
+    var m = /(?:^|[#&])token=([^&]+)/.exec(window.location.hash || "");
+    try {
+      if (m) {
+        sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+        history.replaceState(null, "", window.location.pathname + window.location.search);
+      }
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch (e) {
+      return m ? decodeURIComponent(m[1]) : null;
+    }
+  }
+  var token = storedToken();
+  var tokenForm = document.getElementById("token-form");
+  if (tokenForm) {
+    tokenForm.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      token = document.getElementById("token-input").value.trim();
+      try { sessionStorage.setItem(TOKEN_KEY, token); } catch (e) { /* private mode */ }
+      tokenForm.hidden = true;
+    });
+  }
+
   function refresh() {
     var ctrl = typeof AbortController === "function" ? new AbortController() : null;
     var timer = ctrl ? setTimeout(function () { ctrl.abort(); }, Math.max(1000,
       refreshSeconds * 900)) : null;
-    fetch(summaryUrl, { cache: "no-store", headers: { Accept: "application/json" },
+    var headers = { Accept: "application/json" };
+    if (token) { headers.Authorization = "Bearer " + token; }
+    fetch(summaryUrl, { cache: "no-store", headers: headers,
       signal: ctrl ? ctrl.signal : undefined })
       .then(function (resp) {
+        if (resp.status === 401 || resp.status === 403) {
+          if (tokenForm) { tokenForm.hidden = false; }
+          throw new Error(resp.status === 401 ? "an API token is needed" : "the API token was refused");
+        }
         return resp.json().then(function (data) {
           if (!data || typeof data !== "object" || !data.metrics) {
             throw new Error("HTTP " + resp.status + " without summary figures");

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.support.procs import Proc, start_prometheus, wait_until
-from tests.support.synthetic_backend import SyntheticBackend
+from tests.support.synthetic_backend import SyntheticBackend, scrape_config
 
 
 @dataclass
@@ -32,7 +32,7 @@ def prom_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromStack]:
     backend.backfill(workdir / "prometheus" / "data", job="backend")
     prom = start_prometheus(
         workdir / "prometheus",
-        f"  - job_name: backend\n    static_configs:\n      - targets: ['{target}']\n",
+        scrape_config(target),
     )
     stack = PromStack(prom, backend, workdir)
     try:

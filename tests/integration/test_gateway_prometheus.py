@@ -15,7 +15,7 @@ from app.config import Settings
 from app.main import create_app
 from tests.integration.conftest import PromStack
 from tests.support.procs import promtool_check_metrics, start_prometheus
-from tests.support.synthetic_backend import EXPECTED_RATES, EXPECTED_TOTALS
+from tests.support.synthetic_backend import EXPECTED_RATES, EXPECTED_TOTALS, scrape_config
 
 pytestmark = pytest.mark.integration
 TEXT_ROUTES = [*CATEGORIES, "all"]
@@ -104,8 +104,7 @@ def test_p95_is_exported_under_its_own_name(client: TestClient) -> None:
 
 def test_prometheus_down_serves_stale_then_unavailable(prom_stack: PromStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Stop a real Prometheus mid-life: last good values, marked stale, within the deadline."""
-    prom = start_prometheus(tmp_path / "p", "  - job_name: backend\n    static_configs:\n      - targets: ['"
-                            f"127.0.0.1:{prom_stack.backend.port}']\n")
+    prom = start_prometheus(tmp_path / "p", scrape_config(f"127.0.0.1:{prom_stack.backend.port}"))
     settings = Settings(prometheus_url=prom.url, cache_ttl_seconds=0.2, request_deadline_seconds=1.0,
                         breaker_failure_threshold=2, breaker_reset_seconds=30)
     try:

@@ -231,3 +231,8 @@ class SyntheticBackend:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def scrape_config(target: str, job: str = "backend") -> str:
+    """The scrape_configs entry (YAML) for a synthetic backend at `target`."""
+    return f"  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"
