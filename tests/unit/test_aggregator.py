@@ -402,3 +402,15 @@ async def test_same_expression_with_different_kept_labels_is_projected_per_figur
     assert {s.labels: s.value for s in per_provider.samples} == {
         (("provider", "openai"),): 1.0, (("provider", "anthropic"),): 0.5}
     assert [(s.labels, s.value) for s in total.samples] == [((), 1.5)]
+
+
+@respx.mock
+async def test_ttl_is_configured_per_category(make: Any) -> None:
+    route = respx.post(QUERY_URL).mock(side_effect=fake_prometheus)
+    agg = make(cache_ttl_seconds=3600, cache_ttl_overrides={"business": 0})
+    await agg.run([Q["a"]], "system")
+    (r,) = await agg.run([Q["a"]], "system")
+    assert r.state is State.CACHED and route.call_count == 1  # the default TTL keeps it
+    await agg.run([Q["d"]], "business")
+    (r,) = await agg.run([Q["d"]], "business")
+    assert r.state is State.FRESH and route.call_count == 3  # TTL 0 for business: fetched each time
