@@ -36,7 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.catalog.loader import load_catalog  # noqa: E402
-from tests.support.procs import Proc, start_prometheus, start_uvicorn, wait_until  # noqa: E402
+from tests.support.procs import (  # noqa: E402
+    Proc,
+    prometheus_query_requests,
+    start_prometheus,
+    start_uvicorn,
+    wait_until,
+)
 from tests.support.synthetic_backend import SyntheticBackend, scrape_config  # noqa: E402
 
 
@@ -108,15 +114,6 @@ def warm_phase(gateway: str, seconds: int) -> dict[str, float]:
     return {"trivial_rps": statistics.mean(trivial), "summary_rps": statistics.mean(summary)}
 
 
-def prom_query_requests(prom: str) -> float:
-    text = httpx.get(f"{prom}/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def gateway_upstream_requests(gateway: str) -> float:
     text = httpx.get(f"{gateway}/metrics", timeout=5).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -124,9 +121,9 @@ def gateway_upstream_requests(gateway: str) -> float:
 
 
 def coalesce_phase(prom: str, gateway: str, ttl: float, seconds: int) -> dict[str, float]:
-    before, own_before = prom_query_requests(prom), gateway_upstream_requests(gateway)
+    before, own_before = prometheus_query_requests(prom), gateway_upstream_requests(gateway)
     rps = wrk(f"{gateway}/prometheus/metrics/summary", 100, seconds)
-    fetches = prom_query_requests(prom) - before
+    fetches = prometheus_query_requests(prom) - before
     own = gateway_upstream_requests(gateway) - own_before
     windows = seconds / ttl
     return {"rps": rps, "fetches": fetches, "own": own, "windows": windows,
@@ -135,13 +132,13 @@ def coalesce_phase(prom: str, gateway: str, ttl: float, seconds: int) -> dict[st
 
 def shared_phase(prom: str, gateway: str, ttl: float, seconds: int) -> dict[str, float]:
     """/summary and /system (8 shared figures) under load at the same time."""
-    before = prom_query_requests(prom)
+    before = prometheus_query_requests(prom)
     procs = [subprocess.Popen(["wrk", "-t1", "-c50", f"-d{seconds}s", f"{gateway}{path}"],
                               stdout=subprocess.PIPE, text=True)
              for path in ("/prometheus/metrics/summary", "/prometheus/metrics/system")]
     for p in procs:
         p.communicate(timeout=seconds + 30)
-    fetches = prom_query_requests(prom) - before
+    fetches = prometheus_query_requests(prom) - before
     return {"fetches": fetches, "per_route_window": fetches / (2 * seconds / ttl)}
 
 

@@ -19,8 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,7 +26,6 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastapi import FastAPI  # noqa: E402
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 
 from app.services.exposition import render_families  # noqa: E402
@@ -46,27 +43,6 @@ from tests.support.procs import (  # noqa: E402
 
 METRICS = ["cpu_usage_ratio", "memory_usage_ratio", "disk_used_bytes", "disk_capacity_bytes",
            "health_score_ratio"]
-
-
-def make_api() -> FastAPI:
-    """uvicorn --factory entry for the API process (settings from the environment)."""
-    from app.api.vrops import router
-    from app.vrops import wiring
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await wiring.startup(app)
-        yield
-        await wiring.shutdown(app)
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(router)
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app
 
 
 def pct(values: list[float], p: float) -> float:
@@ -154,7 +130,7 @@ def main() -> int:
 
         api_env = {"PYTHONPATH": env["PYTHONPATH"], "REDIS_URL": redis.url,
                    "VROPS_TARGETS": json.dumps(targets)}
-        api = start_uvicorn(work / "api", "bench_vrops:make_api", env=api_env, factory=True)
+        api = start_uvicorn(work / "api", "tests.support.vrops_app:make_api", env=api_env, factory=True)
         procs.append(api)
         with httpx.Client(base_url=api.url, timeout=10) as c:
             for _ in range(3):

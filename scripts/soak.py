@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support.procs import (  # noqa: E402
     Proc,
     _spawn,
+    prometheus_query_requests,
     start_prometheus,
     start_uvicorn,
     wait_until,
@@ -89,15 +90,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def prom_query_requests(prom_url: str) -> float:
-    text = httpx.get(f"{prom_url}/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def gateway_counter(gateway_url: str, name: str) -> float:
@@ -182,12 +174,12 @@ async def soak(duration: float, rate: float, ttl: float, work: Path, log: Any) -
             await drive(client, gw.url, rate, min(10.0, third / 4), warm)
             rss_start = rss_kib(gw.popen.pid)
             own0 = gateway_counter(gw.url, "metrics_gateway_upstream_requests_total")
-            prom0 = prom_query_requests(prom.url)
+            prom0 = prometheus_query_requests(prom.url)
             log(f"warm-up done: rss {rss_start} KiB; phase 1 (Prometheus up) {third:.0f}s")
 
             p1 = PhaseStats("1 Prometheus up")
             await drive(client, gw.url, rate, third, p1)
-            prom1 = prom_query_requests(prom.url)
+            prom1 = prometheus_query_requests(prom.url)
             own1 = gateway_counter(gw.url, "metrics_gateway_upstream_requests_total")
             prom.stop()
             log(f"phase 1 done: {p1.summary()}; phase 2 (Prometheus stopped)")
@@ -201,11 +193,11 @@ async def soak(duration: float, rate: float, ttl: float, work: Path, log: Any) -
             prom = restart_prometheus(prom)
             procs.append(prom)
             restart_s = time.monotonic() - t_restart
-            prom3_0 = prom_query_requests(prom.url)
+            prom3_0 = prometheus_query_requests(prom.url)
             own3_0 = gateway_counter(gw.url, "metrics_gateway_upstream_requests_total")
             p3 = PhaseStats("3 Prometheus restarted")
             await drive(client, gw.url, rate, third, p3)
-            prom3 = prom_query_requests(prom.url)
+            prom3 = prometheus_query_requests(prom.url)
             own3 = gateway_counter(gw.url, "metrics_gateway_upstream_requests_total")
             rss_end = rss_kib(gw.popen.pid)
             log(f"phase 3 done: {p3.summary()}")

@@ -10,14 +10,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from tests.support.procs import (
     Proc,
@@ -32,27 +30,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 STALE_AFTER = 4.0
-
-
-def make_api() -> FastAPI:
-    """uvicorn --factory entry: the vROps router wired like the lead's lifespan will."""
-    from app.api.vrops import router
-    from app.vrops import wiring
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await wiring.startup(app)
-        yield
-        await wiring.shutdown(app)
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(router)
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
              "-s", str(wdir / "beat-schedule"), "-n", f"vrops-test-{os.getpid()}@%h"],
             wdir, "celery", env=env)
         procs.append(worker)
-        api = start_uvicorn(base / "api", "tests.integration.test_vrops_celery:make_api",
+        api = start_uvicorn(base / "api", "tests.support.vrops_app:make_api",
                             env=env, factory=True)
         procs.append(api)
         yield {"redis": redis, "fake": fake, "worker": worker, "api": api}

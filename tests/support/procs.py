@@ -164,3 +164,10 @@ def promtool_check_metrics(body: bytes) -> subprocess.CompletedProcess[bytes]:
     """Run the real `promtool check metrics` on an exposition body."""
     return subprocess.run([PROMTOOL_BIN, "check", "metrics"], input=body,
                           capture_output=True, timeout=30, check=False)
+
+
+def prometheus_query_requests(prom_url: str) -> float:
+    """Instant-query requests a Prometheus has received, from its own /metrics."""
+    text = httpx.get(f"{prom_url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line)
