@@ -56,10 +56,6 @@ class QueryResult:
     error: UpstreamFailure | None = None
     warnings: tuple[str, ...] = field(default=())
 
-    @property
-    def has_data(self) -> bool:
-        return bool(self.samples)
-
     def total(self) -> float | None:
         """The sum over all series, or None when there is no data.
 
