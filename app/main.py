@@ -1,48 +1,52 @@
-"""The application: settings, routers and their lifespans, monitoring.
+"""The application factory: settings read once, features composed.
 
-`uvicorn app.main:app` serves it; `create_app()` builds a fresh one (tests,
-gunicorn factories). Another FastAPI app can serve the gateway routes itself
-with `app.include_router(create_gateway_router())`.
+``uvicorn --factory app.main:create_app`` (or gunicorn ``app.main:create_app()``)
+builds an app; ``uvicorn app.main:app`` still works: the module attribute ``app``
+is built on first access, not at import. Another FastAPI app can serve the
+figure routes itself with ``app.include_router(create_gateway_router())``.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
-from app.api import health, status_page, vrops
-from app.api.gateway import create_gateway_router
-from app.config import Settings, get_settings
+from app.gateway import create_gateway_router
+from app.gateway.settings import GatewaySettings
 from app.monitoring import install_monitoring
+from app.ops.health import create_health_router
+from app.ops.logs import configure_logging
+from app.ops.status_page import router as status_router
 from app.security import install_security
-from app.vrops import wiring as vrops_wiring
+from app.settings import AppSettings
+from app.vrops.router import create_vrops_router
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def create_app(settings: AppSettings | GatewaySettings | None = None) -> FastAPI:
+    """A new app. `settings`: the whole root, or only the gateway's (the rest from the environment)."""
+    if isinstance(settings, GatewaySettings):
+        settings = AppSettings(gateway=settings)
+    settings = settings or AppSettings()
+    configure_logging(settings.ops.log_level, settings.ops.log_format)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await vrops_wiring.startup(app)
-        try:
-            yield
-        finally:
-            await vrops_wiring.shutdown(app)
-
-    app = FastAPI(title="Metrics gateway", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Metrics gateway", version="0.1.0",
                   description="PromQL figures for widgets and Grafana: concurrent, cached, honest about failure.")
-    install_security(app)
-    install_monitoring(app)
-    app.include_router(health.router)
-    app.include_router(create_gateway_router(settings))
-    app.include_router(vrops.router)
-    app.include_router(status_page.router)
+    install_security(app, settings.security)
+    install_monitoring(app, settings=settings.monitoring)
+    app.include_router(create_health_router(settings.ops.ready_timeout_seconds))
+    app.include_router(create_gateway_router(settings.gateway))
+    app.include_router(create_vrops_router(settings.vrops))
+    app.include_router(status_router)
     return app
 
 
-app = create_app()
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`app.main:app`, built from the environment on first access."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

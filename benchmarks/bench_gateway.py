@@ -35,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.catalog.loader import load_catalog  # noqa: E402
+from app.gateway.catalog.loader import load_catalog  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     Proc,
     prometheus_query_requests,

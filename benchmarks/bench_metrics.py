@@ -50,7 +50,8 @@ MODELS = ["m-large", "m-small", "m-code", "m-vision"]
 
 def populate(app_name: str = "bench") -> None:
     """Series a busy gateway process would hold (same set in every worker)."""
-    from app.monitoring import domain, gateway
+    from app import instrumentation as domain
+    from app.gateway import metrics as gateway
     from app.monitoring.http import HTTP_DURATION, HTTP_IN_PROGRESS, HTTP_REQUESTS
 
     for route in ROUTES:

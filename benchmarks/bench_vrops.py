@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 
-from app.services.exposition import render_families  # noqa: E402
+from app.common.exposition import render_families  # noqa: E402
+from app.common.redis import make_redis  # noqa: E402
 from app.vrops.exposition import render_text  # noqa: E402
 from app.vrops.settings import VropsSettings  # noqa: E402
 from app.vrops.store import VropsStore  # noqa: E402
-from app.vrops.wiring import make_redis  # noqa: E402
 from app.workers.tasks import run_inventory, run_stats  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     Proc,

@@ -116,7 +116,7 @@ def soak_rows(soak: dict[str, Any]) -> list[str]:
 def fetch_note(per_route: float | None) -> str:
     base = ("Upstream load stays bounded: no request storm, and no retry loop while Prometheus is down "
             "(the circuit breaker spaces the attempts). 8 of `/system`'s 9 figures are also summary figures; "
-            "cache expiry on a TTL grid (app/services/cache.py) makes both routes refetch shared figures in step")
+            "cache expiry on a TTL grid (app/gateway/cache.py) makes both routes refetch shared figures in step")
     if per_route is not None and per_route <= 1.2:
         return base + f", so the two routes cost about one upstream request each per window ({per_route})."
     return base + (f", yet this run measured {per_route} requests per route per window: figures fetched in "
@@ -248,7 +248,7 @@ def render(faults: dict[str, Any], fault_entries: list[dict[str, Any]], fuzz: di
         "`/docs`, `/openapi.json` (documents the bearer scheme, holds no secret).",
         "- Status page: the page is static and open; its browser fetch of the summary needs the token like "
         "any client. No same-origin exemption (Origin is a claim, not a credential) and no `?token=` "
-        "(query strings land in access logs, history and Referer). Until `app/static/status.js` sends a "
+        "(query strings land in access logs, history and Referer). Until `app/ops/static/status.js` sends a "
         "token (e.g. prompted once, kept in sessionStorage, sent as the Authorization header), a deployment "
         "with tokens shows the page to token holders through a proxy that adds the header.",
         "- `CORS_ALLOW_ORIGINS`: empty by default (no cross-origin reads); `*` refused together with tokens.",

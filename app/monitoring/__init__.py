@@ -21,9 +21,6 @@ from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
 from starlette.routing import Route
 
-# Imported for their side effect: their metrics exist (with HELP/TYPE) from the start.
-from app.monitoring import domain as domain
-from app.monitoring import gateway as gateway
 from app.monitoring.endpoint import METRICS_PATH, TokenProvider, make_metrics_endpoint
 from app.monitoring.http import DEFAULT_EXCLUDED_PATHS, PrometheusMiddleware
 from app.monitoring.registry import multiprocess_dir, multiprocess_values_active
@@ -41,6 +38,7 @@ def install_monitoring(
     *,
     app_name: str | None = None,
     excluded_paths: Iterable[str] | None = None,
+    settings: MonitoringSettings | None = None,
 ) -> None:
     """Add GET /metrics and the HTTP metrics middleware to ``app``.
 
@@ -56,7 +54,7 @@ def install_monitoring(
         if getattr(route, "path", None) == METRICS_PATH:
             raise RuntimeError(f"{METRICS_PATH} is already routed; install_monitoring owns it")
 
-    settings = MonitoringSettings()
+    settings = settings or MonitoringSettings()
     token_provider: TokenProvider
     if metrics_token:
         fixed = metrics_token
@@ -64,7 +62,7 @@ def install_monitoring(
         def token_provider() -> str | None:
             return fixed
     else:
-        token_provider = settings.token
+        token_provider = settings.token_provider()
 
     # First in the list so no catch-all route declared earlier can shadow it.
     app.router.routes.insert(

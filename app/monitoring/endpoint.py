@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from app.common.secrets import bearer_token, token_matches
 from app.monitoring.registry import Rendered, render
 
 TokenProvider = Callable[[], str | None]
@@ -25,24 +25,8 @@ METRICS_PATH = "/metrics"
 _REALM = 'Bearer realm="metrics"'
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, credentials = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return None
-    return credentials.strip()
-
-
-def token_matches(expected: str, authorization: str | None) -> bool:
-    """Constant-time comparison of the request's bearer token with the expected one."""
-    provided = _bearer(authorization)
-    # Compare even when nothing was provided, so timing does not tell the cases apart.
-    return hmac.compare_digest((provided or "").encode(), expected.encode()) and bool(provided)
-
-
 def _unauthorized(authorization: str | None) -> Response:
-    if _bearer(authorization) is None:
+    if bearer_token(authorization) is None:
         challenge, detail = _REALM, "a bearer token is required for /metrics"
     else:
         challenge, detail = _REALM + ', error="invalid_token"', "invalid metrics token"

@@ -35,7 +35,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from app.services.exposition import negotiate
+from app.common.exposition import accepts_gzip, negotiate
 
 log = logging.getLogger(__name__)
 
@@ -175,27 +175,6 @@ class Rendered:
     body: bytes
     content_type: str
     gzipped: bool
-
-
-def accepts_gzip(accept_encoding: str | None) -> bool:
-    """True when Accept-Encoding lists gzip (or *) with a non-zero quality."""
-    if not accept_encoding:
-        return False
-    for item in accept_encoding.split(","):
-        name, _, params = item.strip().partition(";")
-        if name.strip().lower() not in ("gzip", "*"):
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            key, _, val = param.strip().partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(val)
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            return True
-    return False
 
 
 def render(accept: str | None, accept_encoding: str | None) -> Rendered:

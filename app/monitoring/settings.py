@@ -1,20 +1,23 @@
 """Settings of the service's own /metrics endpoint (environment variables).
 
-Kept apart from ``app.config.Settings`` so the monitoring package owns its knobs;
+Kept apart from ``app.gateway.settings.Settings`` so the monitoring package owns its knobs;
 the names are plain environment variables:
 
 - ``METRICS_TOKEN``: bearer token required on GET /metrics (unset: open).
-- ``METRICS_TOKEN_FILE``: file holding that token (re-read on every scrape).
+- ``METRICS_TOKEN_FILE``: file holding that token (re-read when it changes).
 - ``METRICS_APP_NAME``: value of the ``app_name`` label on HTTP metrics.
-- ``PROMETHEUS_MULTIPROC_DIR``: prometheus_client's multiprocess directory.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.common.secrets import SecretFile, SecretUnavailable
 
 
 class MonitoringSettings(BaseSettings):
@@ -25,13 +28,23 @@ class MonitoringSettings(BaseSettings):
     metrics_token: SecretStr | None = None
     metrics_token_file: Path | None = None
     metrics_app_name: str = "metrics-gateway"
-    prometheus_multiproc_dir: Path | None = None
 
-    def token(self) -> str | None:
-        """The token from the variable, else from the file; empty means no token."""
+    def token_provider(self) -> Callable[[], str | None]:
+        """The expected /metrics token, read now (variable) or on each scrape (file).
+
+        A token file that was never readable fails closed: no token matches.
+        """
         if self.metrics_token is not None and self.metrics_token.get_secret_value():
-            return self.metrics_token.get_secret_value()
-        if self.metrics_token_file is not None:
-            value = self.metrics_token_file.read_text().strip()
-            return value or None
-        return None
+            fixed = self.metrics_token.get_secret_value()
+            return lambda: fixed
+        if self.metrics_token_file is None:
+            return lambda: None
+        source = SecretFile(self.metrics_token_file, "metrics_token")
+        unguessable = secrets.token_hex(32)
+
+        def from_file() -> str | None:
+            try:
+                return source.read()
+            except SecretUnavailable:
+                return unguessable
+        return from_file

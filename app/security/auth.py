@@ -40,11 +40,8 @@ missing, and the one start-up line gives the number of tokens, not their values.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -52,40 +49,14 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.security.settings import MAX_TOKEN_LENGTH, SecuritySettings, TokenSource
+from app.common.exposition import sanitize_accept
+from app.common.secrets import bearer_token, token_index
+from app.security.settings import SecuritySettings, TokenSource
 
 log = logging.getLogger("gateway.security")
 
 PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops")
 REALM = 'Bearer realm="gateway"'
-_GOOD_VERSION = re.compile(rb"[0-9]{1,9}(?:\.[0-9]{1,9}){0,3}")
-
-
-def sanitize_accept(value: bytes) -> bytes | None:
-    """Drop ``version=`` parameters that are not dotted numbers; None when nothing changed.
-
-    prometheus_client's ``choose_encoder`` (used by every text route and /metrics)
-    raises TypeError on ``Accept: application/openmetrics-text; version=abc`` (or
-    ``text/plain; version=1.x``): it compares a tuple holding a str with (1, 0, 0).
-    One request header must not make a 500, so such a parameter is removed here,
-    before any route sees the header; the route then negotiates as if no version
-    had been given.
-    """
-    if b"version" not in value.lower():
-        return None
-    changed = False
-    ranges = []
-    for media_range in value.split(b","):
-        parts = media_range.split(b";")
-        kept = [parts[0]]
-        for param in parts[1:]:
-            key, _, val = param.partition(b"=")
-            if key.strip().lower() == b"version" and not _GOOD_VERSION.fullmatch(val.strip()):
-                changed = True
-                continue
-            kept.append(param)
-        ranges.append(b";".join(kept))
-    return b",".join(ranges) if changed else None
 
 
 def _sanitized_scope(scope: Scope) -> Scope:
@@ -125,23 +96,13 @@ def bearer_credentials(scope: Scope) -> bytes | None:
     """The token of the first Authorization header if it is a Bearer credential."""
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
-            scheme, _, cred = value.strip().partition(b" ")
-            cred = cred.strip()
-            if scheme.lower() != b"bearer" or not cred or b" " in cred:
-                return None
-            return bytes(cred)
+            return bearer_token(value)
     return None
 
 
 def token_allowed(provided: bytes, tokens: list[bytes]) -> bool:
-    """Constant-time membership: compare_digest against every configured token's hash."""
-    if len(provided) > MAX_TOKEN_LENGTH:
-        provided = b""  # still compared, so a huge header costs the same as a wrong one
-    digest = hashlib.sha256(provided).digest()
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(digest, hashlib.sha256(token).digest())
-    return matched and bool(provided)
+    """Constant-time membership (see ``app.common.secrets.token_index``)."""
+    return token_index(provided, tokens) is not None
 
 
 def _json_response(status: int, error: str, detail: str,

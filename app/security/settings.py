@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-log = logging.getLogger("gateway.security")
+from app.common.secrets import MAX_TOKEN_LENGTH, SecretFile, SecretUnavailable, lines_of
 
-MAX_TOKEN_LENGTH = 4096
+log = logging.getLogger("gateway.security")
 
 
 def _split(value: Any) -> Any:
@@ -100,51 +98,34 @@ class SecuritySettings(BaseSettings):
         return bool(self.api_tokens) or self.api_tokens_file is not None
 
 
-def _read_token_file(path: Path) -> list[bytes]:
-    tokens: list[bytes] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and len(line) <= MAX_TOKEN_LENGTH:
-            tokens.append(line.encode())
-    return tokens
-
-
 class TokenSource:
     """The accepted tokens, as bytes: the settings' list plus the file's current lines.
 
-    The file is stat()ed on each call and re-read only when its inode, size or
-    mtime changed; if it cannot be read the last good contents stay in force
-    (a rotation mid-write must not lock everyone out, nor let everyone in).
-    A file that was never readable means no token from the file: fail closed.
+    The file is read through the one secret-file reader (``app.common.secrets``):
+    re-read when it changes, never adopted while empty, half-written or missing
+    (the last good list stays in force: a rotation mid-write must neither lock
+    valid callers out nor let everyone in). A file that was never readable means
+    no token from the file: fail closed.
     """
 
     def __init__(self, settings: SecuritySettings) -> None:
         self._static = [t.get_secret_value().encode() for t in settings.api_tokens]
-        self._path = settings.api_tokens_file
-        self._stamp: tuple[int, int, int] | None = None
+        self._file = SecretFile(settings.api_tokens_file, "api_tokens") if settings.api_tokens_file else None
+        self._parsed_from: str | None = None
         self._from_file: list[bytes] = []
-        self._lock = threading.Lock()
-        self._warned = False
         self.enabled = settings.auth_enabled
 
     def tokens(self) -> list[bytes]:
-        if self._path is None:
+        if self._file is None:
             return self._static
         try:
-            st = os.stat(self._path)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if stamp != self._stamp:
-                with self._lock:
-                    self._from_file = _read_token_file(self._path)
-                    self._stamp = stamp
-                    self._warned = False
-        except (OSError, UnicodeDecodeError) as exc:
-            if not self._warned:
-                # The path and the error class only; never the file's contents.
-                log.warning("API_TOKENS_FILE %s unreadable (%s); keeping %d token(s) from its last read",
-                            self._path, type(exc).__name__, len(self._from_file))
-                self._warned = True
+            text = self._file.read()
+        except SecretUnavailable:
+            return self._static
+        if text is not self._parsed_from:
+            self._from_file = [line.encode() for line in lines_of(text)]
+            self._parsed_from = text
         return self._static + self._from_file
 
     def __repr__(self) -> str:
-        return f"TokenSource(enabled={self.enabled}, file={self._path!s})"
+        return f"TokenSource(enabled={self.enabled}, file={self._file!r})"

@@ -10,7 +10,7 @@ Mapping of "cluster, object, metric type" (the ops vocabulary) to Prometheus:
 - vROps instance -> label ``target`` (the VROPS_TARGETS name).
 
 Status/freshness families (up, last success, duration, sample age, stale flags)
-are prometheus_client families rendered by app.services.exposition.render_families.
+are prometheus_client families rendered by app.common.exposition.render_families.
 The sample families (125k series for 50 clusters x 500 objects x 5 metrics) use a
 fast path: the worker stored rows already escaped, so each (target, cluster,
 metric) blob becomes exposition lines with one bytes.replace. Every label value
@@ -28,7 +28,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from app.services.exposition import render_families
+from app.common.exposition import render_families
 from app.vrops.store import ROW_RE, Blob, Snapshot, escape_label
 from app.vrops.units import metric_by_name
 

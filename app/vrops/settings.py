@@ -1,6 +1,6 @@
 """vROps collection settings (pydantic-settings; each field is an env var of the same name).
 
-Separate from app.config.Settings so workers can start without the gateway's knobs.
+Separate from app.gateway.settings.Settings so workers can start without the gateway's knobs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.common.secrets import SecretFile, SecretUnavailable
+
+_PASSWORD_FILES: dict[Path, SecretFile] = {}
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 DEFAULT_STAT_KEYS = [
@@ -52,13 +55,20 @@ class VropsTarget(BaseModel):
     def secret(self, fallback_file: Path | None = None) -> str:
         """The password: inline, else this target's file, else VROPS_PASSWORD_FILE.
 
-        Files are re-read on every call so a rotated secret is picked up.
+        Files go through the one secret-file reader: a rotated secret is picked
+        up, a half-written one is not adopted.
         """
         if self.password is not None:
             return self.password.get_secret_value()
         path = self.password_file or fallback_file
         if path is not None:
-            return path.read_text().strip()
+            source = _PASSWORD_FILES.get(path)
+            if source is None:
+                source = _PASSWORD_FILES[path] = SecretFile(path, "vrops_password")
+            try:
+                return source.read()
+            except SecretUnavailable as exc:
+                raise ValueError(f"password file of vROps target {self.name} unreadable: {exc}") from None
         raise ValueError(f"no password configured for vROps target {self.name}")
 
 

@@ -1,8 +1,12 @@
-"""The Celery app: Redis broker and beat schedule from VropsSettings.
+"""The Celery app factory: Redis broker and beat schedule from VropsSettings.
 
 Run (one command, beat embedded):
     python -m celery -A app.workers.celery_app worker --pool=prefork -c 2 -B
 or beat separately: `python -m celery -A app.workers.celery_app beat`.
+
+Nothing is built at import: `make_celery(settings)` builds an app (tests build
+their own), and the module attribute `app` that `celery -A` looks up is built
+on first access from the environment, read once.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ def beat_schedule(settings: VropsSettings) -> dict[str, dict[str, Any]]:
     return sched
 
 
+SETTINGS_KEY = "gateway_vrops_settings"
+
+
+def task_limits(settings: VropsSettings) -> dict[str, dict[str, float]]:
+    """Soft/hard time limits per task: the collection deadline plus room to record the outcome."""
+    soft = settings.vrops_collection_timeout_seconds + 15
+    collect = {"soft_time_limit": soft, "time_limit": soft + 15}
+    return {"vrops.collect_inventory": collect, "vrops.collect_stats": collect,
+            "vrops.refresh_workers": {"soft_time_limit": 30, "time_limit": 45}}
+
+
 def make_celery(settings: VropsSettings) -> Celery:
     app = Celery("vrops", broker=settings.broker_url, include=["app.workers.tasks"])
     timeout = settings.vrops_worker_redis_timeout_seconds
@@ -56,9 +71,20 @@ def make_celery(settings: VropsSettings) -> Celery:
         worker_prefetch_multiplier=1,
         timezone="UTC",
         beat_schedule=beat_schedule(settings),
+        task_annotations=task_limits(settings),
     )
+    app.conf[SETTINGS_KEY] = settings  # tasks read their settings from their app
     return app
 
 
-celery_app = make_celery(get_vrops_settings())
-app = celery_app  # `celery -A app.workers.celery_app` finds `app`
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    """`celery -A app.workers.celery_app` finds `app` (or `celery_app`), built once on first use."""
+    global _app
+    if name in ("app", "celery_app"):
+        if _app is None:
+            _app = make_celery(get_vrops_settings())
+        return _app
+    raise AttributeError(name)

@@ -3,7 +3,7 @@
 Each task runs its async collection under asyncio.run with an overall deadline
 (VROPS_COLLECTION_TIMEOUT_SECONDS) inside Celery's soft/hard time limits, takes
 a per-target Redis lock so cycles never overlap, writes a status record, and
-records job metrics (app.workers.job_metrics) in a finally block.
+records job metrics (app.vrops.jobs) in a finally block.
 
 vROps outages are expected: the task records up=0 and finishes with status
 "failure" instead of raising, and logs one line when a target starts failing and
@@ -22,18 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from celery import Task, shared_task
 from redis import Redis as SyncRedis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
+from app.common.redis import make_redis, make_sync_redis
+from app.vrops import jobs as job_metrics
 from app.vrops.client import TokenCache, VropsClient, VropsError
 from app.vrops.collector import collect_inventory, collect_stats
-from app.vrops.settings import VropsSettings, get_vrops_settings
+from app.vrops.settings import VropsSettings
 from app.vrops.store import VropsStore
-from app.vrops.wiring import make_redis
-from app.workers import job_metrics
-from app.workers.celery_app import celery_app
+from app.workers.celery_app import SETTINGS_KEY
 
 log = logging.getLogger("app.workers.vrops")
 
@@ -44,11 +43,7 @@ _sync_redis: SyncRedis | None = None
 def _metrics_redis(settings: VropsSettings) -> SyncRedis:
     global _sync_redis
     if _sync_redis is None:
-        t = settings.vrops_worker_redis_timeout_seconds
-        _sync_redis = SyncRedis.from_url(
-            settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
-            retry=Retry(NoBackoff(), 0),
-        )
+        _sync_redis = make_sync_redis(settings.redis_url, settings.vrops_worker_redis_timeout_seconds)
     return _sync_redis
 
 
@@ -158,33 +153,33 @@ async def run_inventory(target_name: str, settings: VropsSettings,
                                  keep=("objects",))
 
 
-_SETTINGS = get_vrops_settings()
-_SOFT = _SETTINGS.vrops_collection_timeout_seconds + 15
-_HARD = _SOFT + 15
+def _settings(task: Task) -> VropsSettings:
+    settings: VropsSettings = task.app.conf[SETTINGS_KEY]
+    return settings
 
 
-@celery_app.task(name="vrops.collect_inventory", soft_time_limit=_SOFT, time_limit=_HARD)  # type: ignore[untyped-decorator]
-def collect_inventory_task(target: str) -> str:
-    settings = get_vrops_settings()
+@shared_task(bind=True, name="vrops.collect_inventory")  # type: ignore[untyped-decorator]
+def collect_inventory_task(self: Task, target: str) -> str:
+    settings = _settings(self)
     with track_job("vrops.collect_inventory", settings) as job:
         job.status = asyncio.run(run_inventory(target, settings))
     return job.status
 
 
-@celery_app.task(name="vrops.collect_stats", soft_time_limit=_SOFT, time_limit=_HARD)  # type: ignore[untyped-decorator]
-def collect_stats_task(target: str) -> str:
-    settings = get_vrops_settings()
+@shared_task(bind=True, name="vrops.collect_stats")  # type: ignore[untyped-decorator]
+def collect_stats_task(self: Task, target: str) -> str:
+    settings = _settings(self)
     with track_job("vrops.collect_stats", settings) as job:
         job.status = asyncio.run(run_stats(target, settings))
     return job.status
 
 
-@celery_app.task(name="vrops.refresh_workers", soft_time_limit=30, time_limit=45)  # type: ignore[untyped-decorator]
-def refresh_workers_task() -> int:
+@shared_task(bind=True, name="vrops.refresh_workers")  # type: ignore[untyped-decorator]
+def refresh_workers_task(self: Task) -> int:
     """Count live workers (celery inspect ping) and store the figure for the API."""
-    settings = get_vrops_settings()
+    settings = _settings(self)
     with track_job("vrops.refresh_workers", settings) as job:
-        replies = celery_app.control.ping(timeout=1.0) or []
+        replies = self.app.control.ping(timeout=1.0) or []
         count = len(replies)
         job_metrics.record_workers(_metrics_redis(settings), count)
         job.status = "success"

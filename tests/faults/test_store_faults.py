@@ -40,7 +40,7 @@ from tests.support.procs import Proc, _spawn, start_redis, wait_until
 pytestmark = pytest.mark.faults
 
 REDIS_TIMEOUT = 0.5
-BUDGET = 2 * REDIS_TIMEOUT  # app/api/vrops.py: two Redis timeouts per request
+BUDGET = 2 * REDIS_TIMEOUT  # app/vrops/router.py: two Redis timeouts per request
 TARGET = "t1"
 PASSWORD = "s3cret-vrops-pw"
 VROPS = "/vrops/metrics"

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.catalog.model import CATEGORIES
-from app.config import Settings
+from app.gateway.catalog.model import CATEGORIES
+from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from tests.integration.conftest import PromStack
 from tests.support.procs import promtool_check_metrics, start_prometheus
@@ -23,7 +23,7 @@ TEXT_ROUTES = [*CATEGORIES, "all"]
 
 @pytest.fixture()
 def client(prom_stack: PromStack) -> Iterator[TestClient]:
-    settings = Settings(prometheus_url=prom_stack.prometheus.url, cache_ttl_seconds=0.5)
+    settings = GatewaySettings(prometheus_url=prom_stack.prometheus.url, cache_ttl_seconds=0.5)
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -105,7 +105,7 @@ def test_p95_is_exported_under_its_own_name(client: TestClient) -> None:
 def test_prometheus_down_serves_stale_then_unavailable(prom_stack: PromStack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Stop a real Prometheus mid-life: last good values, marked stale, within the deadline."""
     prom = start_prometheus(tmp_path / "p", scrape_config(f"127.0.0.1:{prom_stack.backend.port}"))
-    settings = Settings(prometheus_url=prom.url, cache_ttl_seconds=0.2, request_deadline_seconds=1.0,
+    settings = GatewaySettings(prometheus_url=prom.url, cache_ttl_seconds=0.2, request_deadline_seconds=1.0,
                         breaker_failure_threshold=2, breaker_reset_seconds=30)
     try:
         with TestClient(create_app(settings)) as c:
@@ -151,7 +151,7 @@ def test_path_prefixed_upstream_url(prom_stack: PromStack, tmp_path) -> None:  #
     try:
         base = f"http://127.0.0.1:{port}/prom/api-root"
         wait_until(lambda: httpx.get(f"{base}/-/ready", timeout=1).status_code == 200, 30, what="prefixed prom")
-        with TestClient(create_app(Settings(prometheus_url=base))) as c:
+        with TestClient(create_app(GatewaySettings(prometheus_url=base))) as c:
             body = c.get("/prometheus/metrics/summary").json()
             assert body["status"] == "ok"  # every figure answered (no data: nothing scraped)
             assert body["upstream"]["up"] is True

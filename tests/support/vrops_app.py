@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 
 def make_api() -> FastAPI:
-    """The vROps router with the same lifespan wiring app.main uses; settings from the environment."""
-    from app.api.vrops import router
-    from app.vrops import wiring
+    """The vROps router with its own lifespan, as app.main composes it; settings from the environment."""
+    from app.vrops.router import create_vrops_router
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await wiring.startup(app)
-        yield
-        await wiring.shutdown(app)
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(router)
+    app = FastAPI()
+    app.include_router(create_vrops_router())
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -12,13 +12,13 @@ import httpx
 import pytest
 import respx
 
-from app.catalog.loader import build_catalog
-from app.catalog.model import Catalog, CatalogQuery
-from app.config import Settings
-from app.services.aggregator import Aggregator
-from app.services.cache import QueryCache
-from app.services.prometheus import PrometheusClient
-from app.services.result import State
+from app.gateway.cache import QueryCache
+from app.gateway.catalog.loader import build_catalog
+from app.gateway.catalog.model import Catalog, CatalogQuery
+from app.gateway.engine import Engine
+from app.gateway.result import State
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream import PrometheusClient
 
 PROM = "http://prom.test:9090"
 QUERY_URL = f"{PROM}/api/v1/query"
@@ -79,19 +79,19 @@ def fake_prometheus(request: httpx.Request, *, bad: frozenset[str] = frozenset()
     return httpx.Response(200, json=vector(series))
 
 
-def settings(**kw: Any) -> Settings:
+def settings(**kw: Any) -> GatewaySettings:
     kw.setdefault("prometheus_url", PROM)
-    return Settings(**kw)
+    return GatewaySettings(**kw)
 
 
 @pytest.fixture()
 async def make() -> AsyncIterator[Any]:
-    made: list[tuple[Aggregator, PrometheusClient]] = []
+    made: list[tuple[Engine, PrometheusClient]] = []
 
-    def factory(**kw: Any) -> Aggregator:
+    def factory(**kw: Any) -> Engine:
         s = settings(**kw)
         client = PrometheusClient(s)
-        agg = Aggregator(s, client, QueryCache(s.cache_max_entries, s.stale_max_age_seconds))
+        agg = Engine(s, client, QueryCache(s.cache_max_entries, s.stale_max_age_seconds))
         made.append((agg, client))
         return agg
 

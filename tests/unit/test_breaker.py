@@ -11,9 +11,9 @@ import pytest
 import respx
 from prometheus_client import REGISTRY
 
-from app.config import Settings
-from app.services.breaker import CircuitBreaker
-from app.services.prometheus import PrometheusClient, UpstreamError
+from app.gateway.breaker import CircuitBreaker
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream import PrometheusClient, UpstreamError
 
 PROM = "http://prom.test:9090"
 QUERY_URL = f"{PROM}/api/v1/query"
@@ -104,7 +104,7 @@ def test_probe_failure_reopens_for_a_full_period() -> None:
 # --- inside the client -----------------------------------------------------------------------------
 
 def client(clock: Clock, threshold: int = 3, reset: float = 10) -> PrometheusClient:
-    s = Settings(prometheus_url=PROM, breaker_failure_threshold=threshold, breaker_reset_seconds=reset)
+    s = GatewaySettings(prometheus_url=PROM, breaker_failure_threshold=threshold, breaker_reset_seconds=reset)
     return PrometheusClient(s, breaker=CircuitBreaker(threshold, reset, clock=clock))
 
 

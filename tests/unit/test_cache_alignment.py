@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.services import cache as cache_mod
-from app.services.cache import QueryCache
+from app.gateway import cache as cache_mod
+from app.gateway.cache import QueryCache
 
 
 @pytest.fixture()

@@ -11,9 +11,9 @@ import respx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.catalog.loader import CatalogError, build_catalog, load_catalog
-from app.catalog.model import CATEGORIES
-from app.config import Settings
+from app.gateway.catalog.loader import CatalogError, build_catalog, load_catalog
+from app.gateway.catalog.model import CATEGORIES
+from app.gateway.settings import GatewaySettings
 from app.main import create_app
 
 PROM = "http://prom.test:9090"
@@ -125,7 +125,7 @@ def test_create_app_with_a_broken_catalog_raises_at_construction(tmp_path: Path)
     path = tmp_path / "cat.toml"
     path.write_text('[[queries]]\nid = "kaput"\nhelp = "h"\nunit = "u"\nexpr = "sum(("\n')
     with pytest.raises(CatalogError, match="'kaput'"):
-        create_app(Settings(prometheus_url=PROM, catalog_path=path))
+        create_app(GatewaySettings(prometheus_url=PROM, catalog_path=path))
 
 
 CUSTOM = """
@@ -162,7 +162,7 @@ def vector(*series: tuple[dict[str, str], str]) -> dict[str, Any]:
 def test_a_custom_catalog_file_is_served(tmp_path: Path) -> None:
     path = tmp_path / "acme.toml"
     path.write_text(CUSTOM)
-    settings = Settings(prometheus_url=PROM, catalog_path=path)
+    settings = GatewaySettings(prometheus_url=PROM, catalog_path=path)
     with respx.mock(assert_all_called=False) as mock:
         route = mock.post(f"{PROM}/api/v1/query").respond(json=vector(
             ({"gateway_query": "0"}, "21"),

@@ -6,7 +6,7 @@ Known names come from three places, never from a hand-kept list of our own names
   monitoring modules (HTTP, gateway, domain metrics), plus the families the
   vROps/worker collectors build at scrape time (found in their source by AST),
   plus the vROps sample metrics from app.vrops.units.STAT_SPECS;
-- the query catalog: ``<prefix>_<name>`` for each entry of app/catalog/default.toml
+- the query catalog: ``<prefix>_<name>`` for each entry of app/gateway/catalog/default.toml
   (``_total`` for counters) plus the gateway's per-query families;
 - the GatewayZ backend contract (which the demo backend is also checked against).
 """
@@ -31,7 +31,7 @@ from prometheus_client import REGISTRY
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "grafana" / "dashboards"
 ALERTS = ROOT / "prometheus" / "alerts.yml"
-CATALOG = ROOT / "app" / "catalog" / "default.toml"
+CATALOG = ROOT / "app" / "gateway" / "catalog" / "default.toml"
 
 REQUIRED_DASHBOARDS = {
     "overview.json", "system.json", "providers.json", "models.json", "business.json",
@@ -72,8 +72,8 @@ GRAFANA_MACROS = {
     "${__interval}": "1m", "$__range": "1h", "${__range}": "1h",
 }
 
-MONITORING_MODULES = ("app.monitoring", "app.monitoring.http", "app.monitoring.gateway",
-                      "app.monitoring.domain")
+MONITORING_MODULES = ("app.monitoring", "app.monitoring.http", "app.gateway.metrics",
+                      "app.instrumentation")
 COLLECTOR_SOURCE_DIRS = ("app/vrops", "app/workers")
 
 

@@ -27,8 +27,9 @@ from pydantic import SecretStr
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import ignored_auth
 
-from app.config import Settings
+from app.gateway.settings import GatewaySettings
 from app.main import create_app
+from app.settings import AppSettings
 from app.vrops.settings import VropsSettings, VropsTarget
 from tests.support.procs import Proc, start_redis
 
@@ -66,11 +67,12 @@ def client(redis: Proc) -> Iterator[TestClient]:
     mp.setenv("API_TOKENS", TOKEN)
     mp.delenv("API_TOKENS_FILE", raising=False)
     mp.delenv("METRICS_TOKEN", raising=False)
-    app = create_app(Settings(prometheus_url=PROM, cache_ttl_seconds=0, response_memo_seconds=0))
-    app.state.vrops_settings = VropsSettings(
-        redis_url=redis.url,
-        vrops_targets=[VropsTarget(name="t1", url="http://vrops.test", username="u", password=SecretStr("p"))],
-    )
+    app = create_app(AppSettings(
+        gateway=GatewaySettings(prometheus_url=PROM, cache_ttl_seconds=0, response_memo_seconds=0),
+        vrops=VropsSettings(
+            redis_url=redis.url,
+            vrops_targets=[VropsTarget(name="t1", url="http://vrops.test", username="u", password=SecretStr("p"))],
+        )))
     with respx.mock(assert_all_called=False, assert_all_mocked=False) as mock:
         mock.post(f"{PROM}/api/v1/query").mock(side_effect=_answer)
         mock.route(host="testserver").pass_through()
@@ -87,7 +89,7 @@ def _openapi() -> dict[str, Any]:
     old = os.environ.get("API_TOKENS")
     os.environ["API_TOKENS"] = TOKEN
     try:
-        return create_app(Settings(prometheus_url=PROM)).openapi()
+        return create_app(GatewaySettings(prometheus_url=PROM)).openapi()
     finally:
         if old is None:
             del os.environ["API_TOKENS"]
@@ -148,7 +150,7 @@ def test_api_conforms_and_never_5xx(case: Any, client: TestClient) -> None:
 
 
 def test_text_routes_document_their_content_type() -> None:
-    doc = create_app(Settings(prometheus_url=PROM)).openapi()
+    doc = create_app(GatewaySettings(prometheus_url=PROM)).openapi()
     content = doc["paths"]["/prometheus/metrics/docs"]["get"]["responses"]["200"]["content"]
     assert "text/markdown" in content
 

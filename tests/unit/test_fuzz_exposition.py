@@ -1,6 +1,6 @@
 """Hypothesis properties: label escaping and the exposition renderers round-trip any label value.
 
-app.services.exposition.render_families over app.render.text.families (the
+app.common.exposition.render_families over app.gateway.render.text.families (the
 gateway's text routes) with arbitrary label values (quotes, backslashes,
 newlines, control characters, any unicode) and values (incl. NaN, +-Inf):
 prometheus_client's own text parser reads back exactly the label values and
@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.catalog.model import CatalogQuery
-from app.render import text as text_render
-from app.services.exposition import render_families
-from app.services.result import QueryResult, Sample, State
+from app.common.exposition import render_families
+from app.gateway.catalog.model import CatalogQuery
+from app.gateway.render import text as text_render
+from app.gateway.result import Lookup, QueryResult, Sample
 from app.vrops.store import ROW_RE, Blob, Row, encode_blob, escape_label, unescape_label
 from tests.support.procs import promtool_check_metrics
 
@@ -56,8 +56,8 @@ def _results(pairs: list[tuple[str, str, float]]) -> list[QueryResult]:
     gauge = {((("provider", p), ("model", m))): v for p, m, v in pairs}  # unique label sets
     counter = {(("provider", p),): abs(v) if not math.isnan(v) else 0.0 for p, _, v in pairs}
     return [
-        QueryResult(GAUGE, State.FRESH, tuple(Sample(k, v) for k, v in gauge.items()), 1.0, 0.5),
-        QueryResult(COUNTER, State.CACHED, tuple(Sample(k, v) for k, v in counter.items()), 1.0, 2.0),
+        QueryResult(GAUGE, Lookup.MISS, tuple(Sample(k, v) for k, v in gauge.items()), 1.0, 0.5),
+        QueryResult(COUNTER, Lookup.HIT, tuple(Sample(k, v) for k, v in counter.items()), 1.0, 2.0),
     ]
 
 

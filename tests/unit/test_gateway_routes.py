@@ -17,11 +17,11 @@ import respx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.catalog.loader import load_catalog
-from app.catalog.model import CATEGORIES
-from app.config import Settings
+from app.gateway.catalog.loader import load_catalog
+from app.gateway.catalog.model import CATEGORIES
+from app.gateway.promql import selectors
+from app.gateway.settings import GatewaySettings
 from app.main import create_app
-from app.services.promql import selectors
 
 PROM = "http://prom.test:9090"
 QUERY_URL = f"{PROM}/api/v1/query"
@@ -88,9 +88,9 @@ class FakeProm:
         return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": result}})
 
 
-def settings(**kw: Any) -> Settings:
+def settings(**kw: Any) -> GatewaySettings:
     kw.setdefault("prometheus_url", PROM)
-    return Settings(**kw)
+    return GatewaySettings(**kw)
 
 
 @pytest.fixture()
@@ -234,7 +234,7 @@ def test_garbage_success_envelope_is_not_a_5xx(mock: respx.MockRouter) -> None:
 
 
 def test_refused_real_connection_is_unavailable_within_the_deadline() -> None:
-    s = Settings(prometheus_url=f"http://127.0.0.1:{free_port()}", request_deadline_seconds=1.0)
+    s = GatewaySettings(prometheus_url=f"http://127.0.0.1:{free_port()}", request_deadline_seconds=1.0)
     with TestClient(create_app(s)) as c:
         t = time.perf_counter()
         body = c.get(f"{BASE}/summary").json()

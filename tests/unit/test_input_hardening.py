@@ -23,7 +23,7 @@ import respx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.config import Settings
+from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from tests.faults.fake_upstream import BATCH, FakePrometheus
 
@@ -54,7 +54,7 @@ def client() -> Iterator[TestClient]:
     with respx.mock(assert_all_called=False) as mock:
         mock.post(f"{PROM}/api/v1/query").mock(side_effect=lambda r: httpx.Response(
             200, json=_vector(dict(httpx.QueryParams(r.content.decode()))["query"], ["1"])))
-        with TestClient(create_app(Settings(prometheus_url=PROM, response_memo_seconds=0))) as c:
+        with TestClient(create_app(GatewaySettings(prometheus_url=PROM, response_memo_seconds=0))) as c:
             yield c
 
 
@@ -132,7 +132,7 @@ def test_odd_accept_headers_never_5xx(client: TestClient, accept: str) -> None:
 
 
 def test_render_families_survives_a_bad_version_parameter() -> None:
-    from app.services.exposition import render_families
+    from app.common.exposition import render_families
 
     render_families([], "application/openmetrics-text; version=abc")
 
@@ -197,7 +197,7 @@ def upstream(request: pytest.FixtureRequest) -> Iterator[Upstream]:
 def _app(up: Upstream, **kw: Any) -> TestClient:
     kw.setdefault("response_memo_seconds", 0)
     kw.setdefault("prometheus_max_response_bytes", 64 * 1024)
-    return TestClient(create_app(Settings(prometheus_url=up.url, **kw)))
+    return TestClient(create_app(GatewaySettings(prometheus_url=up.url, **kw)))
 
 
 def test_size_cap(upstream: Upstream) -> None:

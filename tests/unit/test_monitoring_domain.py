@@ -8,7 +8,8 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
-from app.monitoring import domain, gateway
+from app import instrumentation as domain
+from app.gateway import metrics as gateway
 
 
 def value(name: str, labels: dict[str, str] | None = None) -> float:
@@ -143,7 +144,7 @@ def test_contract_names_and_types() -> None:
 
 def test_reimport_does_not_register_twice() -> None:
     # A plain re-import is a no-op; importing app.monitoring again is safe too.
-    importlib.import_module("app.monitoring.domain")
+    importlib.import_module("app.instrumentation")
     importlib.import_module("app.monitoring.http")
     importlib.import_module("app.monitoring")
 

@@ -15,8 +15,11 @@ from fastapi import Depends, FastAPI, HTTPException
 from prometheus_client.parser import text_string_to_metric_families
 
 import app.monitoring.registry as registry_module
-from app.monitoring import domain, gateway, install_monitoring
+from app import instrumentation as domain
+from app.gateway import metrics as gateway
+from app.monitoring import install_monitoring
 from app.monitoring.endpoint import token_matches
+from tests.support.files import rotate
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -131,7 +134,7 @@ async def test_token_file_is_reread(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     first = {"Authorization": "Bearer first"}
     async with client(app) as c:
         assert (await c.get("/metrics", headers=first)).status_code == 200
-        token_file.write_text("second")  # rotation without restart
+        rotate(token_file, "second")  # rotation without restart
         assert (await c.get("/metrics", headers=first)).status_code == 401
         r = await c.get("/metrics", headers={"Authorization": "Bearer second"})
         assert r.status_code == 200

@@ -18,16 +18,17 @@ import httpx
 import pytest
 import respx
 
-from app.config import Settings
-from app.services.prometheus import PrometheusClient, QueryAnswer, UpstreamError, parse_answer
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream import PrometheusClient, QueryAnswer, UpstreamError, parse_answer
+from tests.support.files import rotate
 
 PROM = "http://prom.test:9090"
 QUERY_URL = f"{PROM}/api/v1/query"
 
 
-def settings(**kw: Any) -> Settings:
+def settings(**kw: Any) -> GatewaySettings:
     kw.setdefault("prometheus_url", PROM)
-    return Settings(**kw)
+    return GatewaySettings(**kw)
 
 
 def vector(*series: tuple[dict[str, str], str], **extra: Any) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def form(request: httpx.Request) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def prom_client(s: Settings) -> AsyncIterator[PrometheusClient]:
+async def prom_client(s: GatewaySettings) -> AsyncIterator[PrometheusClient]:
     c = PrometheusClient(s)
     try:
         yield c
@@ -49,7 +50,7 @@ async def prom_client(s: Settings) -> AsyncIterator[PrometheusClient]:
         await c.aclose()
 
 
-async def run_query(s: Settings, timeout: float = 2.0) -> QueryAnswer:
+async def run_query(s: GatewaySettings, timeout: float = 2.0) -> QueryAnswer:
     async with prom_client(s) as c:
         return await c.query("sum(up)", timeout=timeout, category="test")
 
@@ -132,7 +133,7 @@ async def test_bearer_token_file_rotation_is_picked_up(tmp_path: Path) -> None:
     route = respx.post(QUERY_URL).respond(json=vector())
     async with prom_client(settings(prometheus_bearer_token_file=token)) as c:
         await c.query("up", timeout=1, category="t")
-        token.write_text("rotated")
+        rotate(token, "rotated")
         await c.query("up", timeout=1, category="t")
     assert route.calls[0].request.headers["authorization"] == "Bearer first"
     assert route.calls[1].request.headers["authorization"] == "Bearer rotated"
@@ -167,7 +168,7 @@ async def test_path_prefixed_url(url: str) -> None:
 
 def test_url_must_be_http() -> None:
     with pytest.raises(ValueError, match="PROMETHEUS_URL"):
-        Settings(prometheus_url="prometheus:9090")
+        GatewaySettings(prometheus_url="prometheus:9090")
 
 
 @pytest.mark.parametrize(("verify", "ca", "expected"), [(True, None, True), (False, None, False),

@@ -7,8 +7,8 @@ import re
 import promql_parser as pp
 import pytest
 
-from app.catalog.loader import load_catalog
-from app.services.promql import (
+from app.gateway.catalog.loader import load_catalog
+from app.gateway.promql import (
     PromQLError,
     apply_filters,
     check_printable,

@@ -10,13 +10,13 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.catalog.loader import build_catalog
-from app.catalog.model import CatalogQuery
-from app.render import docs as docs_render
-from app.render import json as json_render
-from app.render import text as text_render
-from app.services.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, render_families, wants_json
-from app.services.result import QueryResult, Sample, State, UpstreamFailure, overall_status
+from app.common.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, render_families, wants_json
+from app.gateway.catalog.loader import build_catalog
+from app.gateway.catalog.model import CatalogQuery
+from app.gateway.render import docs as docs_render
+from app.gateway.render import json as json_render
+from app.gateway.render import text as text_render
+from app.gateway.result import Lookup, QueryResult, Sample, UpstreamFailure, overall_status
 
 CATALOG = build_catalog({
     "prefix": "gw",
@@ -35,14 +35,14 @@ CATALOG = build_catalog({
 AVAIL, REQS, LAT = (CATALOG.queries[i] for i in ("avail", "reqs", "lat"))
 
 
-def fresh(q: CatalogQuery, *samples: tuple[dict[str, str], float], state: State = State.FRESH,
+def fresh(q: CatalogQuery, *samples: tuple[dict[str, str], float], state: Lookup = Lookup.MISS,
           age: float = 0.5, **kw: Any) -> QueryResult:
     return QueryResult(q, state, tuple(Sample(tuple(lbl.items()), v) for lbl, v in samples),
                        fetched_at=1.7e9, age_seconds=age, **kw)
 
 
 def failed(q: CatalogQuery, etype: str = "unreachable") -> QueryResult:
-    return QueryResult(q, State.FAILED, error=UpstreamFailure(etype, f"{etype} happened"))
+    return QueryResult(q, Lookup.FAILED, error=UpstreamFailure(etype, f"{etype} happened"))
 
 
 def strict(doc: dict[str, Any]) -> Any:
@@ -80,8 +80,8 @@ def test_dumps_refuses_raw_nan() -> None:
 
 def test_summary_sums_series_scales_and_reports_provenance() -> None:
     results = {
-        "reqs": fresh(REQS, ({}, 40.0), ({}, 2.0), state=State.CACHED, age=3.25),
-        "lat": QueryResult(LAT, State.STALE, (Sample((), 0.125),), 1.7e9, 42.0,
+        "reqs": fresh(REQS, ({}, 40.0), ({}, 2.0), state=Lookup.HIT, age=3.25),
+        "lat": QueryResult(LAT, Lookup.STALE, (Sample((), 0.125),), 1.7e9, 42.0,
                            error=UpstreamFailure("timeout", "no answer within 3.00s")),
         "avail": failed(AVAIL),
     }
@@ -119,19 +119,19 @@ def test_warnings_are_reported() -> None:
 
 @pytest.mark.parametrize(("states", "expected"), [
     ([], "ok"),
-    ([State.FRESH, State.CACHED], "ok"),
-    ([State.FRESH, State.STALE], "degraded"),
-    ([State.FRESH, State.FAILED], "degraded"),
-    ([State.STALE, State.STALE], "degraded"),
-    ([State.FAILED, State.STALE], "degraded"),
-    ([State.FAILED, State.FAILED], "unavailable"),
+    ([Lookup.MISS, Lookup.HIT], "ok"),
+    ([Lookup.MISS, Lookup.STALE], "degraded"),
+    ([Lookup.MISS, Lookup.FAILED], "degraded"),
+    ([Lookup.STALE, Lookup.STALE], "degraded"),
+    ([Lookup.FAILED, Lookup.STALE], "degraded"),
+    ([Lookup.FAILED, Lookup.FAILED], "unavailable"),
 ])
-def test_overall_status(states: list[State], expected: str) -> None:
+def test_overall_status(states: list[Lookup], expected: str) -> None:
     assert overall_status([QueryResult(REQS, s) for s in states]) == expected
 
 
 def test_total_is_none_without_samples_and_a_sum_otherwise() -> None:
-    assert QueryResult(REQS, State.FRESH).total() is None
+    assert QueryResult(REQS, Lookup.MISS).total() is None
     assert fresh(REQS, ({}, 0.1), ({}, 0.2), ({}, 0.3)).total() == 0.6
 
 
@@ -170,7 +170,7 @@ def test_label_values_are_escaped_and_parse_back(value: str) -> None:
 def test_success_and_age_gauges_and_upstream_up() -> None:
     results = [
         fresh(REQS, ({}, 1.0), age=0.25),
-        QueryResult(LAT, State.STALE, (Sample((), 0.3),), 1.7e9, 120.0, error=UpstreamFailure("timeout", "t")),
+        QueryResult(LAT, Lookup.STALE, (Sample((), 0.3),), 1.7e9, 120.0, error=UpstreamFailure("timeout", "t")),
         failed(AVAIL),
         fresh(REQS, ({}, 1.0), age=0.25),  # the same query twice (shared by categories): exported once
     ]

@@ -11,8 +11,8 @@ import socket
 import pytest
 from pydantic import SecretStr
 
-from app.config import Settings
-from app.services.prometheus import PrometheusClient, UpstreamError
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream import PrometheusClient, UpstreamError
 from app.vrops.settings import VropsSettings
 
 SECRET = "pw-S3CRET-value"
@@ -25,14 +25,14 @@ def _closed_port() -> int:
 
 
 def test_secretstr_fields_are_hidden_in_reprs() -> None:
-    s = Settings(prometheus_url="http://127.0.0.1:1", prometheus_bearer_token=SecretStr(SECRET),
+    s = GatewaySettings(prometheus_url="http://127.0.0.1:1", prometheus_bearer_token=SecretStr(SECRET),
                  prometheus_username="u", prometheus_password=SecretStr(SECRET))
     assert SECRET not in repr(s) and SECRET not in str(s) and SECRET not in s.model_dump_json()
 
 
 async def test_bearer_and_password_not_logged_on_failure(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    s = Settings(prometheus_url=f"http://127.0.0.1:{_closed_port()}", prometheus_bearer_token=SecretStr(SECRET),
+    s = GatewaySettings(prometheus_url=f"http://127.0.0.1:{_closed_port()}", prometheus_bearer_token=SecretStr(SECRET),
                  prometheus_username="u", prometheus_password=SecretStr(SECRET))
     c = PrometheusClient(s)
     try:
@@ -45,7 +45,7 @@ async def test_bearer_and_password_not_logged_on_failure(caplog: pytest.LogCaptu
 
 async def test_userinfo_in_prometheus_url_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    s = Settings(prometheus_url=f"http://user:{SECRET}@127.0.0.1:{_closed_port()}")
+    s = GatewaySettings(prometheus_url=f"http://user:{SECRET}@127.0.0.1:{_closed_port()}")
     c = PrometheusClient(s)
     try:
         with pytest.raises(UpstreamError):
@@ -56,7 +56,7 @@ async def test_userinfo_in_prometheus_url_is_not_logged(caplog: pytest.LogCaptur
 
 
 def test_settings_repr_hides_header_values_and_url_userinfo() -> None:
-    s = Settings(prometheus_url=f"http://user:{SECRET}@127.0.0.1:1",
+    s = GatewaySettings(prometheus_url=f"http://user:{SECRET}@127.0.0.1:1",
                  prometheus_headers={"Authorization": f"Bearer {SECRET}"})
     assert SECRET not in repr(s)
 

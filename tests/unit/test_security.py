@@ -16,10 +16,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from app.security import SecurityMiddleware, SecuritySettings, TokenSource, install_security
 from app.security.auth import bearer_credentials, is_protected, sanitize_accept, token_allowed
+from tests.support.files import rotate
 
 PROM = "http://prom.test:9090"
 T1 = "tok-one-4f0c9a7e1b2d"
@@ -32,7 +33,7 @@ def make_client(monkeypatch: pytest.MonkeyPatch, **env: str) -> TestClient:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    return TestClient(create_app(Settings(prometheus_url=PROM)))
+    return TestClient(create_app(GatewaySettings(prometheus_url=PROM)))
 
 
 @pytest.fixture()
@@ -138,7 +139,7 @@ def test_root_path_is_stripped_before_matching(monkeypatch: pytest.MonkeyPatch) 
     for k in ("API_TOKENS_FILE", "CORS_ALLOW_ORIGINS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("API_TOKENS", T1)
-    with TestClient(create_app(Settings(prometheus_url=PROM)), root_path="/gw") as c:
+    with TestClient(create_app(GatewaySettings(prometheus_url=PROM)), root_path="/gw") as c:
         assert c.get("/gw" + DOCS).status_code == 401
         assert c.get("/gw/health").status_code == 200
 
@@ -151,9 +152,9 @@ def test_tokens_file_rotation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
             return int(c.get(DOCS, headers={"Authorization": f"Bearer {tok}"}).status_code)
 
         assert status(T1) == 200 and status(T2) == 403
-        f.write_text(f"{T1}\n{T2}\n")  # rollout: both
+        rotate(f, f"{T1}\n{T2}\n")  # rollout: both
         assert status(T1) == 200 and status(T2) == 200
-        f.write_text(f"{T2}\n")  # old one retired
+        rotate(f, f"{T2}\n")  # old one retired
         assert status(T1) == 403 and status(T2) == 200
         f.unlink()  # unreadable mid-rotation: the last good set stays in force
         assert status(T2) == 200 and status(T1) == 403

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.api.vrops import router
-from app.vrops import wiring
+from app.common.redis import make_redis
+from app.vrops import jobs as job_metrics
+from app.vrops.router import create_vrops_router
 from app.vrops.settings import VropsSettings
 from app.vrops.store import Row, VropsStore
-from app.workers import job_metrics
 from tests.support.procs import Proc, free_port, promtool_check_metrics, start_redis
 
 
@@ -28,15 +28,8 @@ def redis_proc(tmp_path: Path) -> Iterator[Proc]:
 
 
 def make_app(settings: VropsSettings) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.vrops_settings = settings
-        await wiring.startup(app)
-        yield
-        await wiring.shutdown(app)
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(router)
+    app = FastAPI()
+    app.include_router(create_vrops_router(settings))
     return app
 
 
@@ -60,7 +53,7 @@ def settings_for(url: str, **kw: object) -> VropsSettings:
 
 async def seed(url: str) -> None:
     s = settings_for(url)
-    r = wiring.make_redis(url, 2.0)
+    r = make_redis(url, 2.0)
     store = VropsStore(r)
     now = time.time()
     await store.write_cycle("lab", now, {

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.common.redis import make_redis
 from app.vrops.settings import VropsSettings
 from app.vrops.store import VropsStore, latest_key
-from app.vrops.wiring import make_redis
 from app.workers import tasks
 from tests.fakes.vrops_server import FakeVrops, create_app
 from tests.support.procs import Proc, start_redis

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from app.common.redis import make_redis
 from app.vrops.exposition import json_payload, render_text
 from app.vrops.store import Blob, Row, VropsStore, latest_key, sample_key
-from app.vrops.wiring import make_redis
 from tests.support.procs import Proc, promtool_check_metrics, start_redis
 
 METRICS = ["cpu_usage_ratio", "disk_used_bytes"]

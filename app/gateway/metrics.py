@@ -13,7 +13,8 @@ from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 
-CacheOutcome = Literal["hit", "miss", "stale", "coalesced"]
+from app.gateway.result import Lookup
+
 BreakerState = Literal["closed", "open", "half_open"]
 
 UPSTREAM_DURATION = Histogram(
@@ -34,7 +35,8 @@ UPSTREAM_REQUESTS = Counter(
 )
 CACHE_EVENTS = Counter(
     "metrics_gateway_cache_events_total",
-    "Query-cache outcomes: hit, miss, stale (last good served), coalesced (waited on a fetch).",
+    "Figure lookups by outcome (the Lookup vocabulary): hit, miss, coalesced (waited on a fetch), "
+    "stale (last good served).",
     ["category", "outcome"],
 )
 UPSTREAM_UP = Gauge(
@@ -70,8 +72,8 @@ def observe_upstream(category: str, seconds: float, error_type: str | None,
         UPSTREAM_LAST_SUCCESS.set(time.time())
 
 
-def cache_outcome(category: str, outcome: CacheOutcome, count: int = 1) -> None:
-    CACHE_EVENTS.labels(category, outcome).inc(count)
+def cache_outcome(category: str, outcome: Lookup, count: int = 1) -> None:
+    CACHE_EVENTS.labels(category, str(outcome)).inc(count)
 
 
 def set_breaker_state(state: BreakerState) -> None:

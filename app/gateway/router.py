@@ -14,17 +14,17 @@ from typing import Annotated, Literal
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 
-from app.api.errors import invalid_query
-from app.catalog.model import CATEGORIES, Catalog
-from app.config import Settings, get_settings
-from app.render import docs as docs_render
-from app.render import json as json_render
-from app.render import text as text_render
-from app.services.cache import ResponseMemo
-from app.services.exposition import negotiate, render_families, wants_json
-from app.services.gateway import GatewayService
-from app.services.promql import PLAIN_LABEL_VALUE
-from app.services.result import QueryResult, State
+from app.common.exposition import negotiate, render_families, wants_json
+from app.common.http_errors import invalid_query
+from app.common.readiness import readiness_of
+from app.gateway.catalog.model import CATEGORIES, Catalog
+from app.gateway.promql import PLAIN_LABEL_VALUE
+from app.gateway.render import docs as docs_render
+from app.gateway.render import json as json_render
+from app.gateway.render import text as text_render
+from app.gateway.result import QueryResult
+from app.gateway.service import GatewayService, Rendered
+from app.gateway.settings import GatewaySettings
 
 FILTERABLE = ("providers", "models")
 JSON_TYPE = "application/json"
@@ -49,7 +49,7 @@ Fmt = Annotated[Literal["json", "text"] | None,
 FilterValues = Annotated[list[str] | None, Query(description="exact label value; repeatable")]
 
 
-def _filters(settings: Settings, category: str, **given: list[str] | None) -> dict[str, list[str]]:
+def _filters(settings: GatewaySettings, category: str, **given: list[str] | None) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for label, values in given.items():
         if not values:
@@ -68,50 +68,51 @@ def _filters(settings: Settings, category: str, **given: list[str] | None) -> di
     return out
 
 
-def create_gateway_router(settings: Settings | None = None, catalog: Catalog | None = None,
+def create_gateway_router(settings: GatewaySettings | None = None, catalog: Catalog | None = None,
                           transport: httpx.AsyncBaseTransport | None = None,
                           prefix: str = "/prometheus/metrics") -> APIRouter:
-    """The /prometheus/metrics routes with their own lifespan (pooled client, cache)."""
-    settings = settings or get_settings()
+    """The /prometheus/metrics routes with their own lifespan (pooled client, cache).
+
+    Without a lifespan (``TestClient(app)`` without ``with``) the service starts on
+    first use. The routes only parse, pick a renderer and answer.
+    """
+    settings = settings or GatewaySettings()
     service = GatewayService(settings, catalog, transport)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
         app.state.gateway = service
-        app.state.prometheus = service.client
+        readiness_of(app.state).register("prometheus", service.ready)
         try:
             yield
         finally:
+            readiness_of(app.state).unregister("prometheus")
             await service.aclose()
 
     router = APIRouter(prefix=prefix, tags=["gateway"], lifespan=lifespan)
     cat = service.catalog
 
-    memo = ResponseMemo(settings.response_memo_seconds)
-
     def kind_of(request: Request, fmt: str | None) -> str:
         accept = request.headers.get("accept")
         return "json" if wants_json(accept, fmt) else negotiate(accept)[1]
 
-    def remember(key: tuple[str, ...], results: list[QueryResult], body: bytes, media_type: str) -> Response:
-        if all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
-            memo.put(key, body, media_type, settings.ttl_for(key[0]))
-        return Response(body, media_type=media_type)
+    def answer(r: Rendered) -> Response:
+        return Response(r.body, media_type=r.media_type)
 
     def recall(key: tuple[str, ...]) -> Response | None:
-        hit = memo.get(key)
-        return Response(hit[0], media_type=hit[1]) if hit is not None else None
+        hit = service.recall(key)
+        return answer(hit) if hit is not None else None
 
     def respond(results: list[QueryResult], name: str, kind: str, request: Request,
                 filters: dict[str, list[str]], key: tuple[str, ...]) -> Response:
         up = service.client.up
         if kind == "json":
             doc = json_render.category(cat, name, results, filters, up)
-            return remember(key, results, json_render.dumps(doc), JSON_TYPE)
+            return answer(service.remember(key, name, results, json_render.dumps(doc), JSON_TYPE))
         body, ctype = render_families(text_render.families(cat.prefix, results, up),
                                       request.headers.get("accept"))
-        return remember(key, results, body, ctype)
+        return answer(service.remember(key, name, results, body, ctype))
 
     @router.get("/summary", summary="Summary figures for widgets (JSON)",
                 responses={200: {"description": "The summary contract", "content": {JSON_TYPE: _OBJECT}}})
@@ -121,7 +122,7 @@ def create_gateway_router(settings: Settings | None = None, catalog: Catalog | N
             return hit
         results = await service.summary()
         doc = json_render.summary(cat, results, service.client.up)
-        return remember(key, list(results.values()), json_render.dumps(doc), JSON_TYPE)
+        return answer(service.remember(key, "summary", list(results.values()), json_render.dumps(doc), JSON_TYPE))
 
     @router.get("/docs", summary="Markdown documentation of every figure, from the catalog",
                 response_class=MarkdownResponse)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from app.monitoring.gateway import BreakerState, set_breaker_state
+from app.gateway.metrics import BreakerState, set_breaker_state
 
 
 class CircuitBreaker:

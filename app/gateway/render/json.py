@@ -7,8 +7,8 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from app.catalog.model import Catalog
-from app.services.result import QueryResult, State, overall_status
+from app.gateway.catalog.model import Catalog
+from app.gateway.result import QueryResult, State, overall_status
 
 
 def _number(v: float | None) -> tuple[float | None, str | None]:

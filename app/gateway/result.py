@@ -11,16 +11,42 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from app.catalog.model import CatalogQuery
+from app.gateway.catalog.model import CatalogQuery
 
 Labels = tuple[tuple[str, str], ...]
 
 
-class State(StrEnum):
-    FRESH = "fresh"  # fetched from Prometheus for this request
-    CACHED = "cached"  # served from the TTL cache
+class Lookup(StrEnum):
+    """How an answer was had: the one lookup-status vocabulary (after Trickster's).
+
+    It labels the cache metrics (``..._cache_events_total{outcome}``), the JSON
+    provenance (``lookup``) and the ``X-Gateway-Cache`` header of the query API.
+    """
+
+    HIT = "hit"  # served from a cache tier, fresh
+    MISS = "miss"  # fetched from upstream for this request
+    COALESCED = "coalesced"  # waited on a fetch another request had started
+    PARTIAL = "partial"  # part cached, the missing part fetched (range extents)
     STALE = "stale"  # upstream failed; last good value served, with its age
     FAILED = "failed"  # upstream failed and nothing good is known
+
+    @property
+    def state(self) -> State:
+        """The coarse provenance a reader acts on (derived, not a second vocabulary)."""
+        return _STATE_OF[self]
+
+
+class State(StrEnum):
+    """Provenance of a figure's data, derived from its Lookup."""
+
+    FRESH = "fresh"  # fetched from Prometheus for this request (miss, coalesced, partial)
+    CACHED = "cached"  # served from the TTL cache (hit)
+    STALE = "stale"
+    FAILED = "failed"
+
+
+_STATE_OF = {Lookup.HIT: State.CACHED, Lookup.MISS: State.FRESH, Lookup.COALESCED: State.FRESH,
+             Lookup.PARTIAL: State.FRESH, Lookup.STALE: State.STALE, Lookup.FAILED: State.FAILED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +75,16 @@ class UpstreamFailure:
 @dataclass(frozen=True, slots=True)
 class QueryResult:
     query: CatalogQuery
-    state: State
+    lookup: Lookup
     samples: tuple[Sample, ...] = ()
     fetched_at: float | None = None
     age_seconds: float | None = None
     error: UpstreamFailure | None = None
     warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def state(self) -> State:
+        return self.lookup.state
 
     def total(self) -> float | None:
         """The sum over all series, or None when there is no data.

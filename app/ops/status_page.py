@@ -1,6 +1,6 @@
 """The status page: GET /status and its two assets, served from the package.
 
-Plain HTML/CSS/JS in ``app/static`` (package data, no build step). The page
+Plain HTML/CSS/JS in ``app/ops/static`` (package data, no build step). The page
 fetches ``/prometheus/metrics/summary`` itself every few seconds and renders
 every figure with its provenance, so this router only serves files.
 """
@@ -24,7 +24,7 @@ _ASSETS: dict[str, str] = {
 
 @lru_cache(maxsize=8)
 def _read(name: str) -> str:
-    return resources.files("app.static").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("app.ops.static").joinpath(name).read_text(encoding="utf-8")
 
 
 @router.get("/status", response_class=HTMLResponse, include_in_schema=False)

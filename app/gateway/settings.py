@@ -1,19 +1,18 @@
-"""Every knob of the gateway, read from the environment (pydantic-settings).
+"""Every knob of the figure gateway and its upstream, read from the environment (pydantic-settings).
 
-Kept in one place so the README table and the code cannot disagree about names.
+Read once by the app factory (``app.settings.AppSettings``) and passed down; kept in
+one place so the README table and the code cannot disagree about names.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class GatewaySettings(BaseSettings):
     """Gateway settings; each field is an environment variable of the same name."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
@@ -49,13 +48,10 @@ class Settings(BaseSettings):
 
     # Catalog: the packaged default, or a TOML file of the user's.
     catalog_path: Path | None = None
-    metrics_prefix: str = "gateway"
 
     # Filters.
     filter_max_values: int = Field(default=10, ge=1, le=100)
     filter_max_value_length: int = Field(default=128, ge=1, le=1024)
-
-    log_level: str = "INFO"
 
     @field_validator("prometheus_url")
     @classmethod
@@ -67,18 +63,3 @@ class Settings(BaseSettings):
 
     def ttl_for(self, category: str) -> float:
         return self.cache_ttl_overrides.get(category, self.cache_ttl_seconds)
-
-
-def redact_url(url: str) -> str:
-    """The URL without user:password, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, f"***@{netloc}", parts.path, parts.query, parts.fragment))
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

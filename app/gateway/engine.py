@@ -1,4 +1,4 @@
-"""Turn a list of catalog queries into results, as few upstream requests as possible.
+"""The figure engine: catalog queries into results, as few upstream requests as possible.
 
 Cached figures are answered from memory; the missing ones are joined into one
 PromQL request (`label_replace(q1, "gateway_query", "0", "", "") or ...`) so a
@@ -17,18 +17,44 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from app.catalog.model import CatalogQuery
-from app.config import Settings
-from app.monitoring import gateway as gm
-from app.services.cache import Outcome, QueryCache
-from app.services.prometheus import PrometheusClient, QueryAnswer, UpstreamError
-from app.services.promql import apply_filters
-from app.services.result import Fetched, QueryResult, Sample, State, UpstreamFailure
+from app.gateway import metrics as gm
+from app.gateway.cache import QueryCache
+from app.gateway.catalog.model import CatalogQuery
+from app.gateway.promql import apply_filters
+from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream import PrometheusClient, QueryAnswer, UpstreamError
 
 log = logging.getLogger("gateway.aggregator")
 
 BATCH_LABEL = "gateway_query"
 Filters = Mapping[str, Sequence[str]]
+Outcome = Fetched | UpstreamFailure
+
+
+class SingleFlight:
+    """One fetch in flight per key: later askers wait on the first one's future
+    ("collapsed forwarding") instead of each asking upstream."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+
+    def join(self, key: str) -> tuple[asyncio.Future[Outcome], bool]:
+        """The key's future and whether the caller leads (must fetch and settle it)."""
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return fut, False
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        return fut, True
+
+    def settle(self, key: str, fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
+        """Settle `fut`; unregister it only if it is still the key's fetch in flight
+        (a later request may have begun a new one after this one settled)."""
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.done():
+            fut.set_result(outcome)
 
 
 @lru_cache(maxsize=4096)
@@ -57,11 +83,12 @@ class _Job:
     future: asyncio.Future[Outcome]
 
 
-class Aggregator:
-    def __init__(self, settings: Settings, client: PrometheusClient, cache: QueryCache) -> None:
+class Engine:
+    def __init__(self, settings: GatewaySettings, client: PrometheusClient, cache: QueryCache) -> None:
         self.settings = settings
         self.client = client
         self.cache = cache
+        self.flights = SingleFlight()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, queries: Sequence[CatalogQuery], category: str,
@@ -77,27 +104,27 @@ class Aggregator:
         results: dict[int, QueryResult] = {}
         waiting: dict[int, asyncio.Future[Outcome]] = {}
         to_fetch: list[_Job] = []
-        hits = coalesced = 0
+        hits = 0
+        coalesced: set[int] = set()
         with self.cache.frozen_time():
             for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
                 fetched = self.cache.fresh(key)
                 if fetched is not None:
                     hits += 1
-                    results[i] = self._from_fetched(q, fetched, State.CACHED)
+                    results[i] = self._from_fetched(q, fetched, Lookup.HIT)
                     continue
-                fut = self.cache.inflight(key)
-                if fut is None:
-                    fut = self.cache.begin(key)
+                fut, leader = self.flights.join(key)
+                if leader:
                     to_fetch.append(_Job(q, key, exprs[i], fut))
                 else:
-                    coalesced += 1
+                    coalesced.add(i)
                 waiting[i] = fut
         if hits:
-            gm.cache_outcome(category, "hit", hits)
+            gm.cache_outcome(category, Lookup.HIT, hits)
         if coalesced:
-            gm.cache_outcome(category, "coalesced", coalesced)
+            gm.cache_outcome(category, Lookup.COALESCED, len(coalesced))
         if to_fetch:
-            gm.cache_outcome(category, "miss", len(to_fetch))
+            gm.cache_outcome(category, Lookup.MISS, len(to_fetch))
             # The fetch is shared with other requests: it must outlive this one.
             task = loop.create_task(self._fetch(to_fetch, category, deadline))
             self._tasks.add(task)
@@ -114,25 +141,25 @@ class Aggregator:
             else:
                 outcome = UpstreamFailure("timeout", "request deadline reached before Prometheus answered")
             if isinstance(outcome, Fetched):
-                results[i] = self._from_fetched(q, outcome, State.FRESH)
+                results[i] = self._from_fetched(q, outcome, Lookup.COALESCED if i in coalesced else Lookup.MISS)
             else:
                 results[i] = self._failed(q, keys[i], outcome)
-                stale += results[i].state is State.STALE
+                stale += results[i].lookup is Lookup.STALE
         if stale:
-            gm.cache_outcome(category, "stale", stale)
+            gm.cache_outcome(category, Lookup.STALE, stale)
         return [results[i] for i in range(len(queries))]
 
-    def _from_fetched(self, q: CatalogQuery, fetched: Fetched, state: State) -> QueryResult:
+    def _from_fetched(self, q: CatalogQuery, fetched: Fetched, lookup: Lookup) -> QueryResult:
         age = max(0.0, time.time() - fetched.fetched_at)
-        return QueryResult(q, state, fetched.samples, fetched.fetched_at, age,
+        return QueryResult(q, lookup, fetched.samples, fetched.fetched_at, age,
                            warnings=fetched.warnings)
 
     def _failed(self, q: CatalogQuery, key: str, failure: UpstreamFailure) -> QueryResult:
         good = self.cache.last_good(key)
         if good is None:
-            return QueryResult(q, State.FAILED, error=failure)
+            return QueryResult(q, Lookup.FAILED, error=failure)
         age = max(0.0, time.time() - good.fetched_at)
-        return QueryResult(q, State.STALE, good.samples, good.fetched_at, age, error=failure)
+        return QueryResult(q, Lookup.STALE, good.samples, good.fetched_at, age, error=failure)
 
     async def _fetch(self, jobs: list[_Job], category: str, deadline: float) -> None:
         """Fetch `jobs` in as few requests as possible and settle their futures."""
@@ -145,7 +172,7 @@ class Aggregator:
             await asyncio.gather(*(self._fetch_group(g, category, deadline) for g in groups))
         finally:
             for j in jobs:  # never leave a waiter hanging, whatever happened above
-                self.cache.finish(j.key, j.future, UpstreamFailure("internal", "fetch ended without an answer"))
+                self.flights.settle(j.key, j.future, UpstreamFailure("internal", "fetch ended without an answer"))
 
     async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -164,7 +191,7 @@ class Aggregator:
                 return
             failure = UpstreamFailure(exc.error_type, exc.message)
             for j in jobs:
-                self.cache.finish(j.key, j.future, failure)
+                self.flights.settle(j.key, j.future, failure)
             return
         self._settle(jobs, answer, category)
 
@@ -182,7 +209,7 @@ class Aggregator:
         for j, series in zip(jobs, per_job, strict=True):
             fetched = Fetched(_project(j.query, series), now, answer.warnings)
             self.cache.store(j.key, fetched, expires_at)
-            self.cache.finish(j.key, j.future, fetched)
+            self.flights.settle(j.key, j.future, fetched)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -1,24 +1,20 @@
-"""Per-query result cache: TTL entries, last-good values, and one fetch in flight per key.
+"""Figure cache stores: TTL entries and last-good values. Stores only store.
 
-Three jobs, one key space (the final PromQL text):
-- fresh: a TLRU cache whose entries live for their category's TTL;
-- last good: an LRU of the latest good answer, served marked stale when upstream fails;
-- in flight: concurrent requests for the same key wait on one future
-  ("collapsed forwarding") instead of each asking Prometheus.
+Two jobs, one key space (the kept labels and the final PromQL text):
+- fresh: a TLRU cache whose entries live until their category's TTL grid step ends;
+- last good: an LRU of the latest good answer, served marked stale when upstream fails.
+Who fetches and who waits (single-flight) is the engine's business, not the store's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from contextlib import AbstractContextManager
 
 from cachetools import LRUCache, TLRUCache
 
-from app.services.result import Fetched, UpstreamFailure
-
-Outcome = Fetched | UpstreamFailure
+from app.gateway.result import Fetched
 
 
 def _ttu(_key: str, value: tuple[Fetched, float], _now: float) -> float:
@@ -31,7 +27,6 @@ class QueryCache:
             maxsize=max_entries, ttu=_ttu, timer=time.monotonic
         )
         self._last_good: LRUCache[str, Fetched] = LRUCache(maxsize=max_entries)
-        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self.stale_max_age = stale_max_age
 
     def frozen_time(self) -> AbstractContextManager[float]:
@@ -72,22 +67,6 @@ class QueryCache:
         if expires_at > time.monotonic():
             self._fresh[key] = (fetched, expires_at)
         self._last_good[key] = fetched
-
-    def inflight(self, key: str) -> asyncio.Future[Outcome] | None:
-        return self._inflight.get(key)
-
-    def begin(self, key: str) -> asyncio.Future[Outcome]:
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        return fut
-
-    def finish(self, key: str, fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
-        """Settle `fut`; unregister it only if it is still the key's fetch in flight
-        (a later request may have begun a new one after this one settled)."""
-        if self._inflight.get(key) is fut:
-            del self._inflight[key]
-        if not fut.done():
-            fut.set_result(outcome)
 
     def clear(self) -> None:
         self._fresh.clear()

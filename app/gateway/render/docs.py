@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.catalog.model import CATEGORIES, Catalog
+from app.gateway.catalog.model import CATEGORIES, Catalog
 
 
 def _cell(text: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from app.services.result import QueryResult, State
+from app.gateway.result import QueryResult, State
 
 
 def families(prefix: str, results: Sequence[QueryResult], upstream_up: bool | None) -> list[Metric]:

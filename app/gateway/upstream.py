@@ -19,10 +19,11 @@ from typing import Any
 
 import httpx
 
-from app.config import Settings, redact_url
-from app.monitoring import gateway as gm
-from app.services.breaker import CircuitBreaker
-from app.services.episodes import FailureEpisode
+from app.common.episodes import FailureEpisode
+from app.common.secrets import SecretFile, SecretUnavailable, redact_url
+from app.gateway import metrics as gm
+from app.gateway.breaker import CircuitBreaker
+from app.gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway.prometheus")
 
@@ -87,33 +88,20 @@ def parse_answer(body: bytes, status: int) -> QueryAnswer:
 
 
 class BearerFileAuth(httpx.Auth):
-    """A bearer token read from a file, re-read when the file changes (rotation).
-
-    One stat() per request; the file is read only when its mtime or size moved.
-    """
+    """A bearer token read from a file through the one secret-file reader (rotation-safe)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self._token = ""
-
-    def _current(self) -> str:
-        st = self.path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            self._token = self.path.read_text().strip()
-            self._stamp = stamp
-        return self._token
+        self.source = SecretFile(path, "upstream_bearer")
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._current()}"
+        request.headers["Authorization"] = f"Bearer {self.source.read()}"
         yield request
 
 
 class PrometheusClient:
     """One pooled httpx.AsyncClient for the life of the app."""
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
+    def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None,
                  breaker: CircuitBreaker | None = None) -> None:
         self.settings = settings
         self.query_url = f"{settings.prometheus_url}/api/v1/query"
@@ -159,6 +147,9 @@ class PrometheusClient:
         except UpstreamError as exc:
             self._record(category, started, exc)
             raise
+        except SecretUnavailable as exc:
+            # Our own credentials are missing: a local error, not the upstream's.
+            raise UpstreamError("credentials_unavailable", str(exc)) from None
         except TimeoutError:
             timed_out = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
             self._record(category, started, timed_out)

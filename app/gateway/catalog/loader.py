@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from app.catalog.model import CATEGORIES, Catalog, CatalogQuery, SummaryFigure
-from app.services.promql import PromQLError, check_printable, parse, value_type
+from app.gateway.catalog.model import CATEGORIES, Catalog, CatalogQuery, SummaryFigure
+from app.gateway.promql import PromQLError, check_printable, parse, value_type
 
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -27,7 +27,7 @@ class CatalogError(ValueError):
 
 def load_catalog(path: Path | None = None) -> Catalog:
     if path is None:
-        text = resources.files("app.catalog").joinpath("default.toml").read_text()
+        text = resources.files("app.gateway.catalog").joinpath("default.toml").read_text()
         source = "default"
     else:
         try:

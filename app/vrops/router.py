@@ -12,22 +12,26 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
-from app.api.errors import invalid_query
-from app.services.episodes import FailureEpisode
-from app.services.exposition import render_families, wants_json
+from app.common.episodes import FailureEpisode
+from app.common.exposition import render_families, wants_json
+from app.common.http_errors import invalid_query
+from app.common.readiness import readiness_of
 from app.vrops.exposition import json_payload, render_text, store_down_families
+from app.vrops.jobs import job_families
+from app.vrops.resources import VropsResources, open_resources, vrops_resources
 from app.vrops.settings import VropsSettings
 from app.vrops.store import VropsStore
 from app.vrops.units import OBJECT_KINDS, STAT_SPECS, metric_by_name
-from app.workers.job_metrics import job_families
 
-router = APIRouter()
+router = APIRouter(tags=["vrops"])
 
 MAX_VALUES = 50
 MAX_VALUE_LENGTH = 256
@@ -48,12 +52,7 @@ def _check_values(name: str, values: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(values))
 
 
-def _settings(request: Request) -> VropsSettings:
-    settings: VropsSettings = request.app.state.vrops_settings
-    return settings
-
-
-def _store_down(request: Request, episode: FailureEpisode, exc: BaseException,
+def _store_down(episode: FailureEpisode, exc: BaseException,
                 as_json: bool, accept: str | None) -> Response:
     episode.failure(f"{type(exc).__name__}: {exc}")
     if as_json:
@@ -66,6 +65,7 @@ def _store_down(request: Request, episode: FailureEpisode, exc: BaseException,
 @router.get("/vrops/metrics")
 async def vrops_metrics(
     request: Request,
+    res: Annotated[VropsResources, Depends(vrops_resources)],
     target: ListParam = None,
     cluster: ListParam = None,
     object: ListParam = None,
@@ -74,7 +74,7 @@ async def vrops_metrics(
     format: Annotated[str | None, Query(pattern="^(json|text|prometheus)$")] = None,
 ) -> Response:
     """Latest vROps samples as Prometheus text (default) or JSON (?format=json / Accept)."""
-    settings = _settings(request)
+    settings = res.settings
     known_targets = [t.name for t in settings.vrops_targets]
     targets = _check_values("target", target) or known_targets
     unknown = [t for t in targets if t not in known_targets]
@@ -99,14 +99,14 @@ async def vrops_metrics(
     accept = request.headers.get("accept")
     as_json = wants_json(accept, "json" if format == "json" else (
         "text" if format in ("text", "prometheus") else None))
-    episode: FailureEpisode = request.app.state.vrops_episode
-    store = VropsStore(request.app.state.vrops_redis)
+    episode = res.episode
+    store = VropsStore(res.redis)
     budget = settings.vrops_redis_timeout_seconds * 2
     try:
         async with asyncio.timeout(budget):
             snap = await store.read_latest(targets, clusters, metrics)
     except STORE_ERRORS as exc:
-        return _store_down(request, episode, exc, as_json, accept)
+        return _store_down(episode, exc, as_json, accept)
     episode.success()
     now = time.time()
     stale_after = settings.vrops_stale_after_seconds
@@ -118,21 +118,45 @@ async def vrops_metrics(
 
 
 @router.get("/vrops/jobs/metrics")
-async def vrops_job_metrics(request: Request) -> Response:
+async def vrops_job_metrics(request: Request,
+                            res: Annotated[VropsResources, Depends(vrops_resources)]) -> Response:
     """Celery job metrics (written to Redis by every worker child) as Prometheus text."""
-    settings = _settings(request)
+    settings = res.settings
     accept = request.headers.get("accept")
-    episode: FailureEpisode = request.app.state.vrops_jobs_episode
+    episode = res.jobs_episode
     budget = settings.vrops_redis_timeout_seconds * 2
     try:
         async with asyncio.timeout(budget):
             families = await job_families(
-                request.app.state.vrops_redis, request.app.state.vrops_broker_redis,
+                res.redis, res.broker_redis,
                 settings.vrops_queues, window=settings.vrops_job_window_seconds,
                 workers_max_age=3 * settings.vrops_worker_ping_interval_seconds + 5,
             )
     except STORE_ERRORS as exc:
-        return _store_down(request, episode, exc, False, accept)
+        return _store_down(episode, exc, False, accept)
     episode.success()
     body, ctype = render_families(families, accept)
     return Response(body, media_type=ctype, headers={"Cache-Control": "no-store"})
+
+
+def create_vrops_router(settings: VropsSettings | None = None) -> APIRouter:
+    """The /vrops routes with a lifespan that opens (and closes) their Redis clients
+    and registers the `redis` readiness check."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s = settings or VropsSettings()
+        res = open_resources(s)
+        app.state.vrops = res
+        # Required only where Redis is configured on purpose (targets, or REDIS_URL given).
+        required = bool(s.vrops_targets) or "redis_url" in s.model_fields_set
+        readiness_of(app.state).register("redis", res.ping, required=required)
+        try:
+            yield
+        finally:
+            readiness_of(app.state).unregister("redis")
+            await res.aclose()
+
+    outer = APIRouter(lifespan=lifespan)
+    outer.include_router(router)
+    return outer

@@ -1,0 +1,111 @@
+"""The figure service: catalog + upstream client + cache + engine, one per router.
+
+Routers ask it for rendered answers by category; it owns the lifetimes of the
+pooled HTTP client and the background fetches, and the memo of rendered bodies.
+It starts in the router's lifespan, or lazily on first use where no lifespan ran
+(``TestClient(app)`` without ``with``; each such request may run in an event loop
+of its own, so a client made in another loop is replaced, never reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httpx
+
+from app.gateway.cache import QueryCache, ResponseMemo
+from app.gateway.catalog.loader import load_catalog
+from app.gateway.catalog.model import Catalog
+from app.gateway.engine import Engine, Filters
+from app.gateway.result import QueryResult, State
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream import PrometheusClient
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    body: bytes
+    media_type: str
+
+
+class GatewayService:
+    def __init__(self, settings: GatewaySettings, catalog: Catalog | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        # Validated now, so a broken catalog stops the start with its message.
+        self.catalog = catalog or load_catalog(settings.catalog_path)
+        self._transport = transport
+        self._client: PrometheusClient | None = None
+        self._engine: Engine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.cache = QueryCache(settings.cache_max_entries, settings.stale_max_age_seconds)
+        self.memo = ResponseMemo(settings.response_memo_seconds)
+
+    async def start(self) -> None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            return
+        await self.aclose()
+        self._loop = asyncio.get_running_loop()
+        self._client = PrometheusClient(self.settings, transport=self._transport)
+        self._engine = Engine(self.settings, self._client, self.cache)
+
+    async def aclose(self) -> None:
+        engine, client, loop = self._engine, self._client, self._loop
+        self._client = self._engine = None
+        self._loop = None
+        if loop is not None and loop is not asyncio.get_running_loop():
+            return  # made in a loop that is gone: nothing of it can be awaited here
+        if engine is not None:
+            await engine.aclose()
+        if client is not None:
+            await client.aclose()
+
+    async def ensure_started(self) -> Engine:
+        """The engine, starting (or restarting in this event loop) when needed."""
+        if self._engine is None or self._loop is not asyncio.get_running_loop():
+            await self.start()
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def client(self) -> PrometheusClient:
+        if self._client is None:
+            raise RuntimeError("gateway not started")
+        return self._client
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
+
+    async def ready(self) -> tuple[bool, str]:
+        await self.ensure_started()
+        return await self.client.ready()
+
+    # -- figures ------------------------------------------------------------------------
+
+    async def summary(self) -> dict[str, QueryResult]:
+        engine = await self.ensure_started()
+        results = await engine.run(self.catalog.summary_queries(), "summary")
+        return {r.query.id: r for r in results}
+
+    async def category(self, name: str, filters: Filters | None = None) -> list[QueryResult]:
+        engine = await self.ensure_started()
+        return await engine.run(self.catalog.category_queries(name), name, filters)
+
+    async def everything(self) -> list[QueryResult]:
+        engine = await self.ensure_started()
+        return await engine.run(self.catalog.all_queries(), "all")
+
+    # -- rendered bodies ----------------------------------------------------------------
+
+    def recall(self, key: tuple[str, ...]) -> Rendered | None:
+        hit = self.memo.get(key)
+        return Rendered(*hit) if hit is not None else None
+
+    def remember(self, key: tuple[str, ...], ttl_category: str, results: list[QueryResult],
+                 body: bytes, media_type: str) -> Rendered:
+        """Keep a healthy body for reuse (never a degraded one, never past the TTL)."""
+        if all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
+            self.memo.put(key, body, media_type, self.settings.ttl_for(ttl_category))
+        return Rendered(body, media_type)
