@@ -328,15 +328,18 @@ async def diagnose(settings: GatewaySettings, catalog_path: Path | None = None, 
         report.error = str(exc)
         return report
 
-    trees: dict[str, pp.Expr] = {}
-    for n, entry in enumerate(data.get("queries", [])):
-        qid = str(entry.get("id") or f"#{n + 1}") if isinstance(entry, dict) else f"#{n + 1}"
-        expr = str(entry.get("expr", "")) if isinstance(entry, dict) else ""
-        fig = FigureReport(qid, expr)
+    trees: dict[int, pp.Expr] = {}  # by position: a duplicate id is the catalog's problem, not a collision
+    entries = data.get("queries", [])
+    for n, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+        if not isinstance(entry, dict):
+            report.figures.append(FigureReport(f"#{n + 1}", "", Status.BROKEN, parses=False,
+                                               problems=[f"[[queries]] entry #{n + 1} is not a table: {entry!r}"]))
+            continue
+        fig = FigureReport(str(entry.get("id") or f"#{n + 1}"), str(entry.get("expr", "")))
         report.figures.append(fig)
         try:
             parse_query(entry, report.catalog)
-            trees[qid] = parse(expr)
+            trees[len(report.figures) - 1] = parse(fig.expr)
         except (CatalogError, PromQLError) as exc:
             fig.parses = False
             fig.status = Status.BROKEN
@@ -361,9 +364,9 @@ async def diagnose(settings: GatewaySettings, catalog_path: Path | None = None, 
         facts = {n: resolve(n, metadata, present[n]) for n in names}
         window = _duration(lookback)
         sem = asyncio.Semaphore(MAX_CONCURRENCY)
-        checked = [f for f in report.figures if f.id in trees]
-        for fig in checked:
-            tree = trees[fig.id]
+        checked = [report.figures[i] for i in trees]
+        for i, fig in zip(trees, checked, strict=True):
+            tree = trees[i]
             fig.families_exist = judge(tree, facts, window, types=False).ok
             fig.types_fit = judge(tree, facts, window, existence=False).ok
             both = judge(tree, facts, window)

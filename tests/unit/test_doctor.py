@@ -254,3 +254,14 @@ def test_console_script_and_python_dash_m() -> None:
     done = subprocess.run([sys.executable, "-m", "app", "doctor", "--help"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, check=False)
     assert done.returncode == 0 and "--prometheus-url" in done.stdout and "--json" in done.stdout
+
+
+async def test_odd_entries_and_duplicate_ids_are_reported_each(prom: respx.MockRouter, tmp_path: Path) -> None:
+    path = tmp_path / "odd.toml"
+    path.write_text('queries = [1, {id = "a", help = "h", unit = "u", expr = "sum(avail)"},'
+                    ' {id = "a", help = "h", unit = "u", expr = "sum(rate(avail[5m]))"}]\n')
+    report = await diagnose(GatewaySettings(prometheus_url=PROM), path, timeout=2)
+    assert [(f.id, f.status) for f in report.figures] == [("#1", Status.BROKEN), ("a", Status.OK),
+                                                          ("a", Status.BROKEN)]
+    assert "is not a table" in report.figures[0].problems[0]
+    assert report.exit_code == 1
