@@ -30,6 +30,10 @@ def provenance(r: QueryResult) -> dict[str, Any]:
         out["error"] = {"error_type": r.error.error_type, "message": r.error.message}
     if r.warnings:
         out["warnings"] = list(r.warnings)
+    if r.truncated:  # the series cap cut this figure: say how much, never cut silently
+        out["truncated"] = True
+        out["series_dropped"] = r.dropped
+        out["series_kept"] = len(r.samples)
     if r.state in (State.FRESH, State.CACHED) and not r.samples:
         out["no_data"] = True
     return out
