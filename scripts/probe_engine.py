@@ -45,6 +45,7 @@ from tests.faults.engine_fake import EngineFake  # noqa: E402
 from tests.support.procs import Proc, start_uvicorn  # noqa: E402
 
 SUMMARY = "/prometheus/metrics/summary"
+BIG_FIGURE = "sum by (provider, model) (rate(model_inference_requests_total[5m]))"
 APP_PATH: str | None = None
 
 
@@ -100,7 +101,8 @@ def metric_value(text: str, name: str) -> float:
 
 
 def probe_eviction() -> dict[str, Any]:
-    with fake_upstream() as fake, gateway(fake, STALE_MAX_AGE_SECONDS="3600") as gw:
+    # TTL 1 s: by the time the outage starts, no figure is fresh; only last-good values can answer.
+    with fake_upstream() as fake, gateway(fake, STALE_MAX_AGE_SECONDS="3600", CACHE_TTL_SECONDS="1") as gw:
         c = httpx.Client(base_url=gw.url, timeout=10)
         first = c.get(SUMMARY).json()
         before = fake.figure_requests
@@ -123,7 +125,7 @@ def probe_eviction() -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         attack_upstream = fake.figure_requests - before
         fake.mode = "internal"
-        time.sleep(0.1)
+        time.sleep(2.2)  # past the TTL grid step (at most two)
         after = c.get(SUMMARY).json()
         return {"probe": "eviction", "summary_before": first["status"], "attack_requests": 420,
                 "attack_seconds": round(seconds, 2), "attack_statuses": statuses,
@@ -139,7 +141,8 @@ def probe_big() -> dict[str, Any]:
         c.get(SUMMARY)
         rss0 = rss_kib(gw.popen.pid)
         fake.big_series = 50_000
-        fake.body_for("")  # build the big body before timing anything
+        fake.big_expr = BIG_FIGURE
+        fake.big_items("0")  # build the big body before timing anything
         health: list[float] = []
         done = threading.Event()
 
@@ -167,7 +170,8 @@ def probe_big() -> dict[str, Any]:
         poller.join()
         out.update({"series": 50_000, "cold_models_text_seconds": round(cold_s, 3),
                     "models_text_bytes": len(cold.content),
-                    "truncated_gauge": "_query_truncated{" in r.text,
+                    "truncated_gauge": 'gateway_query_truncated{query="model_inference_requests_per_second"} 1.0'
+                                       in r.text,
                     "health_during_ms": {"p50": pct(health, 0.5), "p99": pct(health, 0.99),
                                          "max": pct(health, 1.0), "n": len(health)},
                     "cached_models_text_ms": [round(s * 1000, 1) for s in cached],
@@ -175,7 +179,7 @@ def probe_big() -> dict[str, Any]:
     with fake_upstream() as fake, gateway(fake, PROMETHEUS_MAX_RESPONSE_BYTES=limit) as gw:
         c = httpx.Client(base_url=gw.url, timeout=60)
         fake.big_series = 300_000
-        fake.body_for("")
+        fake.big_items("0")
         t0 = time.perf_counter()
         r = c.get(SUMMARY)
         out["cold_summary_300k"] = {"seconds": round(time.perf_counter() - t0, 3), "deadline": 3.0,
@@ -235,7 +239,7 @@ def probe_ready() -> dict[str, Any]:
         base_lat, base_status = summary_for(2.0)
         fake.ready_delay = 1.0
         probes0 = fake.ready_probes
-        ready_codes: dict[int, int] = {}
+        ready_codes: dict[str, int] = {}  # the prometheus check's outcome (redis is not running)
         stop = threading.Event()
 
         def storm() -> None:
@@ -244,8 +248,9 @@ def probe_ready() -> dict[str, Any]:
                                              limits=httpx.Limits(max_connections=200)) as ac:
                     async def caller() -> None:
                         while not stop.is_set():
-                            r = await ac.get("/ready")
-                            ready_codes[r.status_code] = ready_codes.get(r.status_code, 0) + 1
+                            check = (await ac.get("/ready")).json()["checks"]["prometheus"]
+                            k = "ok" if check["ok"] else check["detail"]
+                            ready_codes[k] = ready_codes.get(k, 0) + 1
 
                     await asyncio.gather(*(caller() for _ in range(200)))
 
@@ -261,7 +266,7 @@ def probe_ready() -> dict[str, Any]:
         return {"probe": "ready", "summary_alone_ms": {"p50": pct(base_lat, 0.5), "p99": pct(base_lat, 0.99)},
                 "summary_alone_status": base_status,
                 "summary_during_storm_ms": {"p50": pct(storm_lat, 0.5), "p99": pct(storm_lat, 0.99)},
-                "summary_during_storm_status": storm_status, "ready_answers": ready_codes,
+                "summary_during_storm_status": storm_status, "ready_prometheus_check": ready_codes,
                 "upstream_ready_probes": fake.ready_probes - probes0,
                 "breaker_open_after": metric_value(metrics, 'metrics_gateway_circuit_breaker_state{state="open"}')}
 

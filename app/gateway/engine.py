@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from app.gateway import metrics as gm
 from app.gateway.cache import CacheClass, QueryCache
@@ -35,7 +35,7 @@ from app.gateway.catalog.model import CatalogQuery
 from app.gateway.promql import apply_filters
 from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, QueryAnswer, UpstreamError
+from app.gateway.upstream import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
 
 log = logging.getLogger("gateway.aggregator")
 
@@ -140,15 +140,28 @@ def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], floa
         key = tuple((name, labels.get(name, "")) for name in q.labels)
         merged[key] = merged[key] + value if key in merged else value
     samples = [Sample(k, v) for k, v in merged.items()]
+    merged.clear()  # only references: the keys live on in the samples
     if len(samples) <= cap:
         return tuple(samples), 0
-    return tuple(heapq.nlargest(cap, samples, key=_rank)), len(samples) - cap
+    kept = tuple(heapq.nlargest(cap, samples, key=_rank))
+    dropped = len(samples) - cap
+    _drain(samples)
+    return kept, dropped
 
 
-def _split(jobs: Sequence[_Job], answer: QueryAnswer) -> list[SeriesList]:
-    """The answer's series per job (a batch tags each with its part's index)."""
+def _drain(items: list[Any]) -> None:
+    """Free a big list one element at a time: dropped at once, its elements would be
+    freed in one uninterruptible cascade, holding the GIL (and the event loop) meanwhile."""
+    while items:
+        items.pop()
+
+
+def _split(jobs: Sequence[_Job], series: list[Series]) -> list[SeriesList]:
+    """The answer's series per job (a batch tags each with its part's index); `series` is emptied."""
     per_job: list[SeriesList] = [[] for _ in jobs]
-    for s in answer.series:
+    series.reverse()
+    while series:
+        s = series.pop()
         if len(jobs) == 1:
             per_job[0].append((s.labels, s.value))
             continue
@@ -158,8 +171,20 @@ def _split(jobs: Sequence[_Job], answer: QueryAnswer) -> list[SeriesList]:
     return per_job
 
 
-def _split_and_project(jobs: Sequence[_Job], answer: QueryAnswer, cap: int) -> list[tuple[tuple[Sample, ...], int]]:
-    return [_project(j.query, series, cap) for j, series in zip(jobs, _split(jobs, answer), strict=True)]
+def _split_and_project(jobs: Sequence[_Job], series: list[Series], cap: int) -> list[tuple[tuple[Sample, ...], int]]:
+    """Each job's samples and dropped count. Consumes `series` and frees what it leaves behind
+    as it goes, so that nothing big is left for the event loop to free."""
+    out = []
+    for j, part in zip(jobs, _split(jobs, series), strict=True):
+        out.append(_project(j.query, part, cap))
+        _drain(part)
+    return out
+
+
+def _split_and_project_big(jobs: Sequence[_Job], series: list[Series],
+                           cap: int) -> list[tuple[tuple[Sample, ...], int]]:
+    with paused_gc():
+        return _split_and_project(jobs, series, cap)
 
 
 @dataclass(slots=True)
@@ -309,9 +334,9 @@ class Engine:
         cap = self.settings.max_series_per_figure
         if len(answer.series) >= self.settings.offload_min_series:
             gm.offloaded("project")
-            projected = await asyncio.to_thread(_split_and_project, jobs, answer, cap)
+            projected = await asyncio.to_thread(_split_and_project_big, jobs, answer.series, cap)
         else:
-            projected = _split_and_project(jobs, answer, cap)
+            projected = _split_and_project(jobs, answer.series, cap)
         ttl = self.settings.ttl_for(category)
         expires_at = self.cache.expiry(ttl)
         good = not answer.warnings
