@@ -136,7 +136,8 @@ def probe_eviction() -> dict[str, Any]:
 def probe_big() -> dict[str, Any]:
     out: dict[str, Any] = {"probe": "big"}
     limit = str(96 * 1024 * 1024)
-    with fake_upstream() as fake, gateway(fake, PROMETHEUS_MAX_RESPONSE_BYTES=limit) as gw:
+    # TTL 60 s: the cached requests below stay within one TTL window.
+    with fake_upstream() as fake, gateway(fake, PROMETHEUS_MAX_RESPONSE_BYTES=limit, CACHE_TTL_SECONDS="60") as gw:
         c = httpx.Client(base_url=gw.url, timeout=30)
         c.get(SUMMARY)
         rss0 = rss_kib(gw.popen.pid)
