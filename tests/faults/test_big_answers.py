@@ -20,8 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
-from app.gateway.upstream import loads_in_steps, parse_answer
+from app.gateway.upstream import loads_in_steps, parse_answer, parse_off_loop
 from tests.faults.conftest import DEADLINE, MARGIN, Gateway, metric, record, start_gateway, stop_gateway
 from tests.faults.engine_fake import EngineFake, big_result, engine_env
 
@@ -191,3 +192,17 @@ def test_a_big_answer_parses_to_the_same_series_either_way() -> None:
             '"warnings":["partial"]}').encode()
     direct, in_steps = parse_answer(body, 200), parse_answer(body, 200, in_steps=True)
     assert in_steps == direct and len(direct.series) == 3000 and direct.warnings == ("partial",)
+
+
+async def test_small_answers_stay_on_the_loop_and_big_ones_leave_it() -> None:
+    small = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+    big = ('{"status":"success","data":{"resultType":"vector","result":[' + big_result(2000) + "]}}").encode()
+
+    def parses_offloaded() -> float:
+        return REGISTRY.get_sample_value("metrics_gateway_offloaded_total", {"stage": "parse"}) or 0.0
+
+    before = parses_offloaded()
+    assert (await parse_off_loop(small, 200, min_bytes=len(big))).series == []
+    assert parses_offloaded() == before
+    assert len((await parse_off_loop(big, 200, min_bytes=len(big))).series) == 2000
+    assert parses_offloaded() == before + 1

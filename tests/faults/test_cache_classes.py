@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.gateway.cache import CacheClass, QueryCache, estimate_bytes
+from app.gateway.cache import CacheClass, QueryCache, ResponseMemo, estimate_bytes
 from app.gateway.catalog.model import CatalogQuery
 from app.gateway.engine import _project
 from app.gateway.result import Fetched, Sample
@@ -200,3 +200,14 @@ def test_size_estimate_tracks_real_memory() -> None:
     assert dropped == 0 and len(fetched.samples) == 5000
     estimate = estimate_bytes(fetched)
     assert 0.6 < estimate / retained < 1.6, (estimate, retained)
+
+
+def test_response_memo_is_bounded_in_bytes() -> None:
+    memo = ResponseMemo(0.5, max_entries=1000, max_bytes=1_000_000)
+    later = time.monotonic() + 60
+    for i in range(50):
+        memo.put((f"k{i}",), b"x" * 100_000, "text/plain", later)
+        assert memo.bytes <= 1_000_000
+    assert memo.get(("k49",)) is not None and memo.get(("k0",)) is None
+    memo.put(("huge",), b"x" * 2_000_000, "text/plain", later)  # bigger than the whole bound: not kept
+    assert memo.get(("huge",)) is None and memo.get(("k49",)) is not None
