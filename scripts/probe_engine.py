@@ -197,7 +197,7 @@ def probe_warnings() -> dict[str, Any]:
         before = fake.figure_requests
         count = 0
         t0 = time.perf_counter()
-        duration = 3.0
+        duration = 6.0  # longer than one WARNING_TTL_SECONDS step (5 s)
 
         async def load() -> None:
             nonlocal count
