@@ -88,7 +88,7 @@ async def test_api_html_502_raises_and_counts_against_the_breaker() -> None:
     async with prom_client(settings(breaker_failure_threshold=1)) as c:
         with pytest.raises(UpstreamError) as info:
             await c.api("GET", "/api/v1/query", [("query", "1")], timeout=1.0)
-        assert info.value.error_type == "server_error"
+        assert info.value.error_type == "bad_response"
         assert c.breaker.state == "open"
         with pytest.raises(UpstreamError) as again:
             await c.api("GET", "/api/v1/query", [("query", "1")], timeout=1.0)
