@@ -26,7 +26,6 @@ does not read them as settings.
 
 from __future__ import annotations
 
-import importlib.util as _importlib_util
 import os as _os
 import shutil as _shutil
 import tempfile as _tempfile
@@ -40,17 +39,22 @@ if not _os.environ.get(_MULTIPROC_ENV):
     _os.environ[_MULTIPROC_ENV] = _created_dir
 
 
-def _worker_class() -> str:
-    # uvicorn.workers is deprecated in favour of the separate uvicorn-worker
-    # package; prefer it when installed, fall back to the old module otherwise.
-    if _importlib_util.find_spec("uvicorn_worker") is not None:
-        return "uvicorn_worker.UvicornWorker"
-    return "uvicorn.workers.UvicornWorker"
-
-
 bind = _os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(_os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = _worker_class()
+# The gateway's uvicorn worker (app/ops/server.py): a request read timeout, a
+# connection cap per worker and accept() errors logged once per episode. Stock
+# UvicornWorker holds slow and silent clients for ever and ignores worker_connections.
+worker_class = "app.ops.server.GatewayUvicornWorker"
+# Connections one worker holds at most (never more than its open-file limit allows);
+# at the cap the oldest idle one makes room. HTTP_REQUEST_READ_TIMEOUT_SECONDS
+# (default 10) bounds how long a client may take to send a request.
+worker_connections = int(_os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+backlog = int(_os.environ.get("GUNICORN_BACKLOG", "2048"))
+# Idle kept-alive connections are closed after this many seconds.
+keepalive = int(_os.environ.get("GUNICORN_KEEPALIVE", "5"))
+# gunicornc's control socket: nothing here uses it, and in the image the home
+# directory it defaults to is not writable.
+control_socket_disable = True
 # Worker recycling leaves one set of files per dead worker in the multiprocess
 # directory (scrapes get slower as they pile up), so it is off unless asked for.
 max_requests = int(_os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
