@@ -80,6 +80,9 @@ class Answer(Protocol):
     @property
     def doc(self) -> dict[str, Any]: ...
 
+    @property
+    def raw(self) -> bytes: ...
+
 
 class ApiClient(Protocol):
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
@@ -95,6 +98,7 @@ class ApiResult:
     doc: dict[str, Any]  # the envelope (status, data, warnings, infos, errorType, error)
     lookup: Lookup  # hit / partial / miss / coalesced: the X-Gateway-Cache header
     evaluated_at: float | None = None  # an instant query's evaluation time (unix s)
+    raw: bytes | None = None  # upstream's body as received, when `doc` is exactly it
 
 
 # -- time as Prometheus reads it -----------------------------------------------------------
@@ -550,8 +554,9 @@ def _key(*parts: object) -> str:
 
 
 def _params_key(params: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    # Stable by name: repeated names keep their order (Prometheus reads the first).
-    return sorted(params, key=lambda p: p[0])
+    """The parameters that change an answer, for keys: all but `timeout`, stable by name
+    (repeated names keep their order: Prometheus reads the first)."""
+    return sorted((p for p in params if p[0] != "timeout"), key=lambda p: p[0])
 
 
 class RangeCache:
@@ -627,7 +632,8 @@ class RangeCache:
             # The whole answer is one upstream answer: pass it on as it came.
             lookup = Lookup.MISS if led else Lookup.COALESCED
             self._count("range", lookup, 0, total)
-            return ApiResult(fetched[0].answer.status_code, fetched[0].answer.doc, lookup)
+            answer = fetched[0].answer
+            return ApiResult(answer.status_code, answer.doc, lookup, raw=answer.raw)
         if any(f.extent is None for f in fetched):
             # A piece carried warnings, an error or points off the grid: not assembled;
             # the caller gets upstream's own answer for the whole range.
@@ -691,7 +697,7 @@ class RangeCache:
         try:
             cutoff = int(self.clock() * 1000) - self.live_window_ms
             query = [("query", expr), ("start", piece.start), ("end", piece.end),
-                     ("step", fmt_ms(step_ms)), *params]
+                     ("step", fmt_ms(step_ms)), *_with_timeout(params, deadline)]
             try:
                 answer = await self.client.api("POST", "/api/v1/query_range", query,
                                                timeout=deadline - asyncio.get_running_loop().time(),
@@ -779,7 +785,8 @@ class RangeCache:
         outcome: _Evaluated = (await self._wait([fut], deadline))[0]
         lookup = Lookup.MISS if leader else Lookup.COALESCED
         self._count("instant", lookup, 0, 0)
-        return ApiResult(outcome.answer.status_code, outcome.answer.doc, lookup, outcome.t / 1000)
+        return ApiResult(outcome.answer.status_code, outcome.answer.doc, lookup, outcome.t / 1000,
+                         raw=outcome.answer.raw)
 
     async def _fetch_instant(self, key: str, fut: asyncio.Future[_Instant], expr: str, t_ms: int | None,
                              params: Sequence[tuple[str, str]], ttl: float, deadline: float,
@@ -787,7 +794,7 @@ class RangeCache:
         outcome: _Instant = UpstreamError("internal", "instant fetch ended without an answer")
         try:
             t = t_ms if t_ms is not None else int(self.clock() * 1000)
-            query = [("query", expr), ("time", fmt_ms(t)), *params]
+            query = [("query", expr), ("time", fmt_ms(t)), *_with_timeout(params, deadline)]
             try:
                 answer = await self.client.api("POST", "/api/v1/query", query,
                                                timeout=deadline - asyncio.get_running_loop().time(),
@@ -808,18 +815,19 @@ class RangeCache:
                     headers: Mapping[str, str] | None, key: str | None) -> ApiResult:
         """Upstream's own answer, never stored; coalesced with identical requests when keyed."""
         category = "range" if path.endswith("range") else "instant"
+        params = _with_timeout(params, deadline)
         if key is None:
             answer = await self.client.api("POST", path, params, category=category, headers=headers,
                                            timeout=deadline - asyncio.get_running_loop().time())
             gm.cache_outcome(category, Lookup.MISS)
-            return ApiResult(answer.status_code, answer.doc, Lookup.MISS)
+            return ApiResult(answer.status_code, answer.doc, Lookup.MISS, raw=answer.raw)
         fut, leader = self.passed.join(key)
         if leader:
             self._spawn(self._fetch_pass(key, fut, path, params, category, deadline, headers))
         outcome = (await self._wait([fut], deadline))[0]
         lookup = Lookup.MISS if leader else Lookup.COALESCED
         gm.cache_outcome(category, lookup)
-        return ApiResult(outcome.status_code, outcome.doc, lookup)
+        return ApiResult(outcome.status_code, outcome.doc, lookup, raw=outcome.raw)
 
     async def _fetch_pass(self, key: str, fut: asyncio.Future[_Passed], path: str,
                           params: Sequence[tuple[str, str]], category: str, deadline: float,
@@ -867,6 +875,15 @@ class RangeCache:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _with_timeout(params: Sequence[tuple[str, str]], deadline: float) -> list[tuple[str, str]]:
+    """The params with a `timeout`: the caller's own, else one a little before our deadline,
+    so the upstream reports its own timeout (whole ms: Prometheus durations take no fractions)."""
+    if any(name == "timeout" for name, _ in params):
+        return list(params)
+    remaining = deadline - asyncio.get_running_loop().time()
+    return [*params, ("timeout", f"{max(1, int(remaining * 900))}ms")]
 
 
 def repr_time(seconds: float) -> str:

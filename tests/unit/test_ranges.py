@@ -258,6 +258,10 @@ class FakeAnswer:
     status_code: int
     doc: dict[str, Any]
 
+    @property
+    def raw(self) -> bytes:
+        return json.dumps(self.doc).encode()
+
 
 class GridUpstream:
     """Evaluates `x` like Prometheus would on a fixed data set: series "a" everywhere,
