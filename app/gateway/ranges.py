@@ -708,7 +708,7 @@ class RangeCache:
         try:
             cutoff = int(self.clock() * 1000) - self.live_window_ms
             query = [("query", expr), ("start", piece.start), ("end", piece.end),
-                     ("step", fmt_ms(step_ms)), *_with_timeout(params, deadline)]
+                     ("step", fmt_ms(step_ms)), *list(params)]
             try:
                 answer = await self.client.api("POST", "/api/v1/query_range", query,
                                                timeout=deadline - asyncio.get_running_loop().time(),
@@ -805,7 +805,7 @@ class RangeCache:
         outcome: _Instant = UpstreamError("internal", "instant fetch ended without an answer")
         try:
             t = t_ms if t_ms is not None else int(self.clock() * 1000)
-            query = [("query", expr), ("time", fmt_ms(t)), *_with_timeout(params, deadline)]
+            query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
             try:
                 answer = await self.client.api("POST", "/api/v1/query", query,
                                                timeout=deadline - asyncio.get_running_loop().time(),
@@ -826,7 +826,7 @@ class RangeCache:
                     headers: Mapping[str, str] | None, key: str | None) -> ApiResult:
         """Upstream's own answer, never stored; coalesced with identical requests when keyed."""
         category = "range" if path.endswith("range") else "instant"
-        params = _with_timeout(params, deadline)
+        params = list(params)
         if key is None:
             answer = await self.client.api("POST", path, params, category=category, headers=headers,
                                            timeout=deadline - asyncio.get_running_loop().time())
@@ -886,15 +886,6 @@ class RangeCache:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _with_timeout(params: Sequence[tuple[str, str]], deadline: float) -> list[tuple[str, str]]:
-    """The params with a `timeout`: the caller's own, else one a little before our deadline,
-    so the upstream reports its own timeout (whole ms: Prometheus durations take no fractions)."""
-    if any(name == "timeout" for name, _ in params):
-        return list(params)
-    remaining = deadline - asyncio.get_running_loop().time()
-    return [*params, ("timeout", f"{max(1, int(remaining * 900))}ms")]
 
 
 def repr_time(seconds: float) -> str:
