@@ -41,8 +41,8 @@ CACHE_EVENTS = Counter(
 )
 RANGE_CACHE_STEPS = Counter(
     "metrics_gateway_range_cache_steps_total",
-    "Evaluation steps of query API answers by source: cache (assembled from stored extents) "
-    "or upstream (fetched for the answer).",
+    "Evaluation steps of query API range answers by source: cache (stored extents), upstream "
+    "(fetched by the request), coalesced (fetched by another request it waited on).",
     ["source"],
 )
 RANGE_CACHE_BYTES = Gauge(
@@ -83,11 +83,13 @@ def observe_upstream(category: str, seconds: float, error_type: str | None,
         UPSTREAM_LAST_SUCCESS.set(time.time())
 
 
-def range_steps(cached: int, fetched: int) -> None:
+def range_steps(cached: int, fetched: int, coalesced: int = 0) -> None:
     if cached:
         RANGE_CACHE_STEPS.labels("cache").inc(cached)
     if fetched:
         RANGE_CACHE_STEPS.labels("upstream").inc(fetched)
+    if coalesced:
+        RANGE_CACHE_STEPS.labels("coalesced").inc(coalesced)
 
 
 def range_cache_bytes(size: int) -> None:

@@ -92,15 +92,32 @@ class ApiClient(Protocol):
                   headers: Mapping[str, str] | None = None) -> Answer: ...
 
 
-@dataclass(frozen=True, slots=True)
 class ApiResult:
-    """An answer for the query API: the envelope to send and how it was had."""
+    """An answer for the query API: the envelope to send and how it was had.
 
-    status_code: int
-    doc: dict[str, Any]  # the envelope (status, data, warnings, infos, errorType, error)
-    lookup: Lookup  # hit / partial / miss / coalesced: the X-Gateway-Cache header
-    evaluated_at: float | None = None  # an instant query's evaluation time (unix s)
-    raw: bytes | None = None  # upstream's body as received, when `doc` is exactly it
+    `raw` is the body to send as is when there is one (upstream's own bytes, or a
+    remembered answer); `doc` is then decoded only if someone asks for it.
+    """
+
+    __slots__ = ("_doc", "evaluated_at", "lookup", "raw", "status_code")
+
+    def __init__(self, status_code: int, doc: dict[str, Any] | None, lookup: Lookup,
+                 evaluated_at: float | None = None, raw: bytes | None = None) -> None:
+        if doc is None and raw is None:
+            raise ValueError("an ApiResult needs a doc or a raw body")
+        self.status_code = status_code
+        self._doc = doc
+        self.lookup = lookup  # hit / partial / miss / coalesced: the X-Gateway-Cache header
+        self.evaluated_at = evaluated_at  # an instant query's evaluation time (unix s)
+        self.raw = raw
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The envelope (status, data, warnings, infos, errorType, error)."""
+        if self._doc is None:
+            assert self.raw is not None
+            self._doc = json.loads(self.raw)
+        return self._doc
 
 
 # -- time as Prometheus reads it -----------------------------------------------------------
@@ -462,6 +479,11 @@ def matrix_doc(result: list[dict[str, Any]]) -> dict[str, Any]:
     return {"status": "success", "data": {"resultType": "matrix", "result": result}}
 
 
+def _assembled_body(segments: Sequence[tuple[Interval, Extent]]) -> bytes:
+    doc = matrix_doc(assemble(segments))
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 # -- the store (store only) ----------------------------------------------------------------
 
 class ExtentStore(Protocol):
@@ -609,6 +631,16 @@ class RangeCache:
         now_ms = int(self.clock() * 1000)
         live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
         settled_last = min(last, live_from - step_ms)
+        total = (last - first) // step_ms + 1
+        # The very same request answered before: its body, for as long as its most
+        # recent instant allows (seconds when it has live instants).
+        memo_key = f"{base}:ans:{first}:{last}"
+        memo_ttl = (self.settings.range_cache_live_ttl_seconds if live_from <= last
+                    else self.settings.range_cache_ttl_seconds)
+        remembered = (await self.store.get_many([memo_key]))[0]
+        if remembered is not None:
+            self._count("range", Lookup.HIT, total, 0, 0)
+            return ApiResult(200, None, Lookup.HIT, raw=remembered)
         blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
@@ -625,30 +657,33 @@ class RangeCache:
         pieces = self._pieces(missing, first, last, step_ms, start, end)
 
         futures: list[asyncio.Future[_Flight]] = []
-        led = 0
+        leads: list[bool] = []
         for piece in pieces:
             fkey = f"{base}|{piece.a}|{piece.b}|{piece.start}|{piece.end}"
             fut, leader = self.pieces.join(fkey)
+            leads.append(leader)
             if leader:
-                led += 1
                 self._spawn(self._fetch_piece(fkey, fut, piece, expr, step_ms, params, rch, base,
                                               live_key, deadline, headers))
             futures.append(fut)
         fetched = await self._wait(futures, deadline)
 
-        total = (last - first) // step_ms + 1
         fetched_steps = min(total, sum((p.b - p.a) // step_ms + 1 for p in pieces))
         cached_steps = total - fetched_steps
+        led = any(leads)
+        led_steps = sum((p.b - p.a) // step_ms + 1 for p, lead in zip(pieces, leads, strict=True) if lead)
         if not covered and len(pieces) == 1 and (pieces[0].a, pieces[0].b) == (first, last):
             # The whole answer is one upstream answer: pass it on as it came.
             lookup = Lookup.MISS if led else Lookup.COALESCED
-            self._count("range", lookup, 0, total)
+            self._count("range", lookup, 0, led_steps, total - led_steps)
             answer = fetched[0].answer
+            if fetched[0].extent is not None:
+                await self.store.put_many([(memo_key, answer.raw, memo_ttl)])
             return ApiResult(answer.status_code, answer.doc, lookup, raw=answer.raw)
         if any(f.extent is None for f in fetched):
             # A piece carried warnings, an error or points off the grid: not assembled;
             # the caller gets upstream's own answer for the whole range.
-            self._count("range", Lookup.MISS, 0, total)
+            self._count("range", Lookup.MISS, 0, led_steps, 0)
             return await self._pass("/api/v1/query_range", base_params, deadline, headers, full_key)
 
         segments: list[tuple[Interval, Extent]] = []
@@ -665,15 +700,17 @@ class RangeCache:
                     taken.append(part)
         segments.sort(key=lambda seg: seg[0])
         points = sum(e.points() for _, e in segments)
-        result = await _cpu(assemble, segments, heavy=points > THREAD_POINTS)
+        body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
+        await self.store.put_many([(memo_key, body, memo_ttl)])
         if not fetched:
             lookup = Lookup.HIT
         elif cached_steps > 0:
             lookup = Lookup.PARTIAL
         else:
             lookup = Lookup.MISS if led else Lookup.COALESCED
-        self._count("range", lookup, cached_steps, fetched_steps)
-        return ApiResult(200, matrix_doc(result), lookup)
+        self._count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
+        return ApiResult(200, None, lookup, raw=body)
+
 
     def _blocks(self, a: int, b: int, step: int) -> list[int]:
         phase = a % step
@@ -788,14 +825,14 @@ class RangeCache:
         data = (await self.store.get_many([key]))[0]
         if data is not None:
             kept = json.loads(data)
-            self._count("instant", Lookup.HIT, 0, 0)
+            self._count("instant", Lookup.HIT)
             return ApiResult(200, kept["doc"], Lookup.HIT, kept["t"] / 1000)
         fut, leader = self.instants.join(key)
         if leader:
             self._spawn(self._fetch_instant(key, fut, expr, t_ms, params, ttl, deadline, headers))
         outcome: _Evaluated = (await self._wait([fut], deadline))[0]
         lookup = Lookup.MISS if leader else Lookup.COALESCED
-        self._count("instant", lookup, 0, 0)
+        self._count("instant", lookup)
         return ApiResult(outcome.answer.status_code, outcome.answer.doc, lookup, outcome.t / 1000,
                          raw=outcome.answer.raw)
 
@@ -877,9 +914,12 @@ class RangeCache:
         return out
 
     @staticmethod
-    def _count(category: str, lookup: Lookup, cached: int, fetched: int) -> None:
+    def _count(category: str, lookup: Lookup, cached: int = 0, fetched: int = 0,
+               coalesced: int = 0) -> None:
+        """One lookup; evaluation steps served from the store, fetched by this request,
+        or fetched by another request it waited on."""
         gm.cache_outcome(category, lookup)
-        gm.range_steps(cached, fetched)
+        gm.range_steps(cached, fetched, coalesced)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -312,10 +312,11 @@
     var pts = values.filter(function (p) { return isFinite(p[1]); });
     var lo = Infinity, hi = -Infinity;
     pts.forEach(function (p) { lo = Math.min(lo, p[1]); hi = Math.max(hi, p[1]); });
-    var span = hi - lo || 1;
+    var flat = !(hi > lo);
+    var span = flat ? 1 : hi - lo;
     var coords = pts.map(function (p) {
       var x = (p[0] - start) / (end - start) * 100;
-      var y = 22 - (p[1] - lo) / span * 20;
+      var y = flat ? 12 : 22 - (p[1] - lo) / span * 20;
       return x.toFixed(2) + "," + y.toFixed(2);
     });
     if (coords.length) {
