@@ -15,6 +15,10 @@ of them 15 s later. Measured in one run, side by side:
    metrics_gateway_range_cache_steps_total{source});
 3. one cached panel vs Prometheus evaluating it, one request at a time.
 
+Baselines in the same run: the same burst of GET /health on the same server (the
+floor of this client and server on this machine), and the same 500 panel requests
+sent to Prometheus directly.
+
 Usage: .venv/bin/python benchmarks/bench_dashboard.py [--viewers 25] [--rounds 50] [--markdown out.md]
 Needs prometheus and promtool (Debian packages) on PATH.
 """
@@ -111,6 +115,19 @@ async def open_dashboard(gateway: str, viewers: int, now: float) -> tuple[dict[i
     return latencies, lookups
 
 
+async def health_burst(gateway: str, n: int) -> list[float]:
+    """The floor: n concurrent GET /health on the same server and client (no query work)."""
+    latencies: list[float] = []
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as client:
+        async def one() -> None:
+            t0 = time.perf_counter()
+            await client.get(f"{gateway}/health")
+            latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+    return latencies
+
+
 async def single_panel(url: str, query: str, rounds: int, now: float) -> list[float]:
     start, end = window(now)
     times = []
@@ -179,15 +196,26 @@ def main() -> None:
             first_fetch = steps1["upstream"] - steps0["upstream"]
             say(f"- for comparison the opening fetched {first_fetch:.0f} steps ({first_fetch / full:.0%})")
 
+            floor = asyncio.run(health_burst(app.url, n))
+            say(f"\n- the floor on this machine (same client, same server): {n} concurrent GET /health: "
+                f"p50 {pct(floor, 0.5):.0f} ms, p99 {pct(floor, 0.99):.0f} ms")
+            before = range_requests(prom.url)
+            direct, _ = asyncio.run(open_dashboard(prom.url, args.viewers, opened))
+            all_direct = [x for v in direct.values() for x in v]
+            say(f"- the same {n} requests sent to Prometheus directly: "
+                f"{range_requests(prom.url) - before:.0f} evaluations, p50 {pct(all_direct, 0.5):.0f} ms, "
+                f"p99 {pct(all_direct, 0.99):.0f} ms")
+
             # A panel whose window is older than the live window: answered from extents.
             query = PANELS[1]
             past = time.time() - 600
             asyncio.run(single_panel(app.url, query, 1, past))
             cached = asyncio.run(single_panel(app.url, query, args.rounds, past))
-            direct = asyncio.run(single_panel(prom.url, query, args.rounds, past))
+            evaluated = asyncio.run(single_panel(prom.url, query, args.rounds, past))
             say(f"\n- one cached panel (`{query}`, 1 h ending 10 min ago), {args.rounds} requests one at a "
                 f"time: gateway median **{statistics.median(cached) * 1000:.2f} ms** vs Prometheus evaluating it "
-                f"**{statistics.median(direct) * 1000:.2f} ms** (x{statistics.median(direct) / statistics.median(cached):.1f})")
+                f"**{statistics.median(evaluated) * 1000:.2f} ms** "
+                f"(x{statistics.median(evaluated) / statistics.median(cached):.1f})")
         finally:
             app.stop()
             prom.stop()

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -574,6 +574,7 @@ class _Evaluated:
 
 
 _Flight = _Fetched | UpstreamError
+_Request = ApiResult | UpstreamError
 _Passed = Answer | UpstreamError
 _Instant = _Evaluated | UpstreamError
 
@@ -600,6 +601,7 @@ class RangeCache:
         self.pieces: SingleFlight[_Flight] = SingleFlight()
         self.passed: SingleFlight[_Passed] = SingleFlight()
         self.instants: SingleFlight[_Instant] = SingleFlight()
+        self.requests: SingleFlight[_Request] = SingleFlight()
         self._tasks: set[asyncio.Task[None]] = set()
         self.clock: Callable[[], float] = time.time
 
@@ -630,7 +632,6 @@ class RangeCache:
 
         now_ms = int(self.clock() * 1000)
         live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
-        settled_last = min(last, live_from - step_ms)
         total = (last - first) // step_ms + 1
         # The very same request answered before: its body, for as long as its most
         # recent instant allows (seconds when it has live instants).
@@ -641,6 +642,40 @@ class RangeCache:
         if remembered is not None:
             self._count("range", Lookup.HIT, total, 0, 0)
             return ApiResult(200, None, Lookup.HIT, raw=remembered)
+        # Identical requests in flight wait for the first one's answer (a dashboard opened
+        # by many viewers at once): assembled once, sent to all.
+        fut, leader = self.requests.join(memo_key)
+        if leader:
+            self._spawn(self._lead(memo_key, fut, self._range_answer(
+                scope=scope, expr=expr, start=start, end=end, step=step, params=params,
+                deadline=deadline, headers=headers, rch=rch, first=first, last=last,
+                step_ms=step_ms, base=base, live_from=live_from, memo_key=memo_key,
+                memo_ttl=memo_ttl, base_params=base_params, full_key=full_key)))
+        result: ApiResult = (await self._wait([fut], deadline))[0]
+        if leader:
+            return result
+        self._count("range", Lookup.COALESCED, 0, 0, total)
+        return ApiResult(result.status_code, None if result.raw is not None else result.doc,
+                         Lookup.COALESCED, raw=result.raw)
+
+    async def _lead(self, key: str, fut: asyncio.Future[_Request],
+                    work: Coroutine[Any, Any, ApiResult]) -> None:
+        outcome: _Request = UpstreamError("internal", "range answer ended without a result")
+        try:
+            outcome = await work
+        except UpstreamError as exc:
+            outcome = exc
+        finally:
+            self.requests.settle(key, fut, outcome)
+
+    async def _range_answer(self, *, scope: str, expr: str, start: float, end: float, step: float,
+                            params: Sequence[tuple[str, str]], deadline: float,
+                            headers: Mapping[str, str] | None, rch: Reach, first: int, last: int,
+                            step_ms: int, base: str, live_from: int, memo_key: str, memo_ttl: float,
+                            base_params: list[tuple[str, str]], full_key: str) -> ApiResult:
+        """The answer of one range query: stored extents, the missing ones fetched."""
+        total = (last - first) // step_ms + 1
+        settled_last = min(last, live_from - step_ms)
         blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
