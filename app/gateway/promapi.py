@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 
 from app.gateway.names import FigureNames, merge_metadata
 from app.gateway.promql import PromQLError, parse
@@ -172,9 +173,12 @@ async def read_params(request: Request) -> Params:
 
 
 # Go's strconv.ParseFloat syntax (decimal; no spaces or underscores, unlike Python's float()).
-_FLOAT = re.compile(r"\A[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)\Z", re.IGNORECASE)
-_RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z")
-_DURATION = re.compile(r"\A(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z")
+_FLOAT = re.compile(r"\A[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)\Z",
+                    re.IGNORECASE | re.ASCII)
+_INT = re.compile(r"\A[+-]?[0-9]+\Z")
+_RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z", re.ASCII)
+_DURATION = re.compile(r"\A(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z",
+                       re.ASCII)
 _UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 _MIN_TIME_FORMATTED = "-292273086-05-16T16:47:06Z"
 _MAX_TIME_FORMATTED = "292277025-08-18T07:12:54.999999999Z"
@@ -270,6 +274,20 @@ def caller_of(request: Request) -> Caller:
 
 
 Handler = Callable[[Params, Caller], Awaitable[Response]]
+
+_ANY_METHOD = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE")
+_GET_AND_POST = frozenset({"query", "query_range", "query_exemplars", "series", "labels"})
+_GET_ONLY = frozenset({"metadata", "status/buildinfo", "status/flags", "rules", "alerts"})
+_LABEL_VALUES = re.compile(r"\Alabel/[^/]+/values\Z")
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods a path under /api/v1 is served with; None for a path not served."""
+    if path in _GET_AND_POST:
+        return ("GET", "POST")
+    if path in _GET_ONLY or _LABEL_VALUES.match(path):
+        return ("GET",)
+    return None
 
 
 # --- the router ----------------------------------------------------------------------------------
@@ -436,10 +454,9 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
         text = p.get("limit")
         if text == "":
             return None
-        try:
-            return int(text)
-        except ValueError:
-            raise bad_data(message) from None
+        if not _INT.match(text):  # Go's strconv.Atoi: no spaces, underscores or other digits
+            raise bad_data(message)
+        return int(text)
 
     @router.get("/label/{name}/values", summary="Label values (Prometheus API; figure names under __name__)")
     async def label_values(request: Request, name: str) -> Response:
@@ -449,11 +466,13 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             answer = await upstream("GET", f"/api/v1/label/{quote(name, safe='')}/values", p.items, caller)
             if name != "__name__" or answer.error_type is not None:
                 return passthrough(answer)
-            limit = limit_param(p, "limit must be a number")
+            # The upstream has judged limit and match[] already (and answered): no second opinion.
+            text = p.get("limit")
+            limit = int(text) if _INT.match(text) else None
             try:
                 ours = names.names_matching(p.all("match[]"))
-            except PromQLError as exc:
-                raise bad_data(str(exc)) from None
+            except PromQLError:
+                ours = []  # a selector the upstream reads and we cannot: no figure claims it
             values = sorted(set(answer.doc.get("data") or []) | set(ours))
             warnings = list(answer.doc.get("warnings") or [])
             if limit is not None and 0 < limit < len(values):
@@ -507,8 +526,82 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
                           ("/rules", "Rules (upstream's)"), ("/alerts", "Alerts (upstream's)")):
         router.add_api_route(path, passthrough_get(path), methods=["GET"], summary=summary)
 
-    @router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
-    async def unknown(rest: str) -> Response:
-        return error_response(ApiError("not_found", f"the gateway does not serve /api/v1/{rest}"))
+    @router.api_route("/{rest:path}", methods=list(_ANY_METHOD), include_in_schema=False)
+    async def other(rest: str) -> Response:
+        """Unknown paths: 404. Known paths with another method: 405 listing the right ones
+        (Starlette's own 405 would list only the first route's method). CORS preflights
+        never get here: the CORS middleware answers them."""
+        allowed = allowed_methods(rest)
+        if allowed is None:
+            return error_response(ApiError("not_found", f"the gateway does not serve /api/v1/{rest}"))
+        return Response(json.dumps({"detail": "Method Not Allowed"}), status_code=405, media_type=JSON,
+                        headers={"Allow": ", ".join(allowed)})
 
+    document(router)
     return router
+
+
+# --- OpenAPI: the parameters as Prometheus reads them ---------------------------------------------
+
+# An empty value is an absent one (Go's FormValue), so the patterns accept "".
+_TIME = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])"
+         r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$")
+_DURATION_PATTERN = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?)"
+                     r"|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$")
+_STR = {"type": "string"}
+# A form field given once is a string, several times an array: the wire cannot tell them apart.
+_MATCH: dict[str, Any] = {"anyOf": [_STR, {"type": "array", "items": _STR}]}
+_PARAMS: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {
+    "query": [("query", False, _STR), ("time", False, {**_STR, "pattern": _TIME}),
+              ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
+    "query_range": [("query", False, _STR), ("start", True, {**_STR, "pattern": _TIME}),
+                    ("end", True, {**_STR, "pattern": _TIME}), ("step", True, {**_STR, "pattern": _DURATION_PATTERN}),
+                    ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
+    "query_exemplars": [("query", False, _STR), ("start", False, {**_STR, "pattern": _TIME}),
+                        ("end", False, {**_STR, "pattern": _TIME})],
+    "series": [("match[]", True, _MATCH),
+               ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
+               ("limit", False, _STR)],
+    "labels": [("match[]", False, _MATCH), ("start", False, {**_STR, "pattern": _TIME}),
+               ("end", False, {**_STR, "pattern": _TIME}), ("limit", False, _STR)],
+    "label/{name}/values": [("match[]", False, _MATCH),
+                            ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
+                            ("limit", False, _STR)],
+    "metadata": [("metric", False, _STR), ("limit", False, {"type": "string", "pattern": r"^([+-]?[0-9]+)?$"}),
+                 ("limit_per_metric", False, _STR)],
+}
+_ENVELOPE = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["success", "error"]}, "data": {},
+    "errorType": {"type": "string"}, "error": {"type": "string"},
+    "warnings": {"type": "array", "items": {"type": "string"}},
+    "infos": {"type": "array", "items": {"type": "string"}}}}
+_ERROR = {"description": "Prometheus' error envelope", "content": {JSON: {"schema": _ENVELOPE}}}
+API_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus' success envelope (the upstream's, passed through)",
+          "content": {JSON: {"schema": _ENVELOPE}}},
+    400: _ERROR, 404: _ERROR, 422: _ERROR, 500: _ERROR, 503: _ERROR,
+}
+
+
+def document(router: APIRouter) -> None:
+    """Describe each API route's parameters (query string for GET, form body for POST) and
+    its answers in OpenAPI, so /docs shows them and schema-driven clients can call them."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        params = _PARAMS.get(route.path_format.lstrip("/"), [])
+        route.responses = {**API_RESPONSES, **route.responses}
+        if "POST" in (route.methods or set()):
+            props = {name: schema for name, _, schema in params}
+            required = [name for name, req, _ in params if req]
+            body: dict[str, Any] = {"type": "object", "properties": props}
+            if required:
+                body["required"] = required
+            route.openapi_extra = {"requestBody": {"required": bool(required), "content": {FORM: {
+                "schema": body, "encoding": {n: {"style": "form", "explode": True}
+                                             for n, _, sc in params if sc is _MATCH}}}}}
+        elif params:
+            route.openapi_extra = {"parameters": [
+                {"name": name, "in": "query", "required": req, "schema": schema,
+                 **({"style": "form", "explode": True} if schema is _MATCH else {})}
+                for name, req, schema in params]}

@@ -88,7 +88,7 @@ async def test_api_html_502_raises_and_counts_against_the_breaker() -> None:
     async with prom_client(settings(breaker_failure_threshold=1)) as c:
         with pytest.raises(UpstreamError) as info:
             await c.api("GET", "/api/v1/query", [("query", "1")], timeout=1.0)
-        assert info.value.error_type == "server_error"
+        assert info.value.error_type == "bad_response"
         assert c.breaker.state == "open"
         with pytest.raises(UpstreamError) as again:
             await c.api("GET", "/api/v1/query", [("query", "1")], timeout=1.0)
@@ -273,3 +273,27 @@ def test_durations_read_like_prometheus(text: str, seconds: float) -> None:
 def test_durations_prometheus_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_wrong_method_is_405_with_every_allowed_method_and_unknown_paths_404(mock: respx.MockRouter) -> None:
+    with api_app() as c:
+        r = c.put("/api/v1/query")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+        r = c.post("/api/v1/label/job/values")
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+        r = c.post("/api/v1/status/buildinfo")
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+        r = c.get("/api/v1/admin/tsdb/snapshot")
+        assert r.status_code == 404 and r.json()["errorType"] == "not_found"
+
+
+def test_the_api_is_described_in_openapi() -> None:
+    app = FastAPI()
+    app.include_router(create_gateway_router(settings()))
+    doc = app.openapi()["paths"]
+    get = doc["/api/v1/query_range"]["get"]
+    assert {p["name"]: p["required"] for p in get["parameters"]} == {
+        "query": False, "start": True, "end": True, "step": True, "timeout": False, "stats": False}
+    post = doc["/prometheus/api/v1/series"]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
+    assert post["schema"]["required"] == ["match[]"]
+    assert "503" in get["responses"] and "400" in get["responses"]
