@@ -63,6 +63,9 @@ MAX_PIECES = 3  # more missing pieces than this: fetch one span instead
 KEY_VERSION = "rc1"
 # Parameters that make an answer uncacheable (Prometheus' per-query statistics).
 BYPASS_PARAMS = frozenset({"stats"})
+# A whole answer is remembered at most this long (its extents stay longer): a window
+# moves with every refresh, so old bodies should leave room for extents.
+MEMO_MAX_SECONDS = 600.0
 # Assembling more points than this runs in a worker thread, off the event loop.
 THREAD_POINTS = 20_000
 
@@ -637,7 +640,7 @@ class RangeCache:
         # recent instant allows (seconds when it has live instants).
         memo_key = f"{base}:ans:{first}:{last}"
         memo_ttl = (self.settings.range_cache_live_ttl_seconds if live_from <= last
-                    else self.settings.range_cache_ttl_seconds)
+                    else min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS))
         remembered = (await self.store.get_many([memo_key]))[0]
         if remembered is not None:
             self._count("range", Lookup.HIT, total, 0, 0)
@@ -745,7 +748,6 @@ class RangeCache:
             lookup = Lookup.MISS if led else Lookup.COALESCED
         self._count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
         return ApiResult(200, None, lookup, raw=body)
-
 
     def _blocks(self, a: int, b: int, step: int) -> list[int]:
         phase = a % step
