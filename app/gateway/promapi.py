@@ -359,8 +359,12 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             raise from_upstream(exc) from None
         body = result.raw if result.raw is not None else json.dumps(
             result.doc, ensure_ascii=False, separators=(",", ":")).encode()
-        return Response(body, status_code=result.status_code, media_type=JSON,
-                        headers={"X-Gateway-Cache": str(result.lookup)})
+        out = {"X-Gateway-Cache": str(result.lookup)}
+        if result.evaluated_at is not None:
+            # The instant an instant query was evaluated at (the gateway's "now" when the
+            # client sent no time): reported even when no sample carries it.
+            out["X-Gateway-Evaluation-Time"] = repr(result.evaluated_at)
+        return Response(body, status_code=result.status_code, media_type=JSON, headers=out)
 
     def passthrough(answer: ApiAnswer, lookup: Lookup | None = None) -> Response:
         headers = {"X-Gateway-Cache": str(lookup)} if lookup is not None else None

@@ -189,3 +189,21 @@ def _range_requests(stack: Stack) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("prometheus_http_requests_total{")
                and 'handler="/api/v1/query_range"' in line)
+
+
+def test_instant_query_at_now_is_evaluated_at_a_reported_time_and_reused(stack: Stack) -> None:
+    """Without `time` the gateway picks now, sends it upstream and reports it; the answer
+    is Prometheus' own for that time, and is reused within the figure TTL."""
+    query = "sum(demo_num_cpus) + time() * 0"
+    first = stack.gateway.post("/api/v1/query", data={"query": query})
+    assert first.headers["x-gateway-cache"] == "miss"
+    at = first.headers["x-gateway-evaluation-time"]
+    assert first.json()["data"]["result"][0]["value"][0] == pytest.approx(float(at))
+    direct = stack.prom.post("/api/v1/query", data={"query": query, "time": at})
+    assert canonical(first) == canonical(direct)
+    again = stack.gateway.post("/api/v1/query", data={"query": query})
+    assert again.headers["x-gateway-cache"] == "hit"
+    assert again.headers["x-gateway-evaluation-time"] == at and again.json() == first.json()
+    # An empty answer carries no sample time: the header still reports it.
+    empty = stack.gateway.post("/api/v1/query", data={"query": "nonexistent_metric_name"})
+    assert empty.json()["data"]["result"] == [] and float(empty.headers["x-gateway-evaluation-time"]) > 0
