@@ -91,9 +91,10 @@ def test_summary_sums_series_scales_and_reports_provenance() -> None:
                               "providers": {"avg": None}}
     p = doc["provenance"]
     assert p["http"]["total_requests"] == {"state": "cached", "lookup": "hit", "age_seconds": 3.25, "query": "reqs",
-                                           "unit": "requests"}
+                                           "figure": "gw_requests_total", "unit": "requests"}
     assert p["http"]["avg_latency_ms"] == {
-        "state": "stale", "lookup": "stale", "age_seconds": 42.0, "query": "lat", "unit": "milliseconds",
+        "state": "stale", "lookup": "stale", "age_seconds": 42.0, "query": "lat", "figure": "gw_latency_seconds",
+        "unit": "milliseconds",
         "error": {"error_type": "timeout", "message": "no answer within 3.00s"}}
     assert p["providers"]["avg"]["state"] == "failed" and "age_seconds" not in p["providers"]["avg"]
     assert doc["errors"] == [

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.gateway.catalog.model import Catalog
+from app.gateway.names import figure_name
 from app.gateway.result import QueryResult, State, overall_status
 
 
@@ -86,6 +87,8 @@ def summary(catalog: Catalog, results: dict[str, QueryResult], upstream_up: bool
         metrics.setdefault(fig.section, {})[fig.key] = value
         p = provenance(r)
         p["query"] = fig.query_id
+        # Its metric name in the query API (/api/v1): the status page's trend lines ask for it.
+        p["figure"] = figure_name(catalog, r.query)
         p["unit"] = fig.unit or r.query.unit
         if flag:
             p["non_finite"] = flag

@@ -296,6 +296,7 @@
       .then(function (data) {
         lastGood = data;
         render(data);
+        refreshSparks(data);
         document.getElementById("fetch-error").hidden = true;
         var now = new Date();
         var lu = document.getElementById("last-update");
@@ -308,6 +309,96 @@
         if (timer) { clearTimeout(timer); }
         setTimeout(refresh, refreshSeconds * 1000);
       });
+  }
+
+  /* Trends: a sparkline of the last hour under each figure. Each figure is asked of the
+   * gateway's own Prometheus API by its metric name (provenance.figure), summed like the
+   * summary sums it, as a range query on a fixed minute grid: every viewer asks the same
+   * windows, so the range cache answers them from its extents and fetches only new edges.
+   * The svg keeps what it drew in data-* attributes (figure, start, end, step, points, last). */
+  var apiUrl = body.getAttribute("data-api-url") || "/api/v1";
+  var SPARK_STEP = 60;
+  var SPARK_SECONDS = 3600;
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  var sparkDue = 0;
+
+  function sparkFigures(data) {
+    var byName = {};
+    SECTIONS.forEach(function (section) {
+      section.figures.forEach(function (f) {
+        var p = provenance(data, section.key, f[0]);
+        if (p && typeof p.figure === "string" && p.figure) {
+          (byName[p.figure] = byName[p.figure] || []).push("fig-" + section.key + "-" + f[0]);
+        }
+      });
+    });
+    return byName;
+  }
+
+  function drawSpark(id, name, start, end, values) {
+    var refs = elements[id];
+    if (!refs) { return; }
+    var svg = refs.spark;
+    if (!svg) {
+      svg = document.createElementNS(SVG_NS, "svg");
+      svg.setAttribute("class", "spark");
+      svg.setAttribute("viewBox", "0 0 100 24");
+      svg.setAttribute("preserveAspectRatio", "none");
+      svg.setAttribute("role", "img");
+      refs.box.appendChild(svg);
+      refs.spark = svg;
+    }
+    while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+    var pts = values.filter(function (p) { return isFinite(p[1]); });
+    var lo = Infinity, hi = -Infinity;
+    pts.forEach(function (p) { lo = Math.min(lo, p[1]); hi = Math.max(hi, p[1]); });
+    var flat = !(hi > lo);
+    var span = flat ? 1 : hi - lo;
+    var coords = pts.map(function (p) {
+      var x = (p[0] - start) / (end - start) * 100;
+      var y = flat ? 12 : 22 - (p[1] - lo) / span * 20;
+      return x.toFixed(2) + "," + y.toFixed(2);
+    });
+    if (coords.length) {
+      var line = document.createElementNS(SVG_NS, "polyline");
+      line.setAttribute("points", coords.join(" "));
+      svg.appendChild(line);
+    }
+    svg.setAttribute("data-figure", name);
+    svg.setAttribute("data-start", String(start));
+    svg.setAttribute("data-end", String(end));
+    svg.setAttribute("data-step", String(SPARK_STEP));
+    svg.setAttribute("data-points", String(pts.length));
+    svg.setAttribute("data-last", pts.length ? String(pts[pts.length - 1][1]) : "");
+    svg.setAttribute("aria-label", "last hour: " + pts.length + " points");
+  }
+
+  function refreshSparks(data) {
+    var now = Date.now() / 1000;
+    if (now < sparkDue) { return; }
+    sparkDue = now + SPARK_STEP;
+    var end = Math.floor(now / SPARK_STEP) * SPARK_STEP;
+    var start = end - SPARK_SECONDS;
+    var byName = sparkFigures(data);
+    var headers = { Accept: "application/json",
+      "Content-Type": "application/x-www-form-urlencoded" };
+    if (token) { headers.Authorization = "Bearer " + token; }
+    Object.keys(byName).forEach(function (name) {
+      var form = new URLSearchParams({ query: "sum(" + name + ")", start: String(start),
+        end: String(end), step: String(SPARK_STEP) });
+      fetch(apiUrl + "/query_range", { method: "POST", cache: "no-store", headers: headers,
+        body: form.toString() })
+        .then(function (resp) { return resp.json(); })
+        .then(function (doc) {
+          if (!doc || doc.status !== "success") { return; }
+          var series = (doc.data && doc.data.result) || [];
+          var values = series.length ? series[0].values.map(function (v) {
+            return [Number(v[0]), Number(v[1])];
+          }) : [];
+          byName[name].forEach(function (id) { drawSpark(id, name, start, end, values); });
+        })
+        .catch(function () { /* a trend line is optional: the figures stay */ });
+    });
   }
 
   build();
