@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway.cache import QueryCache, ResponseMemo
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
@@ -84,28 +85,35 @@ class GatewayService:
 
     # -- figures ------------------------------------------------------------------------
 
-    async def summary(self) -> dict[str, QueryResult]:
+    # `tenant`: the caller's scope (app.common.tenancy); the engine enforces it on
+    # every query and keys every cached figure by it.
+
+    async def summary(self, tenant: Tenant = UNCONFINED) -> dict[str, QueryResult]:
         engine = await self.ensure_started()
-        results = await engine.run(self.catalog.summary_queries(), "summary")
+        results = await engine.run(self.catalog.summary_queries(), "summary", tenant=tenant)
         return {r.query.id: r for r in results}
 
-    async def category(self, name: str, filters: Filters | None = None) -> list[QueryResult]:
+    async def category(self, name: str, filters: Filters | None = None,
+                       tenant: Tenant = UNCONFINED) -> list[QueryResult]:
         engine = await self.ensure_started()
-        return await engine.run(self.catalog.category_queries(name), name, filters)
+        return await engine.run(self.catalog.category_queries(name), name, filters, tenant=tenant)
 
-    async def everything(self) -> list[QueryResult]:
+    async def everything(self, tenant: Tenant = UNCONFINED) -> list[QueryResult]:
         engine = await self.ensure_started()
-        return await engine.run(self.catalog.all_queries(), "all")
+        return await engine.run(self.catalog.all_queries(), "all", tenant=tenant)
 
     # -- rendered bodies ----------------------------------------------------------------
 
-    def recall(self, key: tuple[str, ...]) -> Rendered | None:
-        hit = self.memo.get(key)
+    # Memo keys lead with the caller's tenant id: one tenant's rendered body is never
+    # another's.
+
+    def recall(self, key: tuple[str, ...], tenant: Tenant = UNCONFINED) -> Rendered | None:
+        hit = self.memo.get((tenant.id, *key))
         return Rendered(*hit) if hit is not None else None
 
     def remember(self, key: tuple[str, ...], ttl_category: str, results: list[QueryResult],
-                 body: bytes, media_type: str) -> Rendered:
+                 body: bytes, media_type: str, tenant: Tenant = UNCONFINED) -> Rendered:
         """Keep a healthy body for reuse (never a degraded one, never past the TTL)."""
         if all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
-            self.memo.put(key, body, media_type, self.settings.ttl_for(ttl_category))
+            self.memo.put((tenant.id, *key), body, media_type, self.settings.ttl_for(ttl_category))
         return Rendered(body, media_type)

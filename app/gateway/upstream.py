@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,8 +133,12 @@ class PrometheusClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def query(self, expr: str, *, timeout: float, category: str) -> QueryAnswer:
-        """Evaluate one instant query within `timeout` seconds (also sent upstream)."""
+    async def query(self, expr: str, *, timeout: float, category: str,
+                    headers: Mapping[str, str] | None = None) -> QueryAnswer:
+        """Evaluate one instant query within `timeout` seconds (also sent upstream).
+
+        `headers`: extra upstream headers for this request (a tenant's X-Scope-OrgID).
+        """
         if not self.breaker.allow():
             raise UpstreamError(
                 "circuit_open",
@@ -143,7 +147,7 @@ class PrometheusClient:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(max(timeout, 0.001)):  # total, not per read
-                answer = await self._post(expr, timeout)
+                answer = await self._post(expr, timeout, headers)
         except UpstreamError as exc:
             self._record(category, started, exc)
             raise
@@ -161,7 +165,7 @@ class PrometheusClient:
         self._record(category, started, None)
         return answer
 
-    async def _post(self, expr: str, timeout: float) -> QueryAnswer:
+    async def _post(self, expr: str, timeout: float, headers: Mapping[str, str] | None = None) -> QueryAnswer:
         timeout = max(timeout, 0.001)
         # Ask Prometheus to give up slightly before we do, so it reports its own timeout.
         upstream_timeout = max(timeout * 0.9, 0.001)
@@ -170,7 +174,7 @@ class PrometheusClient:
         limit = self.settings.prometheus_max_response_bytes
         try:
             async with self._http.stream(
-                "POST", self.query_url, data=form,
+                "POST", self.query_url, data=form, headers=headers,
                 timeout=httpx.Timeout(timeout, connect=min(timeout, self.settings.connect_timeout_seconds)),
             ) as resp:
                 declared = resp.headers.get("content-length")
