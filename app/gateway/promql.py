@@ -156,7 +156,8 @@ def reads_the_clock(node: pp.Expr) -> bool:
     return found
 
 
-# What a selector is replaced by: printed PromQL (the printer parenthesises it), or None.
+# What a selector is replaced by: printed PromQL that stands as one operand (parenthesised
+# by the substitute), or None to print the selector as it is.
 Substitute = Callable[[pp.VectorSelector, "timedelta | None", Shift], "str | None"]
 
 
@@ -211,8 +212,7 @@ class _Printer:
         if self.substitute is None:
             return None
         shift = self.shift if self._in_subquery == 0 else Shift()
-        out = self.substitute(vs, rng, shift)
-        return None if out is None else f"({out})"
+        return self.substitute(vs, rng, shift)
 
     def print(self, n: pp.Expr) -> str:
         if isinstance(n, pp.VectorSelector):

@@ -19,6 +19,7 @@ from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
 from app.common.tenancy import Tenant, tenant_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
+from app.gateway.promapi import create_promapi_router
 from app.gateway.promql import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
 from app.gateway.render import json as json_render
@@ -81,11 +82,14 @@ def _filters(settings: GatewaySettings, category: str, **given: list[str] | None
 
 def create_gateway_router(settings: GatewaySettings | None = None, catalog: Catalog | None = None,
                           transport: httpx.AsyncBaseTransport | None = None,
-                          prefix: str = "/prometheus/metrics") -> APIRouter:
-    """The /prometheus/metrics routes with their own lifespan (pooled client, cache).
+                          prefix: str = "/prometheus/metrics",
+                          api_prefixes: tuple[str, ...] = ("/api/v1", "/prometheus/api/v1")) -> APIRouter:
+    """The /prometheus/metrics routes and the Prometheus API, with their own lifespan.
 
-    Without a lifespan (``TestClient(app)`` without ``with``) the service starts on
-    first use. The routes only parse, pick a renderer and answer.
+    One router, one GatewayService (one upstream client, one engine): the figure
+    routes under `prefix`, the Prometheus HTTP API (app/gateway/promapi.py) under
+    each of `api_prefixes` (an empty tuple serves no API). Without a lifespan
+    (``TestClient(app)`` without ``with``) the service starts on first use.
     """
     settings = settings or GatewaySettings()
     service = GatewayService(settings, catalog, transport)
@@ -101,7 +105,8 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
             readiness_of(app.state).unregister("prometheus")
             await service.aclose()
 
-    router = APIRouter(prefix=prefix, tags=["gateway"], lifespan=lifespan)
+    outer = APIRouter(lifespan=lifespan)
+    router = APIRouter(prefix=prefix, tags=["gateway"])
     cat = service.catalog
 
     def kind_of(request: Request, fmt: str | None) -> str:
@@ -163,4 +168,9 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         results = await service.category(category, filters, tenant)
         return respond(results, category, kind, request, filters, key, tenant)
 
-    return router
+    outer.include_router(router)
+    if api_prefixes:
+        api = create_promapi_router(service)
+        for api_prefix in api_prefixes:
+            outer.include_router(api, prefix=api_prefix)
+    return outer

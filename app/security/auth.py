@@ -7,7 +7,7 @@ Rules (every HTTP request, before any route runs):
    ``MAX_REQUEST_BODY_BYTES`` gets 413 (by Content-Length at once, or counted as
    a chunked body is read); a malformed Content-Length gets 400. All as JSON.
 2. Access control, when ``API_TOKENS`` or ``API_TOKENS_FILE`` is set, on
-   ``/prometheus`` and ``/vrops`` and everything below them: the request needs
+   ``/prometheus``, ``/vrops`` and ``/api`` (the Prometheus API) and everything below them: the request needs
    ``Authorization: Bearer <token>`` with one of the configured tokens. Missing
    (or not a Bearer credential): 401; present but wrong: 403. Both JSON, both
    with ``WWW-Authenticate: Bearer realm="gateway"`` (plus
@@ -62,7 +62,7 @@ from app.security.settings import SecuritySettings, TokenSource
 
 log = logging.getLogger("gateway.security")
 
-PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops")
+PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops", "/api")
 # Where a scoped (tenant) token may go: the routes that enforce a Tenant.
 TENANT_PREFIXES: tuple[str, ...] = ("/prometheus", "/api")
 REALM = 'Bearer realm="gateway"'
