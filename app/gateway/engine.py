@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
@@ -31,16 +32,19 @@ log = logging.getLogger("gateway.aggregator")
 BATCH_LABEL = "gateway_query"
 Filters = Mapping[str, Sequence[str]]
 Outcome = Fetched | UpstreamFailure
+T = TypeVar("T")
 
 
-class SingleFlight:
+class SingleFlight(Generic[T]):
     """One fetch in flight per key: later askers wait on the first one's future
-    ("collapsed forwarding") instead of each asking upstream."""
+    ("collapsed forwarding") instead of each asking upstream. Generic in what a
+    fetch settles with: figures (the engine) and range extents (app/gateway/ranges.py)
+    share the one mechanism."""
 
     def __init__(self) -> None:
-        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._inflight: dict[str, asyncio.Future[T]] = {}
 
-    def join(self, key: str) -> tuple[asyncio.Future[Outcome], bool]:
+    def join(self, key: str) -> tuple[asyncio.Future[T], bool]:
         """The key's future and whether the caller leads (must fetch and settle it)."""
         fut = self._inflight.get(key)
         if fut is not None:
@@ -49,7 +53,7 @@ class SingleFlight:
         self._inflight[key] = fut
         return fut, True
 
-    def settle(self, key: str, fut: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    def settle(self, key: str, fut: asyncio.Future[T], outcome: T) -> None:
         """Settle `fut`; unregister it only if it is still the key's fetch in flight
         (a later request may have begun a new one after this one settled)."""
         if self._inflight.get(key) is fut:
@@ -96,7 +100,7 @@ class Engine:
         self.settings = settings
         self.client = client
         self.cache = cache
-        self.flights = SingleFlight()
+        self.flights: SingleFlight[Outcome] = SingleFlight()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, queries: Sequence[CatalogQuery], category: str,

@@ -39,6 +39,17 @@ CACHE_EVENTS = Counter(
     "stale (last good served).",
     ["category", "outcome"],
 )
+RANGE_CACHE_STEPS = Counter(
+    "metrics_gateway_range_cache_steps_total",
+    "Evaluation steps of query API answers by source: cache (assembled from stored extents) "
+    "or upstream (fetched for the answer).",
+    ["source"],
+)
+RANGE_CACHE_BYTES = Gauge(
+    "metrics_gateway_range_cache_bytes",
+    "Bytes held by the in-process range extent store.",
+    multiprocess_mode="livesum",
+)
 UPSTREAM_UP = Gauge(
     "metrics_gateway_upstream_up",
     "1 when the last upstream Prometheus request succeeded, else 0.",
@@ -70,6 +81,17 @@ def observe_upstream(category: str, seconds: float, error_type: str | None,
     UPSTREAM_UP.set(1 if ok else 0)
     if ok:
         UPSTREAM_LAST_SUCCESS.set(time.time())
+
+
+def range_steps(cached: int, fetched: int) -> None:
+    if cached:
+        RANGE_CACHE_STEPS.labels("cache").inc(cached)
+    if fetched:
+        RANGE_CACHE_STEPS.labels("upstream").inc(fetched)
+
+
+def range_cache_bytes(size: int) -> None:
+    RANGE_CACHE_BYTES.set(size)
 
 
 def cache_outcome(category: str, outcome: Lookup, count: int = 1) -> None:

@@ -24,6 +24,7 @@ label. Only the enforced copy of a parameter ever goes upstream. Its upstream he
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -393,9 +394,29 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             raise from_upstream(exc) from None
 
     async def evaluate(path: str, params: Sequence[tuple[str, str]], caller: Caller,
-                       deadline: float) -> tuple[ApiAnswer, Lookup]:
-        """Evaluate query / query_range upstream. The one place the range cache plugs in."""
-        return await upstream("POST", path, params, caller, deadline), Lookup.MISS
+                       deadline: float, **times: float | None) -> Response:
+        """Evaluate query / query_range through the exact range cache (app/gateway/ranges.py):
+        the one place it plugs in. `times`: start, end, step, or time, as parsed."""
+        await service.ensure_started()
+        p = Params(tuple(params))
+        until = asyncio.get_running_loop().time() + deadline
+        rest = p.without("query", "start", "end", "step", "time")
+        try:
+            if path == "/api/v1/query_range":
+                result = await service.ranges.query_range(
+                    scope=caller.scope, expr=p.get("query"), start=times["start"] or 0.0,
+                    end=times["end"] or 0.0, step=times["step"] or 0.0, params=rest,
+                    deadline=until, headers=caller.headers)
+            else:
+                result = await service.ranges.query(scope=caller.scope, expr=p.get("query"),
+                                                    time=times.get("time"), params=rest,
+                                                    deadline=until, headers=caller.headers)
+        except UpstreamError as exc:
+            raise from_upstream(exc) from None
+        body = result.raw if result.raw is not None else json.dumps(
+            result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        return Response(body, status_code=result.status_code, media_type=JSON,
+                        headers={"X-Gateway-Cache": str(result.lookup)})
 
     def passthrough(answer: ApiAnswer, lookup: Lookup | None = None) -> Response:
         headers = {"X-Gateway-Cache": str(lookup)} if lookup is not None else None
@@ -417,12 +438,11 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
     # -- query / query_range ----------------------------------------------------------------
 
     async def _query(p: Params, caller: Caller) -> Response:
-        time_param(p, "time", None)
+        at = time_param(p, "time", None)
         deadline, items = budget(p)
         expr = prepare(p.get("query"), caller, prefixed=True)
         items = Params(tuple(items)).replaced("query", expr)
-        answer, lookup = await evaluate("/api/v1/query", items, caller, deadline)
-        return passthrough(answer, lookup)
+        return await evaluate("/api/v1/query", items, caller, deadline, time=at)
 
     async def _query_range(p: Params, caller: Caller) -> Response:
         start = required_time(p, "start")
@@ -439,8 +459,8 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
         deadline, items = budget(p)
         expr = prepare(p.get("query"), caller, prefixed=False)
         items = Params(tuple(items)).replaced("query", expr)
-        answer, lookup = await evaluate("/api/v1/query_range", items, caller, deadline)
-        return passthrough(answer, lookup)
+        return await evaluate("/api/v1/query_range", items, caller, deadline,
+                              start=start, end=end, step=step)
 
     def get_and_post(path: str, handler: Handler, summary: str, cache_header: bool = False) -> None:
         """One route per method, so each has its own OpenAPI operation."""

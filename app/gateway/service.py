@@ -19,6 +19,7 @@ from app.gateway.cache import QueryCache, ResponseMemo
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
 from app.gateway.engine import Engine, Filters
+from app.gateway.ranges import MemoryExtentStore, RangeCache
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream import PrometheusClient
@@ -39,9 +40,12 @@ class GatewayService:
         self._transport = transport
         self._client: PrometheusClient | None = None
         self._engine: Engine | None = None
+        self._ranges: RangeCache | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.cache = QueryCache(settings.cache_max_entries, settings.stale_max_age_seconds)
         self.memo = ResponseMemo(settings.response_memo_seconds)
+        # Extents outlive a restart of the client (a lazy start in another event loop).
+        self.range_store = MemoryExtentStore(settings.range_cache_max_bytes)
 
     async def start(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
@@ -50,15 +54,18 @@ class GatewayService:
         self._loop = asyncio.get_running_loop()
         self._client = PrometheusClient(self.settings, transport=self._transport)
         self._engine = Engine(self.settings, self._client, self.cache)
+        self._ranges = RangeCache(self.settings, self._client, self.range_store)
 
     async def aclose(self) -> None:
-        engine, client, loop = self._engine, self._client, self._loop
-        self._client = self._engine = None
+        engine, ranges, client, loop = self._engine, self._ranges, self._client, self._loop
+        self._client = self._engine = self._ranges = None
         self._loop = None
         if loop is not None and loop is not asyncio.get_running_loop():
             return  # made in a loop that is gone: nothing of it can be awaited here
         if engine is not None:
             await engine.aclose()
+        if ranges is not None:
+            await ranges.aclose()
         if client is not None:
             await client.aclose()
 
@@ -74,6 +81,13 @@ class GatewayService:
         if self._client is None:
             raise RuntimeError("gateway not started")
         return self._client
+
+    @property
+    def ranges(self) -> RangeCache:
+        """The exact range cache of the query API (app/gateway/ranges.py)."""
+        if self._ranges is None:
+            raise RuntimeError("gateway not started")
+        return self._ranges
 
     @property
     def started(self) -> bool:

@@ -42,6 +42,15 @@ class GatewaySettings(BaseSettings):
     response_memo_seconds: float = Field(default=0.5, ge=0, le=5)
     batch_max_queries: int = Field(default=64, ge=1, le=500)
 
+    # The exact range cache of the query API (app/gateway/ranges.py). Evaluation steps
+    # whose data may still change (the last RANGE_CACHE_LIVE_WINDOW_SECONDS, judged on
+    # the times a query reads) are refetched, kept RANGE_CACHE_LIVE_TTL_SECONDS at most;
+    # older steps are kept RANGE_CACHE_TTL_SECONDS, within RANGE_CACHE_MAX_BYTES.
+    range_cache_live_window_seconds: float = Field(default=60.0, ge=0, le=86400)
+    range_cache_live_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
+    range_cache_ttl_seconds: float = Field(default=6 * 3600.0, ge=0)
+    range_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
     # Circuit breaker.
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_reset_seconds: float = Field(default=10.0, gt=0)
