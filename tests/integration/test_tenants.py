@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,6 +31,7 @@ from app.main import create_app
 from app.security import SecuritySettings
 from app.settings import AppSettings
 from tests.support import tenant_data as td
+from tests.support.demo_data import compliance_queries
 from tests.support.procs import Proc, start_prometheus, wait_until
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ A = {"Authorization": f"Bearer {TA}"}
 B = {"Authorization": f"Bearer {TB}"}
 OPS = {"Authorization": f"Bearer {TOPS}"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-COMPLIANCE = json.loads((Path(__file__).parent.parent / "data" / "promql-compliance" / "queries.json").read_text())
+COMPLIANCE = compliance_queries()
 FIGURE_NAMES = set(FigureNames(load_catalog()).names())
 RULES = """groups:
   - name: tenants
@@ -408,7 +408,7 @@ def test_figure_names_as_tenant_a_read_tenant_a(via_shared: TestClient, via_alon
 def test_cached_answers_are_not_served_to_the_other_tenant(via_shared: TestClient, stack: Stack) -> None:
     t = str(stack.at())
     for path, params in (("/query", {"query": "demo_num_cpus", "time": t}),
-                         ("/query_range", {"query": "sum(demo_num_cpus)", "start": str(float(t) - 300),
+                         ("/query_range", {"query": "sum by (env) (demo_num_cpus)", "start": str(float(t) - 300),
                                            "end": t, "step": "15"}),
                          ("/label/env/values", {}), ("/series", {"match[]": "demo_num_cpus"})):
         a1 = via_shared.get(f"/api/v1{path}", params=params, headers=A)

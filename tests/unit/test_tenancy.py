@@ -258,6 +258,7 @@ class RecordingUpstream:
         self.calls: list[dict[str, Any]] = []
         app = FastAPI()
         app.add_api_route("/api/v1/query", self.query, methods=["GET", "POST"])
+        app.add_api_route("/api/v1/labels", self.labels, methods=["GET", "POST"])
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -280,6 +281,12 @@ class RecordingUpstream:
         result = [{"metric": {} if p is None else {"gateway_query": p}, "value": [time.time(), value]}
                   for p in parts]
         return JSONResponse({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    async def labels(self, request: Request) -> JSONResponse:
+        form = parse_qsl((await request.body()).decode()) or list(request.query_params.multi_items())
+        self.calls.append({"path": request.url.path, "match": [v for k, v in form if k == "match[]"],
+                           "org": request.headers.get("x-scope-orgid"), "query": ""})
+        return JSONResponse({"status": "success", "data": ["__name__", "env"]})
 
     def __enter__(self) -> RecordingUpstream:
         self.thread.start()
@@ -346,6 +353,18 @@ def test_per_token_upstream_header_reaches_the_upstream(upstream: RecordingUpstr
         assert ops["metrics"]["business"]["active_api_keys"] == 7.0
         assert len(upstream.calls) > len(mimir_calls)
         assert {call["org"] for call in upstream.calls[len(mimir_calls):]} == {None}
+        # The query API sends it too, and keeps the tenants' cached answers apart.
+        for token, value, fetches in ((TMIMIR, "7", [["team-m"]]), (TB, "2", [[None]]),
+                                      (TMIMIR, "7", [["team-m"], []])):
+            before = len(upstream.calls)
+            r = c.get("/api/v1/query", params={"query": "sum(up)", "time": "1700000000"}, headers=bearer(token))
+            assert r.status_code == 200 and r.json()["data"]["result"][0]["value"][1] == value
+            assert [call["org"] for call in upstream.calls[before:]] in fetches
+        before = len(upstream.calls)
+        assert c.get("/api/v1/labels", headers=bearer(TMIMIR)).status_code == 200
+        assert upstream.calls[before]["org"] == "team-m" and upstream.calls[before]["match"] == []
+        assert c.get("/api/v1/labels", headers=bearer(TA)).status_code == 200
+        assert upstream.calls[before + 1]["org"] is None and upstream.calls[before + 1]["match"] == ['{env="a"}']
 
 
 def test_unconfined_gateway_without_tokens_is_unchanged(upstream: RecordingUpstream) -> None:
