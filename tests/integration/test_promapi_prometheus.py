@@ -243,6 +243,38 @@ def test_bad_input_is_the_same_4xx_as_prometheus(gw: TestClient, prom: httpx.Cli
     assert g.json() == p.json(), (g.json(), p.json())
 
 
+LOCAL_CHECKS = [
+    ("/query", {"query": "up", "time": "yesterday"}),
+    ("/query", {"query": "up", "time": " 1"}),
+    ("/query", {"query": "up", "timeout": "soon"}),
+    ("/query_range", {"query": "up", "start": "x", "end": "2", "step": "1"}),
+    ("/query_range", {"query": "up", "start": "1", "end": "2022-13-01T00:00:00Z", "step": "1"}),
+    ("/query_range", {"query": "up", "start": "10", "end": "5", "step": "1"}),
+    ("/query_range", {"query": "up", "start": "0", "end": "100", "step": "0"}),
+    ("/query_range", {"query": "up", "start": "0", "end": "100", "step": "1x"}),
+    ("/query_range", {"query": "up", "start": "0", "end": "11001", "step": "1"}),
+    ("/query_range", {"query": "up", "start": "0", "end": "100"}),
+    ("/series", {}),
+    ("/series", {"match[]": "up", "start": "later"}),
+    ("/labels", {"end": "never"}),
+    ("/query_exemplars", {"query": "up", "start": "10", "end": "5"}),
+    ("/label/provider/values", {"start": "x"}),
+    ("/metadata", {"limit": "many"}),
+]
+
+
+@pytest.mark.parametrize(("path", "params"), LOCAL_CHECKS)
+def test_bad_parameters_are_judged_by_the_gateway_itself(prom: httpx.Client, path: str,
+                                                         params: dict[str, str]) -> None:
+    """With its upstream down, the gateway still answers bad parameters exactly as Prometheus does."""
+    dead = GatewaySettings(prometheus_url=f"http://127.0.0.1:{free_port()}", request_deadline_seconds=1)
+    with TestClient(create_app(dead)) as c:
+        g = c.get(f"/api/v1{path}", params=params)
+    p = prom.get(f"/api/v1{path}", params=params)
+    assert p.status_code == 400
+    assert g.status_code == 400 and g.json() == p.json()
+
+
 def test_query_execution_error_is_422_like_prometheus(gw: TestClient, prom: httpx.Client) -> None:
     params = {"query": 'label_replace(provider_availability, "provider", "", "", "")', "time": str(past())}
     g, p = both(gw, prom, "GET", "/query", params=params)
