@@ -276,7 +276,7 @@ class RecordingUpstream:
         expr = form.get("query", "")
         self.calls.append({"path": request.url.path, "query": expr, "org": org})
         env = re.search(r'env="(\w)"', expr)
-        value = self.VALUES.get(org or (env.group(1) if env else ""), "7")
+        value = self.VALUES.get(org or "") or self.VALUES.get(env.group(1) if env else "", "7")
         parts = re.findall(r'"gateway_query", "(\d+)"', expr) or [None]
         result = [{"metric": {} if p is None else {"gateway_query": p}, "value": [time.time(), value]}
                   for p in parts]
@@ -342,7 +342,8 @@ def test_figures_are_the_tenants_and_cached_per_tenant(upstream: RecordingUpstre
 
 def test_per_token_upstream_header_reaches_the_upstream(upstream: RecordingUpstream) -> None:
     """Mimir style: the token names its tenant upstream (X-Scope-OrgID), no label matchers."""
-    with gateway(upstream, cache_ttl_seconds=60, prometheus_headers={"X-Other": "kept"}) as c:
+    # PROMETHEUS_HEADERS applies to everyone; a token's own header of that name wins.
+    with gateway(upstream, cache_ttl_seconds=60, prometheus_headers={"X-Scope-OrgID": "global"}) as c:
         m = c.get("/prometheus/metrics/summary", headers=bearer(TMIMIR)).json()
         assert m["status"] == "ok" and "scope" not in m
         mimir_calls = list(upstream.calls)
@@ -352,9 +353,9 @@ def test_per_token_upstream_header_reaches_the_upstream(upstream: RecordingUpstr
         ops = c.get("/prometheus/metrics/summary", headers=bearer(TOPS)).json()
         assert ops["metrics"]["business"]["active_api_keys"] == 7.0
         assert len(upstream.calls) > len(mimir_calls)
-        assert {call["org"] for call in upstream.calls[len(mimir_calls):]} == {None}
+        assert {call["org"] for call in upstream.calls[len(mimir_calls):]} == {"global"}
         # The query API sends it too, and keeps the tenants' cached answers apart.
-        for token, value, fetches in ((TMIMIR, "7", [["team-m"]]), (TB, "2", [[None]]),
+        for token, value, fetches in ((TMIMIR, "7", [["team-m"]]), (TB, "2", [["global"]]),
                                       (TMIMIR, "7", [["team-m"], []])):
             before = len(upstream.calls)
             r = c.get("/api/v1/query", params={"query": "sum(up)", "time": "1700000000"}, headers=bearer(token))
@@ -364,7 +365,8 @@ def test_per_token_upstream_header_reaches_the_upstream(upstream: RecordingUpstr
         assert c.get("/api/v1/labels", headers=bearer(TMIMIR)).status_code == 200
         assert upstream.calls[before]["org"] == "team-m" and upstream.calls[before]["match"] == []
         assert c.get("/api/v1/labels", headers=bearer(TA)).status_code == 200
-        assert upstream.calls[before + 1]["org"] is None and upstream.calls[before + 1]["match"] == ['{env="a"}']
+        assert upstream.calls[before + 1]["org"] == "global"
+        assert upstream.calls[before + 1]["match"] == ['{env="a"}']
 
 
 def test_unconfined_gateway_without_tokens_is_unchanged(upstream: RecordingUpstream) -> None:
