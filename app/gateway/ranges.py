@@ -12,8 +12,10 @@ may still change:
 
 - the *live* instants, those whose latest read sample time (computed from the
   syntax tree: ``offset``, ``@``, subqueries; a negative offset reads the
-  future) is within ``RANGE_CACHE_LIVE_WINDOW_SECONDS`` of now or later, are
-  refetched and kept only ``RANGE_CACHE_LIVE_TTL_SECONDS``;
+  future), or who themselves, are within ``RANGE_CACHE_LIVE_WINDOW_SECONDS``
+  of now or later, are
+  refetched and kept only ``RANGE_CACHE_LIVE_TTL_SECONDS``, for the very same
+  request (its viewers opening a dashboard at once);
 - answers with warnings, infos, errors, ``stats``, or points off the expected
   grid are passed on whole and never stored; a multi-piece answer whose piece
   is such is refetched whole, so what the caller sees is always one upstream
@@ -243,6 +245,12 @@ def reach(node: Any, preprocess_time: int | None = None) -> Reach:
 def range_reach(expr: str) -> Reach:
     """The Reach of a range query (raises Uncacheable; ValueError when it does not parse)."""
     return reach(pp.parse(expr))
+
+
+# Every instant within the live window of now is live, whatever the query reads: some
+# upstreams answer an instant near now differently depending on the range asked
+# (VictoriaMetrics adjusts the last points of a range ending near or after now).
+AT_LEAST_NOW = Reach(relative=0)
 
 
 def instant_reach(expr: str, t: int) -> Reach:
@@ -591,7 +599,7 @@ class RangeCache:
             return await self._pass("/api/v1/query_range", base_params, deadline, headers, None)
         full_key = _key("range-pass", scope, expr, first, end_ms, step_ms, _params_key(params))
         try:
-            rch = range_reach(expr)
+            rch = range_reach(expr).union(AT_LEAST_NOW)
         except (Uncacheable, ValueError, RuntimeError):
             # @ start()/end(), or a query upstream will refuse: coalesce, never store.
             return await self._pass("/api/v1/query_range", base_params, deadline, headers, full_key)
@@ -602,7 +610,10 @@ class RangeCache:
         live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
         settled_last = min(last, live_from - step_ms)
         blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
-        raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [f"{base}:live"])
+        # Live points are reused by the very same request only: an upstream may answer an
+        # instant near now differently in another range (VictoriaMetrics does).
+        live_key = f"{base}:live:{first}:{last}"
+        raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
         stored: list[Extent] = []
         for data in raw[:-1]:
             if data is not None:
@@ -621,7 +632,7 @@ class RangeCache:
             if leader:
                 led += 1
                 self._spawn(self._fetch_piece(fkey, fut, piece, expr, step_ms, params, rch, base,
-                                              deadline, headers))
+                                              live_key, deadline, headers))
             futures.append(fut)
         fetched = await self._wait(futures, deadline)
 
@@ -692,12 +703,12 @@ class RangeCache:
 
     async def _fetch_piece(self, fkey: str, fut: asyncio.Future[_Flight], piece: _Piece, expr: str,
                            step_ms: int, params: Sequence[tuple[str, str]], rch: Reach, base: str,
-                           deadline: float, headers: Mapping[str, str] | None) -> None:
+                           live_key: str, deadline: float, headers: Mapping[str, str] | None) -> None:
         outcome: _Flight = UpstreamError("internal", "range fetch ended without an answer")
         try:
             cutoff = int(self.clock() * 1000) - self.live_window_ms
             query = [("query", expr), ("start", piece.start), ("end", piece.end),
-                     ("step", fmt_ms(step_ms)), *_with_timeout(params, deadline)]
+                     ("step", fmt_ms(step_ms)), *list(params)]
             try:
                 answer = await self.client.api("POST", "/api/v1/query_range", query,
                                                timeout=deadline - asyncio.get_running_loop().time(),
@@ -714,14 +725,14 @@ class RangeCache:
                 extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
             outcome = _Fetched(answer, extent)
             if extent is not None:
-                await self._keep(base, extent, piece, step_ms, rch, cutoff)
+                await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
         finally:
             self.pieces.settle(fkey, fut, outcome)
 
-    async def _keep(self, base: str, extent: Extent, piece: _Piece, step_ms: int, rch: Reach,
-                    cutoff: int) -> None:
+    async def _keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,
+                    rch: Reach, cutoff: int) -> None:
         """Settled instants into their blocks (merged with what is there), live ones into
-        the key's live record for seconds only."""
+        the request's live record for seconds only."""
         live_from = rch.first_live(piece.a, step_ms, cutoff)
         settled_last = min(piece.b, live_from - step_ms)
         blocks = self._blocks(piece.a, settled_last, step_ms) if settled_last >= piece.a else []
@@ -740,7 +751,7 @@ class RangeCache:
                     items.append((key, part.encode(), self.settings.range_cache_ttl_seconds))
             if live_from <= piece.b:
                 live = extent.clip(max(piece.a, live_from), piece.b)
-                items.append((f"{base}:live", live.encode(), self.settings.range_cache_live_ttl_seconds))
+                items.append((live_key, live.encode(), self.settings.range_cache_live_ttl_seconds))
             return items
 
         items = await _cpu(build, heavy=extent.points() > THREAD_POINTS)
@@ -764,7 +775,7 @@ class RangeCache:
         else:
             t_ms = ms_of(time)
             try:
-                rch = instant_reach(expr, t_ms)
+                rch = instant_reach(expr, t_ms).union(AT_LEAST_NOW)
                 latest = rch.latest(t_ms)
                 settled = latest is None or latest <= int(self.clock() * 1000) - self.live_window_ms
             except (Uncacheable, ValueError, RuntimeError):
@@ -794,7 +805,7 @@ class RangeCache:
         outcome: _Instant = UpstreamError("internal", "instant fetch ended without an answer")
         try:
             t = t_ms if t_ms is not None else int(self.clock() * 1000)
-            query = [("query", expr), ("time", fmt_ms(t)), *_with_timeout(params, deadline)]
+            query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
             try:
                 answer = await self.client.api("POST", "/api/v1/query", query,
                                                timeout=deadline - asyncio.get_running_loop().time(),
@@ -815,7 +826,7 @@ class RangeCache:
                     headers: Mapping[str, str] | None, key: str | None) -> ApiResult:
         """Upstream's own answer, never stored; coalesced with identical requests when keyed."""
         category = "range" if path.endswith("range") else "instant"
-        params = _with_timeout(params, deadline)
+        params = list(params)
         if key is None:
             answer = await self.client.api("POST", path, params, category=category, headers=headers,
                                            timeout=deadline - asyncio.get_running_loop().time())
@@ -875,15 +886,6 @@ class RangeCache:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _with_timeout(params: Sequence[tuple[str, str]], deadline: float) -> list[tuple[str, str]]:
-    """The params with a `timeout`: the caller's own, else one a little before our deadline,
-    so the upstream reports its own timeout (whole ms: Prometheus durations take no fractions)."""
-    if any(name == "timeout" for name, _ in params):
-        return list(params)
-    remaining = deadline - asyncio.get_running_loop().time()
-    return [*params, ("timeout", f"{max(1, int(remaining * 900))}ms")]
 
 
 def repr_time(seconds: float) -> str:

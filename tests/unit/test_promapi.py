@@ -203,9 +203,10 @@ def test_the_callers_text_goes_upstream_unless_a_figure_was_expanded(mock: respx
 def test_caller_timeout_is_capped_below_the_deadline_and_never_invented(mock: respx.MockRouter) -> None:
     route = mock.post(f"{PROM}/api/v1/query").respond(json=SCALAR)
     with api_app(request_deadline_seconds=2.0) as c:
+        # Three queries: an instant query at "now" is reused for the figure TTL (range cache).
         c.get("/api/v1/query", params={"query": "1", "timeout": "2m"})
-        c.get("/api/v1/query", params={"query": "1", "timeout": "1s"})
-        c.get("/api/v1/query", params={"query": "1"})
+        c.get("/api/v1/query", params={"query": "2", "timeout": "1s"})
+        c.get("/api/v1/query", params={"query": "3"})
     sent = [dict(httpx.QueryParams(call.request.content.decode())) for call in route.calls]
     assert sent[0]["timeout"] == "1800ms" and sent[1]["timeout"] == "1s" and "timeout" not in sent[2]
 

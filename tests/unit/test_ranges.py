@@ -397,14 +397,19 @@ def test_live_window_is_judged_on_what_the_query_reads() -> None:
         await ask(cache, start, end, expr="x offset -15m")
         assert len(upstream.calls) == 3
         assert ms_of(float(upstream.calls[-1]["start"])) >= ms_of(now - 15 * 60 - 60 - 15)
-        # @ a fixed past time: settled whatever the range.
-        await ask(cache, now - 300, now, expr="x @ 1000")
-        await ask(cache, now - 300, now, expr="x @ 1000")
+        # @ a fixed past time: settled whatever the range, except the live window itself
+        # (every instant that recent is refetched, whatever it reads).
+        await ask(cache, now - 900, now - 120, expr="x @ 1000")
+        await ask(cache, now - 900, now - 120, expr="x @ 1000")
         assert len(upstream.calls) == 4
+        await ask(cache, now - 300, now, expr="time()")
+        await ask(cache, now - 300, now, expr="time()")
+        assert len(upstream.calls) == 6
+        assert ms_of(float(upstream.calls[-1]["start"])) > ms_of(now - 75)
         # @ end(): every instant depends on the range, never stored.
         await ask(cache, start, end, expr="x @ end()")
         await ask(cache, start, end, expr="x @ end()")
-        assert len(upstream.calls) == 6
+        assert len(upstream.calls) == 8
 
     asyncio.run(run())
 
