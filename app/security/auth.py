@@ -314,7 +314,8 @@ def install_security(app: FastAPI, settings: SecuritySettings | None = None) -> 
     _document_security(app, PROTECTED_PREFIXES, tokens.enabled)
     app.state.security_installed = True
     app.state.security_settings = settings
-    log.info("API access control %s (%d token(s) in API_TOKENS, file %s); CORS origins: %s",
-             "enabled" if tokens.enabled else "disabled (no API_TOKENS)", len(settings.api_tokens),
+    log.info("API access control %s (%d token(s) in API_TOKENS, %d of them scoped to a tenant, file %s); "
+             "CORS origins: %s", "enabled" if tokens.enabled else "disabled (no API_TOKENS)",
+             len(settings.api_tokens), sum(t.scoped for t in settings.token_tenants()),
              settings.api_tokens_file or "none", ", ".join(settings.cors_allow_origins) or "none")
     return settings
