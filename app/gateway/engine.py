@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
+from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
 from app.gateway.cache import CacheClass, QueryCache
 from app.gateway.catalog.model import CatalogQuery
-from app.gateway.promql import apply_filters
+from app.gateway.promql import apply_filters, enforce
 from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
@@ -120,6 +121,13 @@ class SingleFlight(Generic[T]):
 @lru_cache(maxsize=4096)
 def _filtered(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
     return apply_filters(expr, dict(filters)) if filters else expr
+
+
+@lru_cache(maxsize=4096)
+def _scoped(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...],
+            matchers: tuple[tuple[str, str], ...]) -> str:
+    """The final PromQL: the caller's filters, then the tenant's matchers (which only narrow)."""
+    return enforce(_filtered(expr, filters), matchers)
 
 
 def _rank(s: Sample) -> float:
@@ -214,21 +222,24 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self, queries: Sequence[CatalogQuery], category: str,
-                  filters: Filters | None = None) -> list[QueryResult]:
+                  filters: Filters | None = None, tenant: Tenant = UNCONFINED) -> list[QueryResult]:
         """Results for `queries`, in order, within the request deadline.
 
+        `tenant`: the caller's scope; its matchers are set on every selector and its
+        id leads every cache and single-flight key (its upstream headers may change
+        the answer even where the PromQL is the same, as with a Mimir tenant).
         Raises Shed when filtered variants would need an upstream fetch and the
         filtered-fetch rate is spent (cached or in-flight variants are still served).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_deadline_seconds
         frozen = tuple(sorted((k, tuple(v)) for k, v in (filters or {}).items()))
-        exprs = [_filtered(q.expr, frozen) for q in queries]
+        exprs = [_scoped(q.expr, frozen, tenant.matchers) for q in queries]
         # The projection depends on the kept labels, so they are part of the key.
-        keys = [f"{','.join(q.labels)}|{e}" for q, e in zip(queries, exprs, strict=True)]
-        # A key is the catalog's own when no filter changed its expression.
-        classes = [CacheClass.CATALOG if e == q.expr else CacheClass.FILTERED
-                   for q, e in zip(queries, exprs, strict=True)]
+        keys = [f"{tenant.id}|{','.join(q.labels)}|{e}" for q, e in zip(queries, exprs, strict=True)]
+        # A key is the catalog's own when no caller filter changed its expression (a
+        # tenant's scope is configuration, not caller input: its figures are the catalog's).
+        classes = [CacheClass.FILTERED if frozen else CacheClass.CATALOG for _ in queries]
 
         now = time.monotonic()  # one instant for the whole request: never half a batch expired
         cached = [self.cache.fresh(k, c, now) for k, c in zip(keys, classes, strict=True)]
@@ -261,7 +272,7 @@ class Engine:
             gm.cache_outcome(category, Lookup.COALESCED, len(coalesced))
         if to_fetch:
             gm.cache_outcome(category, Lookup.MISS, len(to_fetch))
-            self._spawn(self._fetch(to_fetch, category, deadline))
+            self._spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
 
         if waiting:
             remaining = max(0.0, deadline - loop.time())
@@ -295,7 +306,8 @@ class Engine:
         return QueryResult(q, Lookup.STALE, good.samples, good.fetched_at, age, error=failure,
                            dropped=good.dropped)
 
-    async def _fetch(self, jobs: list[_Job], category: str, deadline: float) -> None:
+    async def _fetch(self, jobs: list[_Job], category: str, deadline: float,
+                     headers: Mapping[str, str] | None = None) -> None:
         """Fetch `jobs` in as few requests as possible and settle their futures."""
         try:
             batchable = [j for j in jobs if j.query.batchable]
@@ -303,12 +315,13 @@ class Engine:
             size = self.settings.batch_max_queries
             groups = [batchable[i:i + size] for i in range(0, len(batchable), size)]
             groups += [[j] for j in solo]
-            await asyncio.gather(*(self._fetch_group(g, category, deadline) for g in groups))
+            await asyncio.gather(*(self._fetch_group(g, category, deadline, headers) for g in groups))
         finally:
             for j in jobs:  # never leave a waiter hanging, whatever happened above
                 self.flights.settle(j.key, j.future, UpstreamFailure("internal", "fetch ended without an answer"))
 
-    async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float) -> None:
+    async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float,
+                           headers: Mapping[str, str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         if len(jobs) == 1:
             expr = jobs[0].expr
@@ -317,11 +330,12 @@ class Engine:
                 f'label_replace({j.expr}, "{BATCH_LABEL}", "{n}", "", "")' for n, j in enumerate(jobs)
             )
         try:
-            answer = await self.client.query(expr, timeout=deadline - loop.time(), category=category)
+            answer = await self.client.query(expr, timeout=deadline - loop.time(), category=category,
+                                             headers=headers)
         except UpstreamError as exc:
             if len(jobs) > 1 and exc.error_type in ("bad_data", "execution"):
                 # One query is at fault: evaluate each alone so the others still answer.
-                await asyncio.gather(*(self._fetch_group([j], category, deadline) for j in jobs))
+                await asyncio.gather(*(self._fetch_group([j], category, deadline, headers) for j in jobs))
                 return
             failure = UpstreamFailure(exc.error_type, exc.message)
             for j in jobs:

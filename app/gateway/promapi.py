@@ -13,6 +13,13 @@ itself unless it was changed (figure expansion), so answers stay exact.
 A parameter given both in the URL and in a form body with different values is
 refused (400): a proxy that checks one copy while Prometheus reads the other is
 the prom-label-proxy bypass, and nothing here should ever depend on which copy wins.
+
+Tenants (docs/tenants.md): a caller whose token is confined to label values gets
+them enforced on the syntax tree of every query (after figure expansion), added to
+every `match[]` (and sent as the only `match[]` when it gave none), its metadata
+filtered to the metric names its series have, and its rules and alerts filtered by
+label. Only the enforced copy of a parameter ever goes upstream. Its upstream headers
+(X-Scope-OrgID) go with every request it causes.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from urllib.parse import parse_qsl, quote
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
+from app.common.tenancy import tenant_of
 from app.gateway.names import FigureNames, merge_metadata
-from app.gateway.promql import PromQLError, parse
+from app.gateway.promql import PromQLError, enforce, enforce_match, parse, tenant_selector
 from app.gateway.result import Lookup
 from app.gateway.service import GatewayService
 from app.gateway.upstream import ApiAnswer, UpstreamError
@@ -262,15 +270,68 @@ def _ns(t: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who asks: the access scope id and extra upstream headers (unconfined until i15 wires tenants)."""
+    """Who asks: the tenant's scope id (cache scope), its upstream headers and label matchers."""
 
     scope: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     confined: bool = False
+    matchers: tuple[tuple[str, str], ...] = ()
 
 
 def caller_of(request: Request) -> Caller:
-    return Caller()
+    """The caller's tenant, as the security middleware resolved its token (app.common.tenancy)."""
+    tenant = tenant_of(request)
+    return Caller(tenant.id, tenant.headers() or {}, tenant.confined, tenant.matchers)
+
+
+# Suffixes under which a metric family's series are named (histograms, summaries,
+# counters in OpenMetrics, info metrics): metadata is kept per family name.
+_SERIES_SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created", "_info", "_gcount", "_gsum")
+
+
+def families_of(metric_names: Sequence[str]) -> set[str]:
+    """Every family name a series name may belong to (the name itself, and without a suffix)."""
+    out: set[str] = set()
+    for name in metric_names:
+        out.add(name)
+        for suffix in _SERIES_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                out.add(name[: -len(suffix)])
+    return out
+
+
+def _carries(labels: Any, matchers: Sequence[tuple[str, str]]) -> bool:
+    return isinstance(labels, Mapping) and all(labels.get(k) == v for k, v in matchers)
+
+
+def confine_alerts(data: Any, matchers: Sequence[tuple[str, str]]) -> Any:
+    """/api/v1/alerts data with only the alerts whose labels carry the tenant's."""
+    if not isinstance(data, Mapping):
+        return data
+    alerts = [a for a in data.get("alerts") or [] if isinstance(a, Mapping) and _carries(a.get("labels"), matchers)]
+    return {**data, "alerts": alerts}
+
+
+def confine_rules(data: Any, matchers: Sequence[tuple[str, str]]) -> Any:
+    """/api/v1/rules data with only the rules whose own labels carry the tenant's (as
+    prom-label-proxy does: a rule's query may name any tenant), their alerts filtered too;
+    groups left without rules are dropped."""
+    if not isinstance(data, Mapping):
+        return data
+    groups = []
+    for group in data.get("groups") or []:
+        if not isinstance(group, Mapping):
+            continue
+        rules = []
+        for rule in group.get("rules") or []:
+            if isinstance(rule, Mapping) and _carries(rule.get("labels"), matchers):
+                if "alerts" in rule:
+                    rule = {**rule, "alerts": [a for a in rule.get("alerts") or []
+                                               if isinstance(a, Mapping) and _carries(a.get("labels"), matchers)]}
+                rules.append(rule)
+        if rules:
+            groups.append({**group, "rules": rules})
+    return {**data, "groups": groups}
 
 
 Handler = Callable[[Params, Caller], Awaitable[Response]]
@@ -311,9 +372,22 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             expanded = names.expand(tree)
             if expanded is not None:
                 parse(expanded)  # never send what we could not read back
+            out = expr if expanded is None else expanded
+            # The tenant's matchers go on last, so figures' selectors get them too.
+            return enforce(out, caller.matchers) if caller.confined else out
         except PromQLError as exc:
             raise (invalid_param("query", str(exc)) if prefixed else bad_data(str(exc))) from None
-        return expr if expanded is None else expanded
+
+    def confined_matches(p: Params, caller: Caller) -> Params:
+        """The params with every `match[]` carrying the tenant's matchers (the tenant's
+        selector alone when none was given). Unconfined callers' params are untouched."""
+        if not caller.confined:
+            return p
+        try:
+            matches = enforce_match(p.all("match[]"), caller.matchers)
+        except PromQLError as exc:
+            raise invalid_param("match[]", str(exc)) from None
+        return Params((*p.without("match[]"), *(("match[]", m) for m in matches)))
 
     def budget(p: Params) -> tuple[float, list[tuple[str, str]]]:
         """(our deadline, params with the caller's `timeout` capped below it so Prometheus reports
@@ -441,12 +515,12 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             raise bad_data("no match[] parameter provided")
         time_param(p, "start", None)
         time_param(p, "end", None)
-        return passthrough(await upstream("POST", "/api/v1/series", p.items, caller))
+        return passthrough(await upstream("POST", "/api/v1/series", confined_matches(p, caller).items, caller))
 
     async def _labels(p: Params, caller: Caller) -> Response:
         time_param(p, "start", None)
         time_param(p, "end", None)
-        return passthrough(await upstream("POST", "/api/v1/labels", p.items, caller))
+        return passthrough(await upstream("POST", "/api/v1/labels", confined_matches(p, caller).items, caller))
 
     get_and_post("/query_exemplars", _exemplars, "Exemplars (Prometheus API)")
     get_and_post("/series", _series, "Series (Prometheus API)")
@@ -467,7 +541,8 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
         async def handle(p: Params, caller: Caller) -> Response:
             time_param(p, "start", None)
             time_param(p, "end", None)
-            answer = await upstream("GET", f"/api/v1/label/{quote(name, safe='')}/values", p.items, caller)
+            answer = await upstream("GET", f"/api/v1/label/{quote(name, safe='')}/values",
+                                    confined_matches(p, caller).items, caller)
             if name != "__name__" or answer.error_type is not None:
                 return passthrough(answer)
             # The upstream has judged limit and match[] already (and answered): no second opinion.
@@ -497,10 +572,23 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             if metric is not None and metric in names:
                 return Response(json.dumps({"status": "success", "data": names.metadata(metric)}),
                                 media_type=JSON)
-            answer = await upstream("GET", "/api/v1/metadata", p.items, caller)
+            if not caller.confined:
+                answer = await upstream("GET", "/api/v1/metadata", p.items, caller)
+                if answer.error_type is not None:
+                    return passthrough(answer)
+                data = answer.doc.get("data") or {}
+                return rebuilt(answer.doc, merge_metadata(data, names.metadata(metric), limit))
+            # Prometheus' metadata has no matchers: keep the families the tenant has series
+            # of, and limit only after that (so the limit counts the tenant's own names).
+            visible = await upstream("GET", "/api/v1/label/__name__/values",
+                                     [("match[]", tenant_selector(caller.matchers))], caller)
+            if visible.error_type is not None:
+                return passthrough(visible)
+            families = families_of([str(n) for n in visible.doc.get("data") or []])
+            answer = await upstream("GET", "/api/v1/metadata", p.without("limit"), caller)
             if answer.error_type is not None:
                 return passthrough(answer)
-            data = answer.doc.get("data") or {}
+            data = {k: v for k, v in (answer.doc.get("data") or {}).items() if k in families}
             return rebuilt(answer.doc, merge_metadata(data, names.metadata(metric), limit))
 
         return await guarded(request, handle)
@@ -517,10 +605,17 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
 
         return await guarded(request, handle)
 
+    confiners: dict[str, Callable[[Any, Sequence[tuple[str, str]]], Any]] = {
+        "/rules": confine_rules, "/alerts": confine_alerts}
+
     def passthrough_get(path: str) -> Callable[[Request], Awaitable[Response]]:
         async def handle_request(request: Request) -> Response:
             async def handle(p: Params, caller: Caller) -> Response:
-                return passthrough(await upstream("GET", f"/api/v1{path}", p.items, caller))
+                answer = await upstream("GET", f"/api/v1{path}", p.items, caller)
+                confine = confiners.get(path)
+                if caller.confined and confine is not None and answer.error_type is None:
+                    return rebuilt(answer.doc, confine(answer.doc.get("data"), caller.matchers))
+                return passthrough(answer)
 
             return await guarded(request, handle)
 

@@ -318,3 +318,96 @@ def apply_filters(expr: str, filters: Mapping[str, Sequence[str]]) -> str:
         else:
             added.append((label, "=~", "|".join(re.escape(v) for v in values)))
     return _Printer(added, frozenset(filters)).print(parse(expr))
+
+
+# -- tenants ------------------------------------------------------------------------------
+#
+# A tenant's matchers are *added* to every selector, next to the caller's own: a
+# selector then reads the intersection of what the caller asked for and what the
+# tenant may see. Nothing the caller writes is replaced or dropped, so no conflict
+# needs an answer: `{env="b"}` from tenant a reads `{env="b",env="a"}`, which is
+# empty, exactly as it is on a Prometheus that holds only tenant a's data; `{env=~".*"}`
+# and `{env!="a"}` narrow the same way. (prom-label-proxy replaces a conflicting
+# matcher or refuses it; either answer differs from "tenant a's data alone".)
+
+TenantMatchers = Sequence[tuple[str, str]]
+# Functions that read series the syntax tree does not name (info() reads target_info
+# by the identifying labels of its argument): refused for a confined tenant.
+UNENFORCEABLE_FUNCTIONS = frozenset({"info"})
+_ABSENT = frozenset({"absent", "absent_over_time"})
+
+
+def _absent_label(sel: pp.VectorSelector, name: str) -> str:
+    """The value absent() gives label `name` for the caller's own selector (Prometheus keeps
+    a label only when exactly one matcher names it and that one is an equality)."""
+    named = [m for m in sel.matchers.matchers if m.name == name]
+    if len(named) == 1 and _op(named[0]) == "=":
+        return str(named[0].value)
+    return ""
+
+
+class _TenantPrinter(_Printer):
+    """The printer with the tenant's equality matchers added to every selector.
+
+    absent() builds its output labels from its selector's equality matchers, so the
+    added ones would show; each tenant label of absent()'s output is set back to what
+    the caller's selector alone would give (label_replace with an empty regex always
+    matches; an empty replacement removes the label).
+    """
+
+    def __init__(self, matchers: TenantMatchers) -> None:
+        super().__init__([(name, "=", value) for name, value in matchers])
+        self.tenant = tuple(matchers)
+
+    def print(self, n: pp.Expr) -> str:
+        if isinstance(n, pp.Call) and n.func.name in UNENFORCEABLE_FUNCTIONS:
+            raise PromQLError(f"{n.func.name}() is not available to a token confined to labels")
+        text = super().print(n)
+        if isinstance(n, pp.Call) and n.func.name in _ABSENT and n.args:
+            arg = n.args[0]
+            sel = arg.vector_selector if isinstance(arg, pp.MatrixSelector) else arg
+            if isinstance(sel, pp.VectorSelector):
+                for name, _value in self.tenant:
+                    text = f"label_replace({text}, {quote(name)}, {quote(_absent_label(sel, name))}, \"\", \"\")"
+        return text
+
+
+def enforce(expr: str, matchers: TenantMatchers) -> str:
+    """`expr` with the tenant's `label="value"` matchers on every selector of its syntax tree.
+
+    Every selector is reached (inside functions, aggregations, binary operations,
+    subqueries, with `@` and `offset` kept); the caller's own matchers stay, so the
+    tenant's can only narrow. Expressions without a selector (`vector(1)`, `time()`)
+    read no series and pass unchanged in meaning. Raises PromQLError for a query that
+    does not parse or cannot be enforced (400 for the caller).
+    """
+    if not matchers:
+        return expr
+    return _TenantPrinter(matchers).print(parse(expr))
+
+
+def tenant_selector(matchers: TenantMatchers) -> str:
+    """`{label="value",...}`: every series the tenant may see."""
+    return "{" + ",".join(_matcher(name, "=", value) for name, value in matchers) + "}"
+
+
+def enforce_match(match: Sequence[str], matchers: TenantMatchers) -> list[str]:
+    """`match[]` series selectors with the tenant's matchers added to each.
+
+    No `match[]` at all means "every series" to Prometheus' label, series and
+    exemplar APIs: for a confined tenant that is the tenant's selector. Each given
+    selector must be a plain series selector (no offset, no `@`), as Prometheus
+    requires; anything else (or an empty one) raises PromQLError.
+    """
+    if not matchers:
+        return list(match)
+    if not match:
+        return [tenant_selector(matchers)]
+    printer = _Printer([(name, "=", value) for name, value in matchers])
+    out: list[str] = []
+    for m in match:
+        node = parse(m)
+        if not isinstance(node, pp.VectorSelector) or node.offset is not None or node.at is not None:
+            raise PromQLError(f"match[] {m!r} is not a series selector")
+        out.append(printer.selector(node))
+    return out

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 
 from app.common.exposition import negotiate, render_families, wants_json
 from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
+from app.common.tenancy import Tenant, tenant_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
 from app.gateway.engine import Shed
 from app.gateway.promapi import create_promapi_router
@@ -55,6 +56,16 @@ SHED_RESPONSES: dict[int | str, dict[str, object]] = {
 Fmt = Annotated[Literal["json", "text"] | None,
                 Query(description="`json` for JSON, `text` for Prometheus exposition")]
 FilterValues = Annotated[list[str] | None, Query(description="exact label value; repeatable")]
+# The caller's tenant (set by the security middleware from its token; unconfined without one).
+Caller = Annotated[Tenant, Depends(tenant_of)]
+
+
+def _with_scope(doc: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
+    """Tell a confined caller which labels its figures are confined to (an added key:
+    the summary contract allows more keys). Upstream headers are not shown."""
+    if tenant.confined:
+        doc["scope"] = {"labels": tenant.labels()}
+    return doc
 
 
 def _filters(settings: GatewaySettings, category: str, **given: list[str] | None) -> dict[str, list[str]]:
@@ -112,50 +123,52 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     def answer(r: Rendered) -> Response:
         return Response(r.body, media_type=r.media_type)
 
-    def recall(key: tuple[str, ...]) -> Response | None:
-        hit = service.recall(key)
+    def recall(key: tuple[str, ...], tenant: Tenant) -> Response | None:
+        hit = service.recall(key, tenant)
         return answer(hit) if hit is not None else None
 
     async def respond(results: list[QueryResult], name: str, kind: str, request: Request,
-                      filters: dict[str, list[str]], key: tuple[str, ...]) -> Response:
+                      filters: dict[str, list[str]], key: tuple[str, ...], tenant: Tenant) -> Response:
         up = service.client.up
         accept = request.headers.get("accept")
 
         def as_json() -> tuple[bytes, str]:
-            return json_render.dumps(json_render.category(cat, name, results, filters, up)), JSON_TYPE
+            doc = _with_scope(json_render.category(cat, name, results, filters, up), tenant)
+            return json_render.dumps(doc), JSON_TYPE
 
         def as_text() -> tuple[bytes, str]:
             return render_families(text_render.families(cat.prefix, results, up), accept)
 
         rendered = await service.render(results, as_json if kind == "json" else as_text)
-        return answer(service.remember(key, name, results, rendered))
+        return answer(service.remember(key, name, results, rendered, tenant))
 
     @router.get("/summary", summary="Summary figures for widgets (JSON)",
                 responses={200: {"description": "The summary contract", "content": {JSON_TYPE: _OBJECT}}})
-    async def summary() -> Response:
+    async def summary(tenant: Caller) -> Response:
         key = ("summary",)
-        if (hit := recall(key)) is not None:
+        if (hit := recall(key, tenant)) is not None:
             return hit
-        results = await service.summary()
-        rendered = Rendered(json_render.dumps(json_render.summary(cat, results, service.client.up)), JSON_TYPE)
-        return answer(service.remember(key, "summary", list(results.values()), rendered))
+        results = await service.summary(tenant)
+        doc = _with_scope(json_render.summary(cat, results, service.client.up), tenant)
+        rendered = Rendered(json_render.dumps(doc), JSON_TYPE)
+        return answer(service.remember(key, "summary", list(results.values()), rendered, tenant))
 
     @router.get("/docs", summary="Markdown documentation of every figure, from the catalog",
                 response_class=MarkdownResponse)
-    async def docs() -> MarkdownResponse:
-        return MarkdownResponse(docs_render.markdown(cat, prefix))
+    async def docs(tenant: Caller) -> MarkdownResponse:
+        return MarkdownResponse(docs_render.markdown(cat, prefix, tenant.matchers))
 
     @router.get("/all", summary="Every category in one exposition", responses=EXPOSITION_RESPONSES)
-    async def everything(request: Request, format: Fmt = None) -> Response:
+    async def everything(request: Request, tenant: Caller, format: Fmt = None) -> Response:
         kind = kind_of(request, format)
         key = ("all", kind)
-        if (hit := recall(key)) is not None:
+        if (hit := recall(key, tenant)) is not None:
             return hit
-        return await respond(await service.everything(), "all", kind, request, {}, key)
+        return await respond(await service.everything(tenant), "all", kind, request, {}, key, tenant)
 
     @router.get("/{category}", summary="One category as Prometheus text or JSON",
                 responses={**EXPOSITION_RESPONSES, **SHED_RESPONSES})
-    async def category(request: Request, category: str, format: Fmt = None,
+    async def category(request: Request, category: str, tenant: Caller, format: Fmt = None,
                        provider: FilterValues = None, model: FilterValues = None) -> Response:
         if category not in CATEGORIES:
             raise HTTPException(404, f"unknown category {category!r}; one of: "
@@ -163,14 +176,14 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         filters = _filters(settings, category, provider=provider, model=model)
         kind = kind_of(request, format)
         key = (category, kind, *(f"{k}={','.join(v)}" for k, v in sorted(filters.items())))
-        if (hit := recall(key)) is not None:
+        if (hit := recall(key, tenant)) is not None:
             return hit
         try:
-            results = await service.category(category, filters)
+            results = await service.category(category, filters, tenant)
         except Shed as shed:
             raise HTTPException(429, f"too many distinct filter values: {shed}",
                                 headers={"Retry-After": str(max(1, math.ceil(shed.retry_after)))}) from None
-        return await respond(results, category, kind, request, filters, key)
+        return await respond(results, category, kind, request, filters, key, tenant)
 
     outer.include_router(router)
     if api_prefixes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
 from app.gateway.cache import QueryCache, ResponseMemo
 from app.gateway.catalog.loader import load_catalog
@@ -25,6 +26,8 @@ from app.gateway.ranges import MemoryExtentStore, RangeCache
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream import PrometheusClient
+
+CATALOG_SCOPES = 64  # tenants whose unfiltered figures the catalog class holds at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +47,11 @@ class GatewayService:
         self._engine: Engine | None = None
         self._ranges: RangeCache | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The catalog class holds at most one key per catalog query: that is its bound.
+        # The catalog class holds one key per catalog query and access scope (tenants are
+        # configured, not chosen by callers): that is its bound.
         self.cache = QueryCache(settings.cache_max_entries, settings.stale_max_age_seconds,
                                 max_bytes=settings.cache_max_bytes,
-                                catalog_entries=max(1, len(self.catalog.queries)))
+                                catalog_entries=max(1, len(self.catalog.queries)) * CATALOG_SCOPES)
         self.memo = ResponseMemo(settings.response_memo_seconds, max_bytes=settings.response_memo_max_bytes)
         # Extents outlive a restart of the client (a lazy start in another event loop).
         self.range_store = MemoryExtentStore(settings.range_cache_max_bytes)
@@ -105,23 +109,30 @@ class GatewayService:
 
     # -- figures ------------------------------------------------------------------------
 
-    async def summary(self) -> dict[str, QueryResult]:
+    # `tenant`: the caller's scope (app.common.tenancy); the engine enforces it on
+    # every query and keys every cached figure by it.
+
+    async def summary(self, tenant: Tenant = UNCONFINED) -> dict[str, QueryResult]:
         engine = await self.ensure_started()
-        results = await engine.run(self.catalog.summary_queries(), "summary")
+        results = await engine.run(self.catalog.summary_queries(), "summary", tenant=tenant)
         return {r.query.id: r for r in results}
 
-    async def category(self, name: str, filters: Filters | None = None) -> list[QueryResult]:
+    async def category(self, name: str, filters: Filters | None = None,
+                       tenant: Tenant = UNCONFINED) -> list[QueryResult]:
         engine = await self.ensure_started()
-        return await engine.run(self.catalog.category_queries(name), name, filters)
+        return await engine.run(self.catalog.category_queries(name), name, filters, tenant=tenant)
 
-    async def everything(self) -> list[QueryResult]:
+    async def everything(self, tenant: Tenant = UNCONFINED) -> list[QueryResult]:
         engine = await self.ensure_started()
-        return await engine.run(self.catalog.all_queries(), "all")
+        return await engine.run(self.catalog.all_queries(), "all", tenant=tenant)
 
     # -- rendered bodies ----------------------------------------------------------------
 
-    def recall(self, key: tuple[str, ...]) -> Rendered | None:
-        hit = self.memo.get(key)
+    # Memo keys lead with the caller's tenant id: one tenant's rendered body is never
+    # another's.
+
+    def recall(self, key: tuple[str, ...], tenant: Tenant = UNCONFINED) -> Rendered | None:
+        hit = self.memo.get((tenant.id, *key))
         return Rendered(*hit) if hit is not None else None
 
     async def render(self, results: Sequence[QueryResult], make: Callable[[], tuple[bytes, str]]) -> Rendered:
@@ -134,7 +145,7 @@ class GatewayService:
         return Rendered(*make())
 
     def remember(self, key: tuple[str, ...], ttl_category: str, results: Sequence[QueryResult],
-                 rendered: Rendered) -> Rendered:
+                 rendered: Rendered, tenant: Tenant = UNCONFINED) -> Rendered:
         """Keep a healthy body for reuse: never one with stale, failed or partial (warned) figures.
 
         Small bodies for RESPONSE_MEMO_SECONDS at most, so the ages and timestamp a
@@ -154,5 +165,5 @@ class GatewayService:
         until = min(now + s.response_memo_seconds, now + s.ttl_for(ttl_category), fresh_until)
         if len(rendered.body) >= s.response_memo_large_bytes:
             until = fresh_until
-        self.memo.put(key, rendered.body, rendered.media_type, until)
+        self.memo.put((tenant.id, *key), rendered.body, rendered.media_type, until)
         return rendered

@@ -299,8 +299,12 @@ class PrometheusClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def query(self, expr: str, *, timeout: float, category: str) -> QueryAnswer:
-        """Evaluate one instant query within `timeout` seconds (also sent upstream)."""
+    async def query(self, expr: str, *, timeout: float, category: str,
+                    headers: Mapping[str, str] | None = None) -> QueryAnswer:
+        """Evaluate one instant query within `timeout` seconds (also sent upstream).
+
+        `headers`: extra upstream headers for this request (a tenant's X-Scope-OrgID).
+        """
         if not self.breaker.allow():
             raise UpstreamError(
                 "circuit_open",
@@ -309,7 +313,7 @@ class PrometheusClient:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(max(timeout, 0.001)):  # total, not per read
-                body, status = await self._read(expr, timeout)
+                body, status = await self._read(expr, timeout, headers)
             # Parsed outside the timeout: the upstream has answered in time, and what a
             # big answer costs to parse is the gateway's time (the engine's deadline
             # bounds the request), not an upstream failure for the breaker.
@@ -331,17 +335,18 @@ class PrometheusClient:
         self._record(category, started, None)
         return answer
 
-    async def _post(self, expr: str, timeout: float) -> QueryAnswer:
-        return parse_answer(*await self._read(expr, timeout))
+    async def _post(self, expr: str, timeout: float, headers: Mapping[str, str] | None = None) -> QueryAnswer:
+        return parse_answer(*await self._read(expr, timeout, headers))
 
-    async def _read(self, expr: str, timeout: float) -> tuple[bytes, int]:
+    async def _read(self, expr: str, timeout: float,
+                    headers: Mapping[str, str] | None = None) -> tuple[bytes, int]:
         """POST one query; the raw answer body (within the byte cap) and its HTTP status."""
         timeout = max(timeout, 0.001)
         # Ask Prometheus to give up slightly before we do, so it reports its own timeout.
         upstream_timeout = max(timeout * 0.9, 0.001)
         # Prometheus durations take no fractions: whole milliseconds.
         form = [("query", expr), ("timeout", f"{max(1, int(upstream_timeout * 1000))}ms")]
-        status, body = await self._exchange("POST", self.query_url, form, timeout, None)
+        status, body = await self._exchange("POST", self.query_url, form, timeout, headers)
         return body, status
 
     async def _exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],

@@ -21,9 +21,15 @@ Rules (every HTTP request, before any route runs):
    Tokens are accepted only in the Authorization header: never in the query
    string (it ends up in access logs, browser history and Referer headers) and
    never from cookies (no CSRF surface).
-3. Accept headers whose ``version=`` parameter is not a dotted number lose that
+3. Tenants: a token configured with a scope (``API_TOKENS`` as a JSON object, see
+   ``app.common.tenancy`` and docs/tenants.md) is resolved to its ``Tenant``, which
+   is put into the ASGI scope for the routes (``tenant_of(request)``); the figure
+   routes and the query API enforce it. A scoped token is refused (403,
+   ``error="forbidden"``) on protected paths outside ``TENANT_PREFIXES`` (``/vrops``):
+   their data carries no tenant labels, so they cannot be confined.
+4. Accept headers whose ``version=`` parameter is not a dotted number lose that
    parameter (see ``sanitize_accept``: prometheus_client would answer them with a 500).
-4. Open: ``/health``, ``/ready`` (orchestrators call them without secrets),
+5. Open: ``/health``, ``/ready`` (orchestrators call them without secrets),
    ``/metrics`` (its own ``METRICS_TOKEN``, see app/monitoring), ``/status`` and
    its assets (static files with no data in them; the figures come from
    ``/prometheus/metrics/summary``, which *is* protected: see "Status page"
@@ -53,11 +59,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.common.exposition import sanitize_accept
 from app.common.secrets import bearer_token, token_index
+from app.common.tenancy import UNCONFINED, Tenant, with_tenant
 from app.security.settings import SecuritySettings, TokenSource
 
 log = logging.getLogger("gateway.security")
 
 PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops", "/api")
+# Where a scoped (tenant) token may go: the routes that enforce a Tenant.
+TENANT_PREFIXES: tuple[str, ...] = ("/prometheus", "/api")
 REALM = 'Bearer realm="gateway"'
 
 
@@ -130,10 +139,12 @@ class SecurityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            if self.tokens.enabled and is_protected(_route_path(scope), self.prefixes) and \
-                    not self._authorized(scope):
-                await send({"type": "websocket.close", "code": 1008})
-                return
+            if self.tokens.enabled and is_protected(_route_path(scope), self.prefixes):
+                refused, tenant = self._check_token(scope)
+                if refused is not None:
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                scope = with_tenant(scope, tenant)
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http":
@@ -142,7 +153,9 @@ class SecurityMiddleware:
 
         rejection = self._check_limits(scope)
         if rejection is None and self.tokens.enabled and is_protected(_route_path(scope), self.prefixes):
-            rejection = self._check_token(scope)
+            rejection, tenant = self._check_token(scope)
+            if rejection is None:
+                scope = with_tenant(scope, tenant)
         if rejection is not None:
             for message in rejection:
                 await send(message)
@@ -217,20 +230,23 @@ class SecurityMiddleware:
 
     # -- tokens -------------------------------------------------------------------------
 
-    def _authorized(self, scope: Scope) -> bool:
-        provided = bearer_credentials(scope)
-        return provided is not None and token_allowed(provided, self.tokens.tokens())
-
-    def _check_token(self, scope: Scope) -> tuple[Message, Message] | None:
+    def _check_token(self, scope: Scope) -> tuple[tuple[Message, Message] | None, Tenant]:
+        """(rejection or None, the token's tenant)."""
         provided = bearer_credentials(scope)
         if provided is None:
             return _json_response(401, "unauthorized",
                                   "this API needs an 'Authorization: Bearer <token>' header",
-                                  {"WWW-Authenticate": REALM})
-        if not token_allowed(provided, self.tokens.tokens()):
+                                  {"WWW-Authenticate": REALM}), UNCONFINED
+        tokens, tenants = self.tokens.grants()
+        index = token_index(provided, tokens)
+        if index is None:
             return _json_response(403, "forbidden", "the bearer token is not accepted",
-                                  {"WWW-Authenticate": REALM + ', error="invalid_token"'})
-        return None
+                                  {"WWW-Authenticate": REALM + ', error="invalid_token"'}), UNCONFINED
+        tenant = tenants[index]
+        if tenant.scoped and not is_protected(_route_path(scope), TENANT_PREFIXES):
+            return _json_response(403, "forbidden", "this token is confined to a tenant; this path "
+                                  "serves data without tenant labels"), UNCONFINED
+        return None, tenant
 
 
 _ERROR_SCHEMA = {
@@ -307,7 +323,8 @@ def install_security(app: FastAPI, settings: SecuritySettings | None = None) -> 
     _document_security(app, PROTECTED_PREFIXES, tokens.enabled)
     app.state.security_installed = True
     app.state.security_settings = settings
-    log.info("API access control %s (%d token(s) in API_TOKENS, file %s); CORS origins: %s",
-             "enabled" if tokens.enabled else "disabled (no API_TOKENS)", len(settings.api_tokens),
+    log.info("API access control %s (%d token(s) in API_TOKENS, %d of them scoped to a tenant, file %s); "
+             "CORS origins: %s", "enabled" if tokens.enabled else "disabled (no API_TOKENS)",
+             len(settings.api_tokens), sum(t.scoped for t in settings.token_tenants()),
              settings.api_tokens_file or "none", ", ".join(settings.cors_allow_origins) or "none")
     return settings

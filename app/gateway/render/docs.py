@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from app.gateway.catalog.model import CATEGORIES, Catalog
+from app.gateway.promql import enforce, quote
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(catalog: Catalog, base_path: str = "/prometheus/metrics") -> str:
+def _scope_lines(scope: Sequence[tuple[str, str]]) -> list[str]:
+    if not scope:
+        return []
+    labels = ", ".join(f"`{k}={quote(v)}`" for k, v in scope)
+    return [f"Your token is confined to {labels}: every figure reads only series with these labels "
+            "(added to every selector of the PromQL below).", ""]
+
+
+def markdown(catalog: Catalog, base_path: str = "/prometheus/metrics",
+             scope: Sequence[tuple[str, str]] = ()) -> str:
+    """The figures' documentation; for a caller confined to labels (`scope`), the PromQL
+    shown is what runs for it: the tenant's matchers on every selector."""
     lines = [
         "# Gateway figures",
         "",
@@ -21,6 +35,7 @@ def markdown(catalog: Catalog, base_path: str = "/prometheus/metrics") -> str:
         "A figure whose query matches no series is listed under `no_data` in the JSON",
         f"answers and has `{catalog.prefix}_query_has_data` 0 in the text answers.",
         "",
+        *_scope_lines(scope),
         "## Summary (`" + base_path + "/summary`, JSON)",
         "",
         "| key | unit | query | scale |",
@@ -50,7 +65,7 @@ def markdown(catalog: Catalog, base_path: str = "/prometheus/metrics") -> str:
             served = ", ".join(f"`{r}`" for r in sorted(set(routes[qid])))
             lines.append(
                 f"| `{name}` | {q.kind} | {_cell(q.unit)} | {labels} | {_cell(q.help)} | {served} "
-                f"| `{_cell(q.expr)}` |"
+                f"| `{_cell(enforce(q.expr, scope))}` |"
             )
     lines.append("")
     return "\n".join(lines)

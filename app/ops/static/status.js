@@ -223,6 +223,18 @@
     var status = (data && typeof data.status === "string") ? data.status : "unknown";
     overall.setAttribute("data-status", status);
     overall.textContent = status;
+    // A token confined to a tenant sees that tenant's figures; say which.
+    var scopeEl = document.getElementById("scope");
+    var labels = data && data.scope && data.scope.labels;
+    if (scopeEl && labels && typeof labels === "object" && Object.keys(labels).length) {
+      scopeEl.textContent = "Tenant: " + Object.keys(labels).sort().map(function (k) {
+        return k + "=" + JSON.stringify(String(labels[k]));
+      }).join(", ");
+      scopeEl.setAttribute("data-labels", JSON.stringify(labels));
+      scopeEl.hidden = false;
+    } else if (scopeEl) {
+      scopeEl.hidden = true;
+    }
     var ts = document.getElementById("data-timestamp");
     if (data && typeof data.timestamp === "string") {
       ts.setAttribute("datetime", data.timestamp);
