@@ -43,7 +43,7 @@ def prom(prom_stack: PromStack) -> Iterator[httpx.Client]:
         yield c
 
 
-def past(seconds: float = 20) -> int:
+def past(seconds: float = 60) -> int:
     return int(time.time() - seconds)
 
 
