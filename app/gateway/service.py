@@ -20,6 +20,7 @@ from app.gateway.catalog.model import Catalog
 from app.gateway.engine import Engine, Filters
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
+from app.gateway.shared import SharedTier
 from app.gateway.upstream import PrometheusClient
 
 
@@ -38,6 +39,7 @@ class GatewayService:
         self._transport = transport
         self._client: PrometheusClient | None = None
         self._engine: Engine | None = None
+        self._shared: SharedTier | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.cache = QueryCache(settings.cache_max_entries, settings.stale_max_age_seconds)
         self.memo = ResponseMemo(settings.response_memo_seconds)
@@ -48,11 +50,13 @@ class GatewayService:
         await self.aclose()
         self._loop = asyncio.get_running_loop()
         self._client = PrometheusClient(self.settings, transport=self._transport)
-        self._engine = Engine(self.settings, self._client, self.cache)
+        # Redis clients belong to one event loop too: made here, with the engine.
+        self._shared = SharedTier.from_settings(self.settings, self.catalog)
+        self._engine = Engine(self.settings, self._client, self.cache, self._shared)
 
     async def aclose(self) -> None:
-        engine, client, loop = self._engine, self._client, self._loop
-        self._client = self._engine = None
+        engine, client, shared, loop = self._engine, self._client, self._shared, self._loop
+        self._client = self._engine = self._shared = None
         self._loop = None
         if loop is not None and loop is not asyncio.get_running_loop():
             return  # made in a loop that is gone: nothing of it can be awaited here
@@ -60,6 +64,8 @@ class GatewayService:
             await engine.aclose()
         if client is not None:
             await client.aclose()
+        if shared is not None:
+            await shared.aclose()
 
     async def ensure_started(self) -> Engine:
         """The engine, starting (or restarting in this event loop) when needed."""

@@ -1,0 +1,510 @@
+"""The shared tier: one figure cache, one fetch in flight and one set of last good
+values for every worker of every replica, in Redis.
+
+Without it each process caches and coalesces alone: N workers x M replicas ask
+Prometheus N x M times per figure per TTL window, and the last good values die
+with the process that held them. With it (``GATEWAY_CACHE_URL``, or ``REDIS_URL``)
+the engine looks up figures local tier -> shared tier -> fleet-wide single
+flight -> upstream:
+
+- fresh: one entry per figure, expiring at the end of its TTL grid step on the
+  wall clock (``PXAT``), so every process of every replica expires and refetches
+  the figure at the same instant;
+- lock: ``SET NX PX`` with an owner token, claimed in the same atomic step that
+  found no fresh entry (a Lua script, one round trip for a whole batch); the
+  holder renews it while its fetch runs, so a holder that dies or hangs blocks
+  the others for at most one lease, after which one of them takes over;
+- res: the holder's outcome (answer or failure) tagged with its token, handed to
+  the processes that waited on *that* flight only; a failure is never stored as
+  an answer, so the next request simply tries again (no poisoned retries);
+- good: the last good answer with its ``fetched_at``, kept ``STALE_MAX_AGE_SECONDS``,
+  so a replica started during an outage serves stale values with their true age.
+
+Keys are namespaced and versioned, ``<prefix>:v<format>:<catalog hash>:<kind>:{<sha>}``
+(the sha of the figure's cache key; the braces keep one figure's keys in one
+Redis Cluster slot): a changed catalog or format reads none of the old entries.
+Values are compact JSON, zlib-compressed when that pays, never pickle, and
+bounded in size (a larger answer is not shared, only kept locally).
+
+Redis down, slow or full never fails a request: every command is bounded by
+``GATEWAY_CACHE_TIMEOUT_SECONDS`` and by the request deadline, a breaker of the
+tier's own stops asking while it fails, and the engine then works as a single
+process does (local tier, local single flight, upstream). One log line per
+episode, and metrics (``metrics_gateway_shared_cache_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.common.episodes import FailureEpisode
+from app.common.redis import AsyncRedis, make_redis_client
+from app.gateway import metrics as gm
+from app.gateway.breaker import CircuitBreaker
+from app.gateway.catalog.model import Catalog
+from app.gateway.result import Fetched, Sample, UpstreamFailure
+from app.gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway.shared")
+
+FORMAT_VERSION: Final = 1
+_T = TypeVar("_T")
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """A short hash of everything in the catalog that shapes a cached answer.
+
+    Part of every key: a deployment with another catalog (a changed expression,
+    kept labels, or batching) shares nothing with one running the old catalog.
+    """
+    doc = [[q.id, q.expr, list(q.labels), q.batchable, q.kind]
+           for q in sorted(catalog.queries.values(), key=lambda q: q.id)]
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class FigureKeys:
+    fresh: str
+    good: str
+    lock: str
+    res: str
+
+
+class KeySpace:
+    """``<prefix>:v<format>:<catalog hash>:<kind>:{<sha256 of the cache key>}``."""
+
+    def __init__(self, prefix: str, catalog_hash: str, version: int = FORMAT_VERSION) -> None:
+        self.namespace = f"{prefix}:v{version}:{catalog_hash}"
+        self._memo: dict[str, FigureKeys] = {}
+
+    def of(self, key: str) -> FigureKeys:
+        keys = self._memo.get(key)
+        if keys is None:
+            tag = "{" + hashlib.sha256(key.encode()).hexdigest()[:32] + "}"
+            ns = self.namespace
+            keys = FigureKeys(f"{ns}:fresh:{tag}", f"{ns}:good:{tag}", f"{ns}:lock:{tag}", f"{ns}:res:{tag}")
+            if len(self._memo) >= 8192:  # keys come from the catalog and bounded filters
+                self._memo.clear()
+            self._memo[key] = keys
+        return keys
+
+
+# -- codec --------------------------------------------------------------------------------
+
+class CodecError(ValueError):
+    """Bytes that are not an entry of this format (corrupt, foreign or truncated)."""
+
+
+_JSON: Final = b"J"  # compact JSON
+_ZLIB: Final = b"Z"  # zlib-compressed compact JSON
+_FAIL: Final = b"E"  # a failed fetch (res entries only)
+_BIG: Final = b"B"  # an answer too large to share (res entries only)
+
+
+def _num(v: float) -> float | str:
+    # JSON has no NaN or infinities; Prometheus sends them (as strings), so do we.
+    return v if math.isfinite(v) else repr(v)
+
+
+class Codec:
+    """Fetched answers to bytes and back: compact JSON, zlib when it pays, bounded."""
+
+    def __init__(self, max_bytes: int = 1024 * 1024, compress_min_bytes: int = 1024) -> None:
+        self.max_bytes = max_bytes
+        self.compress_min_bytes = compress_min_bytes
+
+    def encode(self, fetched: Fetched, expires_at: float = 0.0) -> bytes | None:
+        """The entry's bytes, or None when it exceeds the size bound."""
+        doc: dict[str, Any] = {
+            "t": fetched.fetched_at,
+            "s": [[[x for pair in s.labels for x in pair], _num(s.value)] for s in fetched.samples],
+        }
+        if expires_at:
+            doc["e"] = expires_at
+        if fetched.warnings:
+            doc["w"] = list(fetched.warnings)
+        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        data = _JSON + raw
+        if len(raw) >= self.compress_min_bytes:
+            packed = zlib.compress(raw, 6)
+            if len(packed) < len(raw):
+                data = _ZLIB + packed
+        return data if len(data) <= self.max_bytes else None
+
+    def decode(self, data: bytes) -> tuple[Fetched, float]:
+        """(answer, expires_at) from `encode`'s bytes; CodecError for anything else."""
+        tag, body = data[:1], data[1:]
+        try:
+            if tag == _ZLIB:
+                body = zlib.decompress(body)
+            elif tag != _JSON:
+                raise CodecError(f"unknown entry tag {tag!r}")
+            doc = json.loads(body)
+            samples = []
+            for flat, value in doc["s"]:
+                labels = tuple((str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
+                samples.append(Sample(labels, float(value)))
+            warnings = tuple(str(w) for w in doc.get("w", ()))
+            return Fetched(tuple(samples), float(doc["t"]), warnings), float(doc.get("e", 0.0))
+        except CodecError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, zlib.error) as exc:
+            raise CodecError(f"undecodable entry: {exc}") from None
+
+    @staticmethod
+    def encode_failure(failure: UpstreamFailure) -> bytes:
+        return _FAIL + json.dumps([failure.error_type, failure.message[:500]], separators=(",", ":")).encode()
+
+    def decode_outcome(self, data: bytes) -> tuple[Fetched, float] | UpstreamFailure | None:
+        """A res entry: (answer, expires_at), the failure, or None for "too large to share"."""
+        tag = data[:1]
+        if tag == _BIG:
+            return None
+        if tag == _FAIL:
+            try:
+                etype, message = json.loads(data[1:])
+                return UpstreamFailure(str(etype), str(message))
+            except (ValueError, TypeError) as exc:
+                raise CodecError(f"undecodable failure: {exc}") from None
+        return self.decode(data)
+
+
+def grid_expiry(ttl: float, now: float | None = None) -> float:
+    """Wall-clock expiry (unix time) of an answer fetched `now`, on the TTL grid.
+
+    The same arithmetic as the local tier's grid but on ``time.time()``: clocks of
+    different hosts agree (NTP) where monotonic clocks never do, so every process
+    of every replica expires a figure at one instant. An answer fetched in the
+    last tenth of a step is kept to the end of the next one.
+    """
+    now = time.time() if now is None else now
+    if ttl <= 0:
+        return now
+    boundary = (math.floor(now / ttl) + 1) * ttl
+    return boundary + ttl if boundary - now < ttl / 10 else boundary
+
+
+# -- scripts (one round trip per batch; every key of one script shares a slot) ------------
+
+# KEYS: fresh, lock. ARGV: token, lease ms, "1" to also return the last good (KEYS[3]).
+# -> {1, fresh} | {2, "", good} (lock taken) | {3, holder, good} (someone else fetches)
+_CLAIM: Final = """
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+local good = ''
+if ARGV[3] == '1' then good = redis.call('GET', KEYS[3]) or '' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, '', good} end
+return {3, redis.call('GET', KEYS[2]) or '', good}
+"""
+
+# KEYS: res, lock, fresh. ARGV: awaited token, own token, lease ms.
+# -> {0} still in flight | {1, res} its outcome | {2, fresh} answered by another flight
+#    | {3, holder} another holder took over | {4} the holder vanished: the lock is now ours
+_POLL: Final = """
+local r = redis.call('GET', KEYS[1])
+if r and string.sub(r, 1, string.len(ARGV[1])) == ARGV[1] then
+  return {1, string.sub(r, string.len(ARGV[1]) + 1)}
+end
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] then return {0} end
+local v = redis.call('GET', KEYS[3])
+if v then return {2, v} end
+if holder then return {3, holder} end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {4}
+"""
+
+# KEYS: fresh, good, res, lock. ARGV: token, entry, fresh PXAT ms | 0, good PX ms | 0,
+# res PX ms, res body ("" = the entry itself).
+_PUBLISH: Final = """
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3]) end
+if ARGV[4] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
+local body = ARGV[6]
+if body == '' then body = ARGV[2] end
+redis.call('SET', KEYS[3], ARGV[1] .. body, 'PX', ARGV[5])
+if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+
+# KEYS: lock. ARGV: token, lease ms.
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+# -- the tier -----------------------------------------------------------------------------
+
+class Lead:
+    """Wait outcome: the awaited holder vanished and this process holds the lock now."""
+
+
+class Alone:
+    """Wait outcome: the shared tier cannot help (Redis failed, answer too large to
+    share): fetch without it."""
+
+
+LEAD: Final = Lead()
+ALONE: Final = Alone()
+WaitOutcome = tuple[Fetched, float] | UpstreamFailure | Lead | Alone  # answers with their expiry
+
+
+@dataclass(slots=True)
+class Claim:
+    """What one claim of a batch of keys found."""
+
+    token: str
+    hits: dict[str, tuple[Fetched, float]] = field(default_factory=dict)  # key -> (answer, expires_at)
+    led: list[str] = field(default_factory=list)  # locks won: fetch these and publish
+    awaited: dict[str, str] = field(default_factory=dict)  # key -> the holder's token
+    good: dict[str, Fetched] = field(default_factory=dict)  # last good values found on the way
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, RedisConnectionError | OSError):
+        return "connection"
+    if isinstance(exc, ResponseError) and str(exc).startswith("OOM"):
+        return "oom"
+    if isinstance(exc, CodecError):
+        return "corrupt"
+    return "response"
+
+
+class SharedTier:
+    """Store, lock/lease and codec of the shared tier. The engine decides who fetches;
+    this class only says what Redis holds and hands outcomes between processes."""
+
+    POLL_FIRST: Final = 0.002
+    POLL_MAX: Final = 0.025
+
+    def __init__(self, settings: GatewaySettings, client: AsyncRedis, catalog_hash: str) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = KeySpace(settings.gateway_cache_prefix, catalog_hash)
+        self.codec = Codec(settings.gateway_cache_max_entry_bytes, settings.gateway_cache_compress_min_bytes)
+        self.timeout = settings.gateway_cache_timeout_seconds
+        self.lease_ms = max(1, round(settings.gateway_cache_lock_lease_seconds * 1000))
+        self.breaker = CircuitBreaker(settings.gateway_cache_breaker_threshold,
+                                      settings.gateway_cache_breaker_reset_seconds,
+                                      on_change=gm.set_shared_breaker_state)
+        self.episode = FailureEpisode("shared cache tier (Redis)", log)
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings, catalog: Catalog) -> SharedTier | None:
+        """The tier when a URL is configured, else None (the gateway works per process)."""
+        url = settings.shared_cache_url
+        if url is None:
+            return None
+        client = make_redis_client(url, settings.gateway_cache_timeout_seconds,
+                                   max_connections=settings.gateway_cache_max_connections)
+        tier = cls(settings, client, catalog_fingerprint(catalog))
+        log.info("shared cache tier on (namespace %s)", tier.keys.namespace)
+        return tier
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    # -- guarded execution ----------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """May the tier be asked now? False while its breaker is open."""
+        return self.breaker.allow()
+
+    async def _guarded(self, op: Callable[[], Awaitable[_T]], budget: float | None = None) -> _T | None:
+        """Run one Redis operation within min(timeout, budget); None on any failure
+        (counted, fed to the breaker, logged once per episode)."""
+        limit = self.timeout if budget is None else min(self.timeout, budget)
+        if limit <= 0:
+            return None
+        try:
+            async with asyncio.timeout(limit):
+                result = await op()
+        except (RedisError, OSError, TimeoutError, CodecError) as exc:
+            reason = _reason(exc)
+            gm.shared_error(reason)
+            self.breaker.failure()
+            self.episode.failure(f"{reason}: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        self.breaker.success()
+        if self.episode.failing:
+            self.episode.success()
+        gm.shared_ok()
+        return result
+
+    async def _eval_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[str | bytes | int]]],
+                         budget: float | None) -> list[Any] | None:
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    pipe.eval(script, len(keys), *keys, *args)
+                return list(await pipe.execute())
+
+        return await self._guarded(run, budget)
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def claim(self, keys: Sequence[str], want_good: Sequence[bool], budget: float) -> Claim | None:
+        """For each key: its fresh entry, else its lock (won, or who holds it), and
+        its last good value where asked. One round trip. None when the tier failed."""
+        token = secrets.token_hex(8)
+        calls = []
+        for key, good in zip(keys, want_good, strict=True):
+            k = self.keys.of(key)
+            calls.append((_CLAIM, (k.fresh, k.lock, k.good), (token, self.lease_ms, "1" if good else "0")))
+        replies = await self._eval_many(calls, budget)
+        if replies is None:
+            return None
+        claim = Claim(token)
+        for key, reply in zip(keys, replies, strict=True):
+            code = int(reply[0])
+            if code == 1:
+                decoded = self._decode(reply[1])
+                if decoded is not None:
+                    claim.hits[key] = decoded
+                    continue
+                claim.led.append(key)  # corrupt entry: refetch it (without the lock)
+                continue
+            if len(reply) > 2 and reply[2]:
+                last = self._decode(reply[2])
+                if last is not None:
+                    claim.good[key] = last[0]
+            if code == 2:
+                claim.led.append(key)
+            elif reply[1]:
+                claim.awaited[key] = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+            else:
+                claim.led.append(key)  # the holder released between the two reads: fetch
+        return claim
+
+    def _decode(self, data: bytes) -> tuple[Fetched, float] | None:
+        try:
+            return self.codec.decode(data)
+        except CodecError as exc:
+            gm.shared_error("corrupt")
+            log.debug("undecodable shared entry ignored: %s", exc)
+            return None
+
+    async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
+        """Poll the flights other processes lead (backoff 2 ms .. 25 ms) until each
+        has an outcome, its holder vanished (then the lock is taken with `token` and
+        the key comes back as LEAD), or `deadline` (event-loop time) passes."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pending = dict(awaited)
+        out: dict[str, WaitOutcome] = {}
+        delay = self.POLL_FIRST
+        while pending:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 1.6, self.POLL_MAX)
+            order = list(pending)
+            calls = []
+            for key in order:
+                k = self.keys.of(key)
+                calls.append((_POLL, (k.res, k.lock, k.fresh), (pending[key], token, self.lease_ms)))
+            replies = await self._eval_many(calls, deadline - loop.time())
+            if replies is None:
+                out.update(dict.fromkeys(pending, ALONE))
+                pending.clear()
+                break
+            for key, reply in zip(order, replies, strict=True):
+                code = int(reply[0])
+                if code == 0:
+                    continue
+                if code == 3:
+                    pending[key] = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+                    continue
+                del pending[key]
+                if code == 4:
+                    out[key] = LEAD
+                elif code == 2:
+                    fresh = self._decode(reply[1])
+                    out[key] = fresh if fresh is not None else ALONE
+                else:
+                    try:
+                        outcome = self.codec.decode_outcome(reply[1])
+                    except CodecError:
+                        gm.shared_error("corrupt")
+                        outcome = None
+                    out[key] = ALONE if outcome is None else outcome
+        for key in pending:
+            out[key] = UpstreamFailure("timeout", "request deadline reached while another process fetched")
+        gm.shared_lock_wait(loop.time() - started)
+        return out
+
+    async def publish(self, token: str, outcomes: Mapping[str, Fetched | UpstreamFailure], ttl: float) -> None:
+        """Hand each outcome to the processes waiting on this flight and release the
+        locks; store good answers (fresh to the end of their TTL grid step on the wall
+        clock, last good for STALE_MAX_AGE_SECONDS). Failures and answers with
+        warnings are handed over but never stored as fresh or good."""
+        now_ms = int(time.time() * 1000)
+        good_ms = int(self.settings.stale_max_age_seconds * 1000)
+        res_ms = 2 * self.lease_ms
+        calls = []
+        for key, outcome in outcomes.items():
+            k = self.keys.of(key)
+            if isinstance(outcome, UpstreamFailure):
+                entry, body, f_at, g_ms = b"", self.codec.encode_failure(outcome), 0, 0
+            else:
+                expires_at = grid_expiry(ttl, outcome.fetched_at)
+                fresh_at = int(expires_at * 1000)
+                fresh_at = fresh_at if fresh_at > now_ms + 5 else 0
+                encoded = self.codec.encode(outcome, expires_at)
+                if encoded is None:
+                    entry, body, f_at, g_ms = b"", _BIG, 0, 0
+                elif outcome.warnings:
+                    entry, body, f_at, g_ms = encoded, b"", 0, 0
+                else:
+                    entry, body, f_at, g_ms = encoded, b"", fresh_at, good_ms
+            calls.append((_PUBLISH, (k.fresh, k.good, k.res, k.lock), (token, entry, f_at, g_ms, res_ms, body)))
+        if calls:
+            await self._eval_many(calls, None)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
+        """Keep the locks on `keys` while the body runs (renewed every third of a lease),
+        so only a holder that died or hangs loses them."""
+        if not keys:
+            yield
+            return
+        locks = [self.keys.of(k).lock for k in keys]
+        interval = self.lease_ms / 3000
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await self._eval_many([(_RENEW, (lock,), (token, self.lease_ms)) for lock in locks], None)
+
+        task = asyncio.get_running_loop().create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def ping(self) -> bool:
+        return bool(await self._guarded(self.client.ping))
