@@ -25,6 +25,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as SyncRetry
 
 AsyncRedis = Redis | RedisCluster
@@ -32,11 +33,16 @@ SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
-def _fail_fast(timeout: float) -> dict[str, Any]:
+def _retry(retries: int) -> Retry:
+    # Connection errors only: a timeout is never retried (it would double the wait).
+    return Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,))
+
+
+def _fail_fast(timeout: float, retries: int = 0) -> dict[str, Any]:
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": _retry(retries),
         "retry_on_timeout": False,
     }
 
@@ -60,10 +66,12 @@ def _hosts(netloc: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
     return user, password, pairs
 
 
-def make_redis(url: str, timeout: float, *, max_connections: int = 64) -> Redis:
+def make_redis(url: str, timeout: float, *, max_connections: int = 64, retries: int = 0) -> Redis:
     """An asyncio client for `url` with `timeout` seconds for connect and every command.
 
     A ``redis+sentinel://`` URL gives a client of the Sentinel group's current master.
+    `retries`: immediate retries after a connection error (a pooled connection that a
+    restarted Redis closed fails once, then a new one is made); never after a timeout.
     """
     if url.startswith(SENTINEL_SCHEME + "://"):
         parts = urlsplit(url)
@@ -75,15 +83,16 @@ def make_redis(url: str, timeout: float, *, max_connections: int = 64) -> Redis:
         sentinel = Sentinel(hosts, sentinel_kwargs=_fail_fast(timeout), **_fail_fast(timeout))  # type: ignore[no-untyped-call]
         client: Redis = sentinel.master_for(
             path[0], redis_class=Redis, username=user, password=password, db=db,
-            health_check_interval=0, max_connections=max_connections, **_fail_fast(timeout),
+            health_check_interval=0, max_connections=max_connections, **_fail_fast(timeout, retries),
         )
         return client
     if url.startswith(tuple(s + "://" for s in CLUSTER_SCHEMES)):
         raise ValueError("a Redis Cluster URL needs make_redis_client()")
-    return Redis.from_url(url, health_check_interval=0, max_connections=max_connections, **_fail_fast(timeout))
+    return Redis.from_url(url, health_check_interval=0, max_connections=max_connections,
+                          **_fail_fast(timeout, retries))
 
 
-def make_redis_client(url: str, timeout: float, *, max_connections: int = 64) -> AsyncRedis:
+def make_redis_client(url: str, timeout: float, *, max_connections: int = 64, retries: int = 0) -> AsyncRedis:
     """Like `make_redis`, and a ``RedisCluster`` for ``redis+cluster://`` URLs.
 
     For callers that only use single-key commands, pipelines and scripts whose keys
@@ -91,13 +100,13 @@ def make_redis_client(url: str, timeout: float, *, max_connections: int = 64) ->
     """
     scheme = url.split("://", 1)[0]
     if scheme not in CLUSTER_SCHEMES:
-        return make_redis(url, timeout, max_connections=max_connections)
+        return make_redis(url, timeout, max_connections=max_connections, retries=retries)
     parts = urlsplit(url)
     user, password, hosts = _hosts(parts.netloc)
     return RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in hosts], username=user, password=password,
         ssl=scheme == "rediss+cluster", max_connections=max_connections,
-        socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+        socket_timeout=timeout, socket_connect_timeout=timeout, retry=_retry(retries),
     )
 
 

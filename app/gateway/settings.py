@@ -56,7 +56,7 @@ class GatewaySettings(BaseSettings):
     gateway_cache_timeout_seconds: float = Field(default=0.25, gt=0, le=5)
     # A fleet-wide fetch lock lives this long unless its holder renews it (a third of
     # it, while its fetch runs): a dead or hung leader blocks the others at most this long.
-    gateway_cache_lock_lease_seconds: float = Field(default=1.0, ge=0.05, le=30)
+    gateway_cache_lock_lease_seconds: float = Field(default=0.5, ge=0.05, le=30)
     gateway_cache_max_entry_bytes: int = Field(default=1024 * 1024, ge=256)
     gateway_cache_compress_min_bytes: int = Field(default=1024, ge=0)
     gateway_cache_max_connections: int = Field(default=32, ge=1, le=1024)

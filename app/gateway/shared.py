@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.common.episodes import FailureEpisode
@@ -282,7 +282,7 @@ def _reason(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, RedisConnectionError | OSError):
         return "connection"
-    if isinstance(exc, ResponseError) and str(exc).startswith("OOM"):
+    if isinstance(exc, OutOfMemoryError):
         return "oom"
     if isinstance(exc, CodecError):
         return "corrupt"
@@ -314,8 +314,10 @@ class SharedTier:
         url = settings.shared_cache_url
         if url is None:
             return None
+        # One retry: after a Redis restart each pooled connection fails once, and a
+        # failed publish would leave its locks to block the fleet for a lease.
         client = make_redis_client(url, settings.gateway_cache_timeout_seconds,
-                                   max_connections=settings.gateway_cache_max_connections)
+                                   max_connections=settings.gateway_cache_max_connections, retries=1)
         tier = cls(settings, client, catalog_fingerprint(catalog))
         log.info("shared cache tier on (namespace %s)", tier.keys.namespace)
         return tier
@@ -344,7 +346,9 @@ class SharedTier:
             reason = _reason(exc)
             gm.shared_error(reason)
             self.breaker.failure()
-            self.episode.failure(f"{reason}: {type(exc).__name__}: {str(exc)[:200]}")
+            # A pipeline's error quotes the command (our script): keep only Redis' words.
+            said = str(exc).rsplit("caused error: ", 1)[-1][:200]
+            self.episode.failure(f"{reason}: {type(exc).__name__}: {said}")
             return None
         self.breaker.success()
         if self.episode.failing:

@@ -119,12 +119,14 @@ def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
     return proc
 
 
-def start_redis(workdir: Path, timeout: float = 15.0) -> Proc:
-    port = free_port()
+def start_redis(workdir: Path, timeout: float = 15.0, *, port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> Proc:
+    """redis-server on loopback (`port`: a given one, e.g. to restart on the same address)."""
+    port = port or free_port()
     url = f"redis://127.0.0.1:{port}/0"
     proc = _spawn(
         [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
+         "--appendonly", "no", "--dir", str(workdir), *extra_args],
         workdir, "redis", port=port, url=url,
     )
 
