@@ -83,7 +83,7 @@ def test_failures_and_too_large_markers() -> None:
     data = codec.encode(ANSWER)
     assert data is not None
     got = codec.decode_outcome(data)
-    assert isinstance(got, Fetched) and got.fetched_at == ANSWER.fetched_at
+    assert isinstance(got, tuple) and got[0].fetched_at == ANSWER.fetched_at
 
 
 def test_keys_are_namespaced_versioned_and_slot_tagged() -> None:
