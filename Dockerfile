@@ -16,7 +16,10 @@ RUN groupadd --system --gid 10001 gateway \
 # Dependencies and package first (layer cache), then the runtime files.
 COPY pyproject.toml README.md ./
 COPY app ./app
+# uvloop and httptools (uvicorn[standard]) must be there: the UvicornWorker
+# picks them up, and without them a worker serves far fewer requests.
 RUN pip install --no-compile . \
+ && python -c "import uvloop, httptools, hiredis" \
  && rm -rf /root/.cache
 
 COPY gunicorn.conf.py ./
