@@ -11,3 +11,44 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+# -- one Redis for the tests that only need a store --------------------------------------
+# Session-scoped: one redis-server for the whole run; each test gets it flushed.
+# Tests that stop, pause or fill Redis start their own (tests/faults, the Celery test).
+
+import pytest  # noqa: E402
+
+from tests.support.procs import Proc, start_redis  # noqa: E402
+
+REAL_PROCESS_FIXTURES = frozenset({"redis_proc", "redis_server"})
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    proc = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def redis_proc(redis_server: Proc) -> Proc:
+    """The session's redis-server, emptied for this test."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses a real redis-server is an integration test, wherever it lives:
+    `-m "not integration"` then needs neither Redis nor promtool."""
+    for item in items:
+        if REAL_PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

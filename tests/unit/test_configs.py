@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
-needs_promtool = pytest.mark.skipif(not Path(PROMTOOL).exists(),
+needs_promtool_only = pytest.mark.skipif(not Path(PROMTOOL).exists(),
                                     reason="promtool not installed (apt-get install prometheus)")
+
+
+def needs_promtool(f: Any) -> Any:
+    """Calls the real promtool: an integration test (the fast selection needs no promtool)."""
+    return pytest.mark.integration(needs_promtool_only(f))
 
 
 def _run_stack_module() -> Any:

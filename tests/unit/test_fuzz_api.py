@@ -31,7 +31,7 @@ from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from app.settings import AppSettings
 from app.vrops.settings import VropsSettings, VropsTarget
-from tests.support.procs import Proc, start_redis
+from tests.support.procs import Proc
 
 PROM = "http://prom.test:9090"
 TOKEN = "fuzz-token-7d1e"
@@ -53,16 +53,7 @@ def _answer(request: httpx.Request) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_redis(tmp_path_factory.mktemp("fuzz-redis"))
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(redis: Proc) -> Iterator[TestClient]:
+def client(redis_server: Proc) -> Iterator[TestClient]:
     mp = pytest.MonkeyPatch()
     mp.setenv("API_TOKENS", TOKEN)
     mp.delenv("API_TOKENS_FILE", raising=False)
@@ -70,7 +61,7 @@ def client(redis: Proc) -> Iterator[TestClient]:
     app = create_app(AppSettings(
         gateway=GatewaySettings(prometheus_url=PROM, cache_ttl_seconds=0, response_memo_seconds=0),
         vrops=VropsSettings(
-            redis_url=redis.url,
+            redis_url=redis_server.url,
             vrops_targets=[VropsTarget(name="t1", url="http://vrops.test", username="u", password=SecretStr("p"))],
         )))
     with respx.mock(assert_all_called=False, assert_all_mocked=False) as mock:

@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -91,6 +92,7 @@ def test_text_families_round_trip_through_prometheus_client_parser(pairs: list[t
 
 @settings(max_examples=PROMTOOL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pairs_st)
+@pytest.mark.integration
 def test_promtool_accepts_any_label_value(pairs: list[tuple[str, str, float]]) -> None:
     _count("promtool_check_metrics")
     body, _ = render_families(text_render.families("gw", _results(pairs), False), None)

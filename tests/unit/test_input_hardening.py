@@ -132,9 +132,15 @@ def test_odd_accept_headers_never_5xx(client: TestClient, accept: str) -> None:
 
 
 def test_render_families_survives_a_bad_version_parameter() -> None:
-    from app.common.exposition import render_families
+    from prometheus_client.core import GaugeMetricFamily
 
-    render_families([], "application/openmetrics-text; version=abc")
+    from app.common.exposition import TEXT_CONTENT_TYPE, render_families
+
+    fam = GaugeMetricFamily("x_ratio", "help", value=0.5)
+    body, ctype = render_families([fam], "application/openmetrics-text; version=abc")
+    # prometheus_client's own choose_encoder raises on this header; we fall back to 0.0.4 text.
+    assert ctype == TEXT_CONTENT_TYPE
+    assert b"x_ratio 0.5" in body and b"# EOF" not in body
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from app.gateway import metrics as gateway
 from app.monitoring import install_monitoring
 from app.monitoring.endpoint import token_matches
 from tests.support.files import rotate
+from tests.support.procs import promtool_check_metrics
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -224,11 +224,6 @@ def populate_all_metrics() -> None:
     gateway.set_breaker_state("closed")
 
 
-def promtool(body: bytes) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True,
-                          timeout=30, check=False)
-
-
 KNOWN_CONTRACT_LINT = (
     'subscription_count non-histogram and non-summary metrics should not have "_count" suffix'
 )
@@ -239,7 +234,7 @@ def assert_promtool_accepts(body: bytes) -> None:
 
     ``subscription_count`` gets that lint only once a test in this process has set it.
     """
-    result = promtool(body)
+    result = promtool_check_metrics(body)
     out = (result.stdout + result.stderr).decode().strip().splitlines()
     if result.returncode == 3:
         assert out == [KNOWN_CONTRACT_LINT]
@@ -247,6 +242,7 @@ def assert_promtool_accepts(body: bytes) -> None:
         assert result.returncode == 0, out
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
 async def test_promtool_accepts_metrics_output() -> None:
     app = make_app()
@@ -259,13 +255,14 @@ async def test_promtool_accepts_metrics_output() -> None:
     assert_promtool_accepts(r.content)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
 def test_promtool_only_lint_is_the_contract_name_subscription_count() -> None:
     """`subscription_count` is a gauge named by the backend contract; promtool's linter
     objects to a `_count` suffix on a gauge. It parses fine: the only complaint is that lint."""
     domain.set_business(subscriptions={("pro", "monthly"): 3})
     body = registry_module.render(None, None).body
-    result = promtool(body)
+    result = promtool_check_metrics(body)
     out = (result.stdout + result.stderr).decode().strip().splitlines()
     assert result.returncode == 3, out  # 3 = lint problems only; 1 would be a parse error
     assert out == [KNOWN_CONTRACT_LINT]

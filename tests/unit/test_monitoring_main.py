@@ -33,3 +33,40 @@ async def test_create_app_serves_metrics_once_and_counts_by_template() -> None:
     assert "# TYPE metrics_gateway_upstream_requests_total counter" in r.text
     after = REGISTRY.get_sample_value("fastapi_requests_total", labels) or 0.0
     assert after - before == 1
+
+
+def test_gateway_metrics_do_not_list_the_backend_instrumentation_kit() -> None:
+    """The gateway's own /metrics is about the gateway: the backend's kit
+    (app.instrumentation: model_inference_*, provider_*, ...) is not imported by it.
+    A fresh interpreter, so no other test's import of the kit can hide a regression."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from app.main import create_app\n"
+        "from app.settings import AppSettings\n"
+        "body = TestClient(create_app()).get('/metrics').text\n"
+        "assert 'metrics_gateway_upstream_requests_total' in body, body[:200]\n"
+        "print('app.instrumentation' in sys.modules, 'model_inference_requests_total' in body)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_importing_app_main_builds_no_app() -> None:
+    """Factories, not import-time apps: importing app.main (or the Celery module) starts nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, app.main, app.workers.celery_app as c\n"
+        "print(app.main._app is None, c._app is None)\n"
+        "a = app.main.app\n"
+        "print(a is app.main.app)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr

@@ -139,6 +139,7 @@ def test_metrics_endpoint_serves_merge_in_multiprocess_mode(mp_dir: Path) -> Non
     assert sample(r.text, "fastapi_requests_total", {"path": "/ping"}) == 17
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
 def test_promtool_accepts_merged_output(mp_dir: Path) -> None:
     for pid, n in ((301, 1), (302, 2), (303, 3), (304, 4)):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,14 +16,7 @@ from app.vrops import jobs as job_metrics
 from app.vrops.router import create_vrops_router
 from app.vrops.settings import VropsSettings
 from app.vrops.store import Row, VropsStore
-from tests.support.procs import Proc, free_port, promtool_check_metrics, start_redis
-
-
-@pytest.fixture
-def redis_proc(tmp_path: Path) -> Iterator[Proc]:
-    proc = start_redis(tmp_path / "redis")
-    yield proc
-    proc.stop()
+from tests.support.procs import Proc, free_port, promtool_check_metrics
 
 
 def make_app(settings: VropsSettings) -> FastAPI:
@@ -118,6 +110,7 @@ async def test_bad_input_is_422(redis_proc: Proc, params: dict[str, object]) -> 
         assert r.status_code == 422
 
 
+@pytest.mark.integration  # promtool
 async def test_redis_down_fast_503_json_up0_text_logged_once(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="app.vrops")

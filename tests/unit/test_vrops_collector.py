@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,14 +12,7 @@ from app.vrops.settings import VropsSettings
 from app.vrops.store import VropsStore, latest_key
 from app.workers import tasks
 from tests.fakes.vrops_server import FakeVrops, create_app
-from tests.support.procs import Proc, start_redis
-
-
-@pytest.fixture
-def redis_proc(tmp_path: Path) -> Iterator[Proc]:
-    proc = start_redis(tmp_path / "redis")
-    yield proc
-    proc.stop()
+from tests.support.procs import Proc
 
 
 @pytest.fixture(autouse=True)

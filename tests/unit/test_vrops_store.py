@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -12,16 +12,9 @@ from redis.asyncio import Redis
 from app.common.redis import make_redis
 from app.vrops.exposition import json_payload, render_text
 from app.vrops.store import Blob, Row, VropsStore, latest_key, sample_key
-from tests.support.procs import Proc, promtool_check_metrics, start_redis
+from tests.support.procs import Proc, promtool_check_metrics
 
 METRICS = ["cpu_usage_ratio", "disk_used_bytes"]
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_redis(tmp_path_factory.mktemp("redis"))
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture
