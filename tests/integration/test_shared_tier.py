@@ -35,19 +35,20 @@ pytestmark = pytest.mark.integration
 DEAD_URL = "http://127.0.0.1:1"  # nothing listens: an upstream outage
 
 
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_redis(tmp_path_factory.mktemp("redis-shared"))
-    yield proc
-    proc.stop()
+@pytest.fixture()
+def redis_db(redis_proc: Proc) -> Iterator[redis_sync.Redis]:
+    """The session's Redis (tests/conftest.py), emptied for this test."""
+    r = redis_sync.Redis.from_url(redis_proc.url, socket_timeout=5)
+    yield r
+    r.close()
 
 
 @pytest.fixture()
-def redis_db(redis_proc: Proc) -> Iterator[redis_sync.Redis]:
-    r = redis_sync.Redis.from_url(redis_proc.url, socket_timeout=5)
-    r.flushall()
-    yield r
-    r.close()
+def own_redis(tmp_path: Path) -> Iterator[Proc]:
+    """A Redis of this test's own, to stop, pause or fill."""
+    proc = start_redis(tmp_path / "redis")
+    yield proc
+    proc.stop()
 
 
 Make = Callable[..., GatewayService]
@@ -261,24 +262,22 @@ async def test_redis_down_then_back(make: Make, tmp_path: Path, caplog: pytest.L
         own.stop()
 
 
-async def test_redis_paused(make: Make, redis_db: redis_sync.Redis) -> None:
-    svc = make(gateway_cache_timeout_seconds=0.1, request_deadline_seconds=2)
+async def test_redis_paused(make: Make, own_redis: Proc) -> None:
+    svc = make(gateway_cache_url=own_redis.url, gateway_cache_timeout_seconds=0.1, request_deadline_seconds=2)
     await _answers_within(svc, 2, 1.0)
     errors = metric("metrics_gateway_shared_cache_errors_total", {"reason": "timeout"})
-    redis_db.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    with redis_sync.Redis.from_url(own_redis.url, socket_timeout=5) as r:
+        r.execute_command("CLIENT", "PAUSE", 1500, "ALL")
     took = await _answers_within(svc, 5, 1.0)  # within the deadline, though Redis does not answer
     assert metric("metrics_gateway_shared_cache_errors_total", {"reason": "timeout"}) > errors
     assert max(took) < 0.6
-    await asyncio.sleep(1.6)
 
 
-async def test_redis_full(make: Make, redis_db: redis_sync.Redis) -> None:
-    svc = make()
-    redis_db.config_set("maxmemory-policy", "noeviction")
-    redis_db.config_set("maxmemory", 1)
-    try:
-        oom = metric("metrics_gateway_shared_cache_errors_total", {"reason": "oom"})
-        await _answers_within(svc, 5, 1.0)
-        assert metric("metrics_gateway_shared_cache_errors_total", {"reason": "oom"}) > oom
-    finally:
-        redis_db.config_set("maxmemory", 0)
+async def test_redis_full(make: Make, own_redis: Proc) -> None:
+    svc = make(gateway_cache_url=own_redis.url)
+    with redis_sync.Redis.from_url(own_redis.url, socket_timeout=5) as r:
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)
+    oom = metric("metrics_gateway_shared_cache_errors_total", {"reason": "oom"})
+    await _answers_within(svc, 5, 1.0)
+    assert metric("metrics_gateway_shared_cache_errors_total", {"reason": "oom"}) > oom
