@@ -219,6 +219,7 @@ class Engine:
                 return
             async with shared.holding(keys, claim.token):
                 outcomes = await self._fetch_upstream([by_key[k] for k in keys], category, deadline)
+            await asyncio.sleep(0)  # the requests just answered go first; then the fleet's waiters
             await shared.publish(claim.token, outcomes, ttl)
 
         async def follow() -> None:

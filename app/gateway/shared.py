@@ -20,9 +20,10 @@ flight -> upstream:
 - good: the last good answer with its ``fetched_at``, kept ``STALE_MAX_AGE_SECONDS``,
   so a replica started during an outage serves stale values with their true age.
 
-Keys are namespaced and versioned, ``<prefix>:v<format>:<catalog hash>:<kind>:{<sha>}``
-(the sha of the figure's cache key; the braces keep one figure's keys in one
-Redis Cluster slot): a changed catalog or format reads none of the old entries.
+Keys are namespaced and versioned, ``<prefix>:v<format>:{<catalog hash>}:<kind>:<sha>``
+(the sha of the figure's cache key; the braces keep a namespace in one Redis
+Cluster slot, so one script call serves a batch): a changed catalog or format
+reads none of the old entries.
 Values are compact JSON, zlib-compressed when that pays, never pickle, and
 bounded in size (a larger answer is not shared, only kept locally).
 
@@ -88,18 +89,22 @@ class FigureKeys:
 
 
 class KeySpace:
-    """``<prefix>:v<format>:<catalog hash>:<kind>:{<sha256 of the cache key>}``."""
+    """``<prefix>:v<format>:{<catalog hash>}:<kind>:<sha256 of the cache key>``.
+
+    The braces make the catalog hash the Redis Cluster hash tag: a namespace lives
+    in one slot, so one script call can serve a whole batch of figures.
+    """
 
     def __init__(self, prefix: str, catalog_hash: str, version: int = FORMAT_VERSION) -> None:
-        self.namespace = f"{prefix}:v{version}:{catalog_hash}"
+        self.namespace = f"{prefix}:v{version}:{{{catalog_hash}}}"
         self._memo: dict[str, FigureKeys] = {}
 
     def of(self, key: str) -> FigureKeys:
         keys = self._memo.get(key)
         if keys is None:
-            tag = "{" + hashlib.sha256(key.encode()).hexdigest()[:32] + "}"
+            sha = hashlib.sha256(key.encode()).hexdigest()[:32]
             ns = self.namespace
-            keys = FigureKeys(f"{ns}:fresh:{tag}", f"{ns}:good:{tag}", f"{ns}:lock:{tag}", f"{ns}:res:{tag}")
+            keys = FigureKeys(f"{ns}:fresh:{sha}", f"{ns}:good:{sha}", f"{ns}:lock:{sha}", f"{ns}:res:{sha}")
             if len(self._memo) >= 8192:  # keys come from the catalog and bounded filters
                 self._memo.clear()
             self._memo[key] = keys
@@ -201,52 +206,87 @@ def grid_expiry(ttl: float, now: float | None = None) -> float:
     return boundary + ttl if boundary - now < ttl / 10 else boundary
 
 
-# -- scripts (one round trip per batch; every key of one script shares a slot) ------------
+# -- scripts: one call (one round trip, one command) per batch of figures ------------------
+# Every key of a namespace shares one Redis Cluster slot ({catalog hash} tag), so a
+# batch's keys may meet in one script. Run by EVALSHA (redis-py loads them on NOSCRIPT).
 
-# KEYS: fresh, lock. ARGV: token, lease ms, "1" to also return the last good (KEYS[3]).
-# -> {1, fresh} | {2, "", good} (lock taken) | {3, holder, good} (someone else fetches)
+# KEYS: (fresh, lock, good) per figure. ARGV: token, lease ms, then "1"/"0" per figure
+# (also return its last good value).
+# -> per figure: {1, fresh} | {2, "", good} (lock taken) | {3, holder, good} (another fetches)
 _CLAIM: Final = """
-local v = redis.call('GET', KEYS[1])
-if v then return {1, v} end
-local good = ''
-if ARGV[3] == '1' then good = redis.call('GET', KEYS[3]) or '' end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, '', good} end
-return {3, redis.call('GET', KEYS[2]) or '', good}
-"""
-
-# KEYS: res, lock, fresh. ARGV: awaited token, own token, lease ms.
-# -> {0} still in flight | {1, res} its outcome | {2, fresh} answered by another flight
-#    | {3, holder} another holder took over | {4} the holder vanished: the lock is now ours
-_POLL: Final = """
-local r = redis.call('GET', KEYS[1])
-if r and string.sub(r, 1, string.len(ARGV[1])) == ARGV[1] then
-  return {1, string.sub(r, string.len(ARGV[1]) + 1)}
+local out = {}
+for i = 1, #KEYS / 3 do
+  local fresh, lock, good = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local v = redis.call('GET', fresh)
+  if v then
+    out[i] = {1, v}
+  else
+    local g = ''
+    if ARGV[2 + i] == '1' then g = redis.call('GET', good) or '' end
+    if redis.call('SET', lock, ARGV[1], 'NX', 'PX', ARGV[2]) then
+      out[i] = {2, '', g}
+    else
+      out[i] = {3, redis.call('GET', lock) or '', g}
+    end
+  end
 end
-local holder = redis.call('GET', KEYS[2])
-if holder == ARGV[1] then return {0} end
-local v = redis.call('GET', KEYS[3])
-if v then return {2, v} end
-if holder then return {3, holder} end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return {4}
+return out
 """
 
-# KEYS: fresh, good, res, lock. ARGV: token, entry, fresh PXAT ms | 0, good PX ms | 0,
-# res PX ms, res body ("" = the entry itself).
+# KEYS: (res, lock, fresh) per figure. ARGV: own token, lease ms, then the awaited token
+# per figure.
+# -> per figure: {0} still in flight | {1, res} its outcome | {2, fresh} answered by another
+#    flight | {3, holder} another holder took over | {4} the holder vanished: the lock is ours
+_POLL: Final = """
+local out = {}
+for i = 1, #KEYS / 3 do
+  local res, lock, fresh = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local awaited = ARGV[2 + i]
+  local r = redis.call('GET', res)
+  if r and string.sub(r, 1, string.len(awaited)) == awaited then
+    out[i] = {1, string.sub(r, string.len(awaited) + 1)}
+  else
+    local holder = redis.call('GET', lock)
+    if holder == awaited then
+      out[i] = {0}
+    else
+      local v = redis.call('GET', fresh)
+      if v then
+        out[i] = {2, v}
+      elseif holder then
+        out[i] = {3, holder}
+      else
+        redis.call('SET', lock, ARGV[1], 'PX', ARGV[2])
+        out[i] = {4}
+      end
+    end
+  end
+end
+return out
+"""
+
+# KEYS: (fresh, good, res, lock) per figure. ARGV: token, res PX ms, good PX ms, then per
+# figure: entry, fresh PXAT ms ("0": not fresh), "1"/"0" (keep as last good), res body
+# ("" = the entry itself).
 _PUBLISH: Final = """
-if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3]) end
-if ARGV[4] ~= '0' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
-local body = ARGV[6]
-if body == '' then body = ARGV[2] end
-redis.call('SET', KEYS[3], ARGV[1] .. body, 'PX', ARGV[5])
-if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+for i = 1, #KEYS / 4 do
+  local fresh, good, res, lock = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  local entry, fresh_at, keep, body = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2], ARGV[4 * i + 3]
+  if fresh_at ~= '0' then redis.call('SET', fresh, entry, 'PXAT', fresh_at) end
+  if keep == '1' and ARGV[3] ~= '0' then redis.call('SET', good, entry, 'PX', ARGV[3]) end
+  if body == '' then body = entry end
+  redis.call('SET', res, ARGV[1] .. body, 'PX', ARGV[2])
+  if redis.call('GET', lock) == ARGV[1] then redis.call('DEL', lock) end
+end
 return 1
 """
 
-# KEYS: lock. ARGV: token, lease ms.
+# KEYS: locks. ARGV: token, lease ms.
 _RENEW: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
+return 1
 """
 
 
@@ -277,6 +317,10 @@ class Claim:
     good: dict[str, Fetched] = field(default_factory=dict)  # last good values found on the way
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, RedisTimeoutError | TimeoutError):
         return "timeout"
@@ -293,7 +337,8 @@ class SharedTier:
     """Store, lock/lease and codec of the shared tier. The engine decides who fetches;
     this class only says what Redis holds and hands outcomes between processes."""
 
-    POLL_FIRST: Final = 0.002
+    POLL_FIRST: Final = 0.001
+    POLL_GROWTH: Final = 1.5
     POLL_MAX: Final = 0.025
 
     def __init__(self, settings: GatewaySettings, client: AsyncRedis, catalog_hash: str) -> None:
@@ -307,6 +352,10 @@ class SharedTier:
                                       settings.gateway_cache_breaker_reset_seconds,
                                       on_change=gm.set_shared_breaker_state)
         self.episode = FailureEpisode("shared cache tier (Redis)", log)
+        self._claim = client.register_script(_CLAIM)
+        self._poll = client.register_script(_POLL)
+        self._publish = client.register_script(_PUBLISH)
+        self._renew = client.register_script(_RENEW)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, catalog: Catalog) -> SharedTier | None:
@@ -356,15 +405,9 @@ class SharedTier:
         gm.shared_ok()
         return result
 
-    async def _eval_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[str | bytes | int]]],
-                         budget: float | None) -> list[Any] | None:
-        async def run() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.eval(script, len(keys), *keys, *args)
-                return list(await pipe.execute())
-
-        return await self._guarded(run, budget)
+    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[str | bytes | int],
+                      budget: float | None) -> Any:
+        return await self._guarded(lambda: script(keys=keys, args=args), budget)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -372,11 +415,12 @@ class SharedTier:
         """For each key: its fresh entry, else its lock (won, or who holds it), and
         its last good value where asked. One round trip. None when the tier failed."""
         token = secrets.token_hex(8)
-        calls = []
-        for key, good in zip(keys, want_good, strict=True):
+        rkeys: list[str] = []
+        for key in keys:
             k = self.keys.of(key)
-            calls.append((_CLAIM, (k.fresh, k.lock, k.good), (token, self.lease_ms, "1" if good else "0")))
-        replies = await self._eval_many(calls, budget)
+            rkeys += (k.fresh, k.lock, k.good)
+        args = [token, self.lease_ms, *("1" if g else "0" for g in want_good)]
+        replies = await self._script(self._claim, rkeys, args, budget)
         if replies is None:
             return None
         claim = Claim(token)
@@ -396,7 +440,7 @@ class SharedTier:
             if code == 2:
                 claim.led.append(key)
             elif reply[1]:
-                claim.awaited[key] = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+                claim.awaited[key] = _text(reply[1])
             else:
                 claim.led.append(key)  # the holder released between the two reads: fetch
         return claim
@@ -410,7 +454,7 @@ class SharedTier:
             return None
 
     async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
-        """Poll the flights other processes lead (backoff 2 ms .. 25 ms) until each
+        """Poll the flights other processes lead (backoff 1 ms .. 25 ms) until each
         has an outcome, its holder vanished (then the lock is taken with `token` and
         the key comes back as LEAD), or `deadline` (event-loop time) passes."""
         loop = asyncio.get_running_loop()
@@ -423,13 +467,14 @@ class SharedTier:
             if remaining <= 0:
                 break
             await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 1.6, self.POLL_MAX)
+            delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
             order = list(pending)
-            calls = []
+            rkeys: list[str] = []
             for key in order:
                 k = self.keys.of(key)
-                calls.append((_POLL, (k.res, k.lock, k.fresh), (pending[key], token, self.lease_ms)))
-            replies = await self._eval_many(calls, deadline - loop.time())
+                rkeys += (k.res, k.lock, k.fresh)
+            replies = await self._script(self._poll, rkeys, [token, self.lease_ms, *(pending[k] for k in order)],
+                                         deadline - loop.time())
             if replies is None:
                 out.update(dict.fromkeys(pending, ALONE))
                 pending.clear()
@@ -439,7 +484,7 @@ class SharedTier:
                 if code == 0:
                     continue
                 if code == 3:
-                    pending[key] = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+                    pending[key] = _text(reply[1])
                     continue
                 del pending[key]
                 if code == 4:
@@ -465,27 +510,25 @@ class SharedTier:
         clock, last good for STALE_MAX_AGE_SECONDS). Failures and answers with
         warnings are handed over but never stored as fresh or good."""
         now_ms = int(time.time() * 1000)
-        good_ms = int(self.settings.stale_max_age_seconds * 1000)
-        res_ms = 2 * self.lease_ms
-        calls = []
+        rkeys: list[str] = []
+        args: list[str | bytes | int] = [token, 2 * self.lease_ms, int(self.settings.stale_max_age_seconds * 1000)]
         for key, outcome in outcomes.items():
             k = self.keys.of(key)
+            rkeys += (k.fresh, k.good, k.res, k.lock)
             if isinstance(outcome, UpstreamFailure):
-                entry, body, f_at, g_ms = b"", self.codec.encode_failure(outcome), 0, 0
+                args += (b"", 0, "0", self.codec.encode_failure(outcome))
+                continue
+            expires_at = grid_expiry(ttl, outcome.fetched_at)
+            fresh_at = int(expires_at * 1000)
+            encoded = self.codec.encode(outcome, expires_at)
+            if encoded is None:
+                args += (b"", 0, "0", _BIG)
+            elif outcome.warnings:
+                args += (encoded, 0, "0", b"")
             else:
-                expires_at = grid_expiry(ttl, outcome.fetched_at)
-                fresh_at = int(expires_at * 1000)
-                fresh_at = fresh_at if fresh_at > now_ms + 5 else 0
-                encoded = self.codec.encode(outcome, expires_at)
-                if encoded is None:
-                    entry, body, f_at, g_ms = b"", _BIG, 0, 0
-                elif outcome.warnings:
-                    entry, body, f_at, g_ms = encoded, b"", 0, 0
-                else:
-                    entry, body, f_at, g_ms = encoded, b"", fresh_at, good_ms
-            calls.append((_PUBLISH, (k.fresh, k.good, k.res, k.lock), (token, entry, f_at, g_ms, res_ms, body)))
-        if calls:
-            await self._eval_many(calls, None)
+                args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "1", b"")
+        if rkeys:
+            await self._script(self._publish, rkeys, args, None)
 
     @contextlib.asynccontextmanager
     async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
@@ -500,7 +543,7 @@ class SharedTier:
         async def renew() -> None:
             while True:
                 await asyncio.sleep(interval)
-                await self._eval_many([(_RENEW, (lock,), (token, self.lease_ms)) for lock in locks], None)
+                await self._script(self._renew, locks, [token, self.lease_ms], None)
 
         task = asyncio.get_running_loop().create_task(renew())
         try:
