@@ -279,6 +279,9 @@ def phase_redis_kill(b: Bench, ttl: float) -> dict[str, Any]:
     try:
         for p in procs:
             summary_ok(p.url)
+        # The same load with Redis up throughout: the latency to hold.
+        baseline = merged([wrk_result(r, b.seconds + 60)
+                           for r in [wrk(p.url + SUMMARY, b.clients // 2, b.seconds / 2) for p in procs]])
         watch = Watch([p.url for p in procs])
         watcher = threading.Thread(target=watch.run, daemon=True)
         before = prometheus_query_requests(b.prom.url)
@@ -295,7 +298,7 @@ def phase_redis_kill(b: Bench, ttl: float) -> dict[str, Any]:
         watch.stop.set()
         watcher.join(15)
         fetches = prometheus_query_requests(b.prom.url) - before
-        return {"load": res, "watch": watch, "down_for": down_for, "fetches": fetches,
+        return {"load": res, "baseline": baseline, "watch": watch, "down_for": down_for, "fetches": fetches,
                 "per_window": fetches / (b.seconds / ttl)}
     finally:
         b.stop(procs)
@@ -417,6 +420,9 @@ def main() -> None:
         f"| requests served (wrk, {args.clients} connections) | {k.requests} |",
         f"| failed: non-2xx + socket errors | **{k.non_2xx + k.socket_errors}** |",
         f"| latency p50 / p99 / max | {k.p50_ms:.1f} / {k.p99_ms:.1f} / {k.max_ms:.1f} ms |",
+        f"| the same load with Redis up (half as long): p50 / p99 / max | {kill['baseline'].p50_ms:.1f} / "
+        f"{kill['baseline'].p99_ms:.1f} / {kill['baseline'].max_ms:.1f} ms |",
+        "| request deadline (REQUEST_DEADLINE_SECONDS) | 3000 ms |",
         f"| side client: answers checked, failed, not \"ok\", slowest | {w.answers}, {w.failed}, {w.not_ok}, "
         f"{w.worst_ms:.0f} ms |",
         f"| Redis down for | {kill['down_for']:.1f} s |",
