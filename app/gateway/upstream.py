@@ -191,6 +191,46 @@ class PrometheusClient:
         except httpx.HTTPError as exc:
             raise UpstreamError("transport", f"{type(exc).__name__}: {exc}") from None
 
+    async def api_get(self, path: str, params: list[tuple[str, str]], *, timeout: float) -> Any:
+        """GET another endpoint of the HTTP API (`/api/v1/metadata`, `/api/v1/series`, ...).
+
+        Returns the decoded `data` of a success envelope (an object or a list,
+        depending on the endpoint); raises UpstreamError otherwise. Same pool,
+        credentials, path prefix and size limit as queries, bounded by `timeout`
+        in total; not counted as figure traffic (no breaker, no query metrics).
+        """
+        timeout = max(timeout, 0.001)
+        limit = self.settings.prometheus_max_response_bytes
+        status = 0
+        body = bytearray()
+        try:
+            async with asyncio.timeout(timeout), self._http.stream(
+                "GET", f"{self.settings.prometheus_url}{path}", params=tuple(params),
+                timeout=httpx.Timeout(timeout, connect=min(timeout, self.settings.connect_timeout_seconds)),
+            ) as resp:
+                status = resp.status_code
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise UpstreamError("too_large", f"answer exceeds {limit} bytes", status)
+        except SecretUnavailable as exc:
+            raise UpstreamError("credentials_unavailable", str(exc)) from None
+        except (TimeoutError, httpx.TimeoutException):
+            raise UpstreamError("timeout", f"no answer within {timeout:.2f}s") from None
+        except httpx.ConnectError as exc:
+            raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError("transport", f"{type(exc).__name__}: {exc}") from None
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise UpstreamError("bad_response", f"HTTP {status}, not JSON", status) from None
+        if not isinstance(doc, dict) or doc.get("status") != "success":
+            doc = doc if isinstance(doc, dict) else {}
+            etype = str(doc.get("errorType") or ("server_error" if status >= 500 else "bad_response"))
+            raise UpstreamError(etype, str(doc.get("error") or f"HTTP {status}"), status)
+        return doc.get("data")
+
     def _record(self, category: str, started: float, exc: UpstreamError | None) -> None:
         seconds = time.perf_counter() - started
         answered = exc is None or exc.error_type in QUERY_ERRORS

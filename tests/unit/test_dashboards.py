@@ -50,7 +50,7 @@ BACKEND_CONTRACT: dict[str, str] = {
     "credits_used_total": "counter",
     "provider_availability": "gauge",
     "provider_error_rate": "gauge",
-    "provider_response_time_seconds": "gauge",
+    "provider_response_time_seconds": "histogram",
     "database_queries_total": "counter",
     "database_query_duration_seconds": "summary",
     "cache_hits_total": "counter",
@@ -58,6 +58,15 @@ BACKEND_CONTRACT: dict[str, str] = {
     "active_api_keys": "gauge",
     "subscription_count": "gauge",
     "trial_active": "gauge",
+    "time_to_first_chunk_seconds": "histogram",
+    "backend_ttfb_seconds": "histogram",
+    "streaming_duration_seconds": "histogram",
+    "circuit_breaker_current_state": "gauge",
+    "gatewayz_api_cost_usd_total": "counter",
+    "stream_chunks_dropped_total": "counter",
+    "redis_up": "gauge",
+    "queue_size": "gauge",
+    "gatewayz_event_loop_lag_seconds": "gauge",
 }
 
 # Series Prometheus itself attaches to every scrape.
@@ -65,7 +74,7 @@ PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"
                        "scrape_samples_post_metric_relabeling", "scrape_series_added"}
 
 # Per-query families the gateway's text routes emit next to the catalog figures.
-GATEWAY_QUERY_FAMILIES = ("upstream_up", "query_success", "query_age_seconds")
+GATEWAY_QUERY_FAMILIES = ("upstream_up", "query_success", "query_has_data", "query_age_seconds")
 
 GRAFANA_MACROS = {
     "$__rate_interval": "5m", "${__rate_interval}": "5m", "$__interval": "1m",

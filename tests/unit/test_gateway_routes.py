@@ -30,7 +30,7 @@ CATALOG = load_catalog()
 EXPR_TO_ID = {q.expr: q.id for q in CATALOG.queries.values()}
 # A distinct, known value per query: its position in the catalog, plus one.
 VALUE = {qid: float(i + 1) for i, qid in enumerate(CATALOG.queries)}
-LABELS = {"provider": "openai", "model": "gpt-4", "token_type": "prompt", "plan_type": "pro",
+LABELS = {"provider": "openai", "model": "gpt-4", "token_type": "input", "plan_type": "pro", "queue_name": "high",
           "billing_cycle": "monthly", "status_class": "2xx", "job": "backend", "instance": "10.0.0.1:8000"}
 BATCH_PART = re.compile(r'label_replace\((.*?), "gateway_query", "(\d+)", "", ""\)')
 SUMMARY = {
@@ -124,7 +124,8 @@ def test_summary_shape_numbers_and_provenance(mock: respx.MockRouter) -> None:
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/json"
     body = resp.json()
-    assert set(body) == {"timestamp", "status", "metrics", "provenance", "errors", "upstream"}
+    assert set(body) == {"timestamp", "status", "metrics", "provenance", "errors", "no_data", "upstream"}
+    assert body["no_data"] == []
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", body["timestamp"])
     assert body["status"] == "ok" and body["errors"] == [] and body["upstream"] == {"up": True}
     assert {s: list(keys) for s, keys in body["metrics"].items()} == SUMMARY

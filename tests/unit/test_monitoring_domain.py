@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -30,9 +33,20 @@ def test_record_inference_moves_requests_latency_tokens_credits() -> None:
     assert value("model_inference_duration_seconds_count", pm) == 2
     assert value("model_inference_duration_seconds_sum", pm) == pytest.approx(2.0)
     assert value("model_inference_duration_seconds_bucket", {**pm, "le": "1.0"}) == 1
-    assert value("tokens_used_total", {**pm, "token_type": "prompt"}) == 100
-    assert value("tokens_used_total", {**pm, "token_type": "completion"}) == 40
+    assert value("tokens_used_total", {**pm, "token_type": "input"}) == 100
+    assert value("tokens_used_total", {**pm, "token_type": "output"}) == 40
     assert value("credits_used_total", pm) == pytest.approx(0.25)
+    # The backend's label values only: no prompt/completion series.
+    assert REGISTRY.get_sample_value("tokens_used_total", {**pm, "token_type": "prompt"}) is None
+    assert REGISTRY.get_sample_value("tokens_used_total", {**pm, "token_type": "completion"}) is None
+
+
+def test_inference_buckets_are_the_backends() -> None:
+    provider = uniq("prov")
+    domain.record_inference(provider, "m", "success", 30.0)
+    bounds = {s.labels["le"] for m in REGISTRY.collect() if m.name == "model_inference_duration_seconds"
+              for s in m.samples if s.name.endswith("_bucket") and s.labels["provider"] == provider}
+    assert bounds == {"0.1", "0.5", "1.0", "2.5", "5.0", "10.0", "25.0", "60.0", "+Inf"}
 
 
 def test_record_inference_ignores_negative_amounts() -> None:
@@ -40,8 +54,8 @@ def test_record_inference_ignores_negative_amounts() -> None:
     pm = {"provider": provider, "model": "m"}
     domain.record_inference(provider, "m", "success", -1.0, -5, -5, -1.0)
     assert value("model_inference_requests_total", {**pm, "status": "success"}) == 1
-    assert value("tokens_used_total", {**pm, "token_type": "prompt"}) == 0
-    assert value("credits_used_total", pm) == 0
+    assert REGISTRY.get_sample_value("tokens_used_total", {**pm, "token_type": "input"}) is None
+    assert REGISTRY.get_sample_value("credits_used_total", pm) is None
 
 
 def test_set_provider_health_sets_and_clamps() -> None:
@@ -50,11 +64,25 @@ def test_set_provider_health_sets_and_clamps() -> None:
     p = {"provider": provider}
     assert value("provider_availability", p) == 0.75
     assert value("provider_error_rate", p) == pytest.approx(0.1)
-    assert value("provider_response_time_seconds", p) == pytest.approx(0.42)
     domain.set_provider_health(provider, 3.0, -1.0, -2.0)
     assert value("provider_availability", p) == 1.0
     assert value("provider_error_rate", p) == 0.0
-    assert value("provider_response_time_seconds", p) == 0.0
+
+
+def test_provider_response_time_is_a_histogram_with_the_backends_buckets() -> None:
+    provider = uniq("prov")
+    p = {"provider": provider}
+    domain.set_provider_health(provider, 1.0, 0.0, 0.42)
+    domain.record_provider_response(provider, 3.0)
+    domain.record_provider_response(provider, -1.0)  # clamped to 0
+    assert value("provider_response_time_seconds_count", p) == 3
+    assert value("provider_response_time_seconds_sum", p) == pytest.approx(3.42)
+    assert REGISTRY.get_sample_value("provider_response_time_seconds", p) is None  # no bare series
+    buckets = {le: value("provider_response_time_seconds_bucket", {**p, "le": le})
+               for le in ("0.1", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf")}
+    assert buckets == {"0.1": 1, "0.5": 2, "1.0": 2, "2.5": 2, "5.0": 3, "10.0": 3, "+Inf": 3}
+    domain.set_provider_health(provider, 1.0, 0.0)  # no response time: nothing observed
+    assert value("provider_response_time_seconds_count", p) == 3
 
 
 def test_record_db_query_counts_and_summary_has_no_buckets() -> None:
@@ -109,7 +137,7 @@ def test_every_gauge_has_a_deliberate_multiprocess_mode() -> None:
         for obj in vars(module).values()
         if isinstance(obj, Gauge)
     ]
-    assert len(gauges) >= 10
+    assert len(gauges) >= 9
     for g in gauges:
         # "all" is the silent default (one series per pid); nothing here wants it.
         assert g._multiprocess_mode != "all", g._name
@@ -129,7 +157,7 @@ def test_contract_names_and_types() -> None:
         "credits_used": "counter",
         "provider_availability": "gauge",
         "provider_error_rate": "gauge",
-        "provider_response_time_seconds": "gauge",
+        "provider_response_time_seconds": "histogram",
         "database_queries": "counter",
         "database_query_duration_seconds": "summary",
         "cache_hits": "counter",
@@ -142,11 +170,48 @@ def test_contract_names_and_types() -> None:
         assert families.get(name) == typ, name
 
 
-def test_reimport_does_not_register_twice() -> None:
-    # A plain re-import is a no-op; importing app.monitoring again is safe too.
-    importlib.import_module("app.instrumentation")
-    importlib.import_module("app.monitoring.http")
-    importlib.import_module("app.monitoring")
+RELOAD = """
+import importlib
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+import app.instrumentation as kit
+before = {name: obj for name, obj in vars(kit).items() if isinstance(obj, MetricWrapperBase)}
+importlib.reload(kit)  # runs the module a second time in the same process
+importlib.reload(kit)
+for name, metric in before.items():
+    assert getattr(kit, name) is metric, name
+kit.record_inference("p", "m", "success", 0.2, 3, 4, 0.5)
+names = [m.name for m in REGISTRY.collect()]
+for family in ("tokens_used", "model_inference_requests", "provider_response_time_seconds", "trial_active"):
+    assert names.count(family) == 1, (family, names.count(family))
+print("reloaded", len(before))
+"""
+
+
+def test_reload_reuses_the_registered_metrics() -> None:
+    """Running the module twice (importlib.reload) neither fails nor registers a family twice.
+
+    In a fresh interpreter, since this process's registry is shared by every test.
+    """
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    done = subprocess.run([sys.executable, "-c", RELOAD], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=root, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("reloaded") and int(done.stdout.split()[1]) >= 13
+
+
+def test_a_clashing_definition_is_refused() -> None:
+    with pytest.raises(ValueError, match="different metric"):
+        domain._metric(domain.Gauge, "tokens_used_total", "x", ["provider", "model", "token_type"])
+    with pytest.raises(ValueError, match="different metric"):
+        domain._metric(domain.Counter, "tokens_used_total", "x", ["provider"])
+    with pytest.raises(ValueError, match="other buckets"):
+        domain._metric(domain.Histogram, "provider_response_time_seconds", "x", ["provider"], buckets=(1, 2))
+    same = domain._metric(domain.Histogram, "provider_response_time_seconds", "x", ["provider"],
+                          buckets=domain.PROVIDER_RESPONSE_BUCKETS)
+    assert same is domain.PROVIDER_RESPONSE_TIME
 
 
 def test_gateway_observe_upstream_success_and_error() -> None:

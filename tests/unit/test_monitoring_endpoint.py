@@ -217,7 +217,7 @@ def populate_all_metrics() -> None:
     domain.record_db_query("users", "select", 0.003)
     domain.record_cache("models", True)
     domain.record_cache("models", False)
-    domain.set_business(active_api_keys={"active": 5}, trials={"active": 2})
+    domain.set_business(active_api_keys={"active": 5, "inactive": 1}, trials={"active": 2, "expired": 3})
     gateway.observe_upstream("overview", 0.05, None)
     gateway.observe_upstream("overview", 0.5, "timeout")
     gateway.cache_outcome("overview", "hit")

@@ -26,6 +26,15 @@ class CatalogError(ValueError):
 
 
 def load_catalog(path: Path | None = None) -> Catalog:
+    data, source = read_catalog_data(path)
+    return build_catalog(data, source)
+
+
+def read_catalog_data(path: Path | None = None) -> tuple[dict[str, Any], str]:
+    """The catalog's TOML as data, and its source name (`default` for the packaged one).
+
+    Separate from validation so a tool (the doctor) can judge each entry on its own.
+    """
     if path is None:
         text = resources.files("app.gateway.catalog").joinpath("default.toml").read_text()
         source = "default"
@@ -36,13 +45,13 @@ def load_catalog(path: Path | None = None) -> Catalog:
             raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
         source = str(path)
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text), source
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"catalog {source} is not valid TOML: {exc}") from exc
-    return build_catalog(data, source)
 
 
-def _query(entry: dict[str, Any], source: str) -> CatalogQuery:
+def parse_query(entry: dict[str, Any], source: str) -> CatalogQuery:
+    """One `[[queries]]` entry, validated (parses, prints back, instant vector), or CatalogError."""
     qid = entry.get("id")
     if not isinstance(qid, str) or not _NAME.match(qid):
         raise CatalogError(f"{source}: a query has a missing or invalid id: {entry!r}")
@@ -81,7 +90,7 @@ def build_catalog(data: dict[str, Any], source: str = "catalog") -> Catalog:
     queries: dict[str, CatalogQuery] = {}
     names: dict[str, str] = {}
     for entry in data.get("queries", []):
-        q = _query(entry, source)
+        q = parse_query(entry, source)
         if q.id in queries:
             raise CatalogError(f"{source}: query id {q.id!r} is defined twice")
         if q.name in names:

@@ -1,9 +1,15 @@
-"""JSON renderers: the summary contract for widgets, and category figures for Grafana."""
+"""JSON renderers: the summary contract for widgets, and category figures for Grafana.
+
+A figure whose query matched no series is not an error, but it must never pass
+for a number: both documents list such figures at the top level (`no_data`),
+next to `errors`, and flag them in their per-figure provenance.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +28,20 @@ def _number(v: float | None) -> tuple[float | None, str | None]:
     return v, None
 
 
+def lacks_data(r: QueryResult) -> bool:
+    """Prometheus answered (now, or in the last good answer served stale) with no series.
+
+    A failed figure is not "no data": nothing is known about it, and it is listed
+    under `errors` instead.
+    """
+    return r.state is not State.FAILED and not r.samples
+
+
+def no_data(results: Iterable[QueryResult]) -> list[str]:
+    """Ids of the figures without data, once each, in the order given."""
+    return list(dict.fromkeys(r.query.id for r in results if lacks_data(r)))
+
+
 def provenance(r: QueryResult) -> dict[str, Any]:
     out: dict[str, Any] = {"state": r.state.value}
     if r.age_seconds is not None:
@@ -30,7 +50,7 @@ def provenance(r: QueryResult) -> dict[str, Any]:
         out["error"] = {"error_type": r.error.error_type, "message": r.error.message}
     if r.warnings:
         out["warnings"] = list(r.warnings)
-    if r.state in (State.FRESH, State.CACHED) and not r.samples:
+    if lacks_data(r):
         out["no_data"] = True
     return out
 
@@ -69,10 +89,11 @@ def summary(catalog: Catalog, results: dict[str, QueryResult], upstream_up: bool
     listed = list(results.values())
     return {
         "timestamp": _now(),
-        "status": overall_status(listed),
+        "status": overall_status(listed),  # no data is not degraded: it is listed below
         "metrics": metrics,
         "provenance": prov,
         "errors": _errors(listed),
+        "no_data": no_data(results[f.query_id] for f in catalog.summary),
         "upstream": {"up": upstream_up},
     }
 
@@ -105,5 +126,6 @@ def category(catalog: Catalog, name: str, results: list[QueryResult],
         "filters": filters,
         "upstream": {"up": upstream_up},
         "errors": _errors(results),
+        "no_data": no_data(results),
         "figures": figures,
     }

@@ -3,7 +3,9 @@
 Derived values never reuse a source metric's name (a p95 is
 `gateway_..._p95_seconds`, not the histogram's name); only the labels a query
 declares are exported; and the answer is never empty: `<prefix>_upstream_up`
-and a per-query success and age gauge say what could not be had.
+and a per-query success and age gauge say what could not be had, and
+`<prefix>_query_has_data` says which figures matched no series (a figure without
+data exports no family of its own, so without this gauge it would just vanish).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def families(prefix: str, results: Sequence[QueryResult], upstream_up: bool | No
         "Age of the data behind each figure (large when a stale last-good value is served).",
         labels=["query"],
     )
+    has_data = GaugeMetricFamily(
+        f"{prefix}_query_has_data",
+        "1 when the figure has at least one series, 0 when it has none (no data upstream when "
+        "query_success is 1; failed with nothing stale to serve when it is 0).",
+        labels=["query"],
+    )
     for r in results:
         q = r.query
         if q.id in seen:  # a query shared by two categories is exported once
@@ -35,6 +43,7 @@ def families(prefix: str, results: Sequence[QueryResult], upstream_up: bool | No
         seen.add(q.id)
         ok = r.state in (State.FRESH, State.CACHED)
         success.add_metric([q.id], 1.0 if ok else 0.0)
+        has_data.add_metric([q.id], 1.0 if r.samples else 0.0)
         if r.age_seconds is not None:
             age.add_metric([q.id], r.age_seconds)
         if not r.samples:
@@ -53,4 +62,4 @@ def families(prefix: str, results: Sequence[QueryResult], upstream_up: bool | No
         "1 when the gateway's last request to upstream Prometheus succeeded, else 0.",
         value=1.0 if upstream_up else 0.0,
     )
-    return [up, success, age, *out]
+    return [up, success, has_data, age, *out]

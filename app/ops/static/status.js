@@ -5,6 +5,10 @@
  * cached, stale, failed, no data), an overall badge and the time of the last
  * update. A null value is shown as "—"; the raw JSON number is kept in the
  * element's data-raw attribute (empty when null) so tests and tools can read it.
+ * Figures whose query matched no series (the summary's top-level `no_data` list,
+ * or a figure's own `no_data` flag) are listed by name above the cards: "no
+ * data" is not an error and does not make the summary degraded, but it must not
+ * hide behind a dash either.
  */
 (function () {
   "use strict";
@@ -145,8 +149,38 @@
     return isNumber(value) ? "fresh" : "nodata";
   }
 
+  var RANK = { ok: 0, nodata: 1, degraded: 2, failed: 3 };
+
+  /* The figures without data, named: every figure shown as "no data", plus any query
+   * the summary lists under no_data that no widget shows. */
+  function renderNoData(data, missing) {
+    var listed = {};
+    missing.forEach(function (m) { if (m.query) { listed[m.query] = true; } });
+    var extra = (data && Array.isArray(data.no_data)) ? data.no_data : [];
+    extra.forEach(function (qid) {
+      if (typeof qid === "string" && !listed[qid]) {
+        listed[qid] = true;
+        missing.push({ label: qid, query: qid, key: "" });
+      }
+    });
+    var box = document.getElementById("no-data");
+    var list = document.getElementById("no-data-list");
+    if (!box || !list) { return; }
+    while (list.firstChild) { list.removeChild(list.firstChild); }
+    missing.forEach(function (m) {
+      var item = el("li", { "data-key": m.key, "data-query": m.query || "" }, m.label);
+      if (m.query) {
+        item.appendChild(el("code", {}, m.query));
+      }
+      list.appendChild(item);
+    });
+    box.hidden = missing.length === 0;
+    document.getElementById("no-data-count").textContent = String(missing.length);
+  }
+
   function render(data) {
     var metrics = (data && data.metrics) || {};
+    var missing = [];
     SECTIONS.forEach(function (section) {
       var values = metrics[section.key] || {};
       var worst = "ok";
@@ -172,13 +206,19 @@
         }
         refs.state.textContent = note;
         refs.box.title = note;
-        if (state === "failed") { worst = "failed"; }
-        else if ((state === "stale" || state === "nodata") && worst === "ok") { worst = "degraded"; }
+        if (state === "nodata") {
+          missing.push({ label: section.title + " \u00b7 " + f[1], key: section.key + "." + f[0],
+            query: p && typeof p.query === "string" ? p.query : "" });
+        }
+        var rank = state === "failed" ? "failed" : (state === "stale" ? "degraded" :
+          (state === "nodata" ? "nodata" : "ok"));
+        if (RANK[rank] > RANK[worst]) { worst = rank; }
       });
       var sec = elements["section-" + section.key];
       sec.box.setAttribute("data-state", worst);
-      sec.state.textContent = worst === "ok" ? "" : worst;
+      sec.state.textContent = worst === "ok" ? "" : (worst === "nodata" ? "no data" : worst);
     });
+    renderNoData(data, missing);
     var overall = document.getElementById("overall");
     var status = (data && typeof data.status === "string") ? data.status : "unknown";
     overall.setAttribute("data-status", status);
