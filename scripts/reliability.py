@@ -276,6 +276,16 @@ def render(faults: dict[str, Any], fault_entries: list[dict[str, Any]], fuzz: di
     return "\n".join(lines)
 
 
+KEEP_MARKER = "<!-- hand-written sections below: scripts/reliability.py keeps them when it regenerates -->"
+
+
+def with_kept_sections(text: str, out: Path) -> str:
+    """The generated text plus whatever the current file holds below KEEP_MARKER
+    (the per-finding probe sections, measured with their own scripts)."""
+    old = out.read_text() if out.exists() else ""
+    return text if KEEP_MARKER not in old else text + "\n" + old[old.index(KEEP_MARKER):]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Regenerate docs/reliability.md")
     ap.add_argument("--soak-duration", type=float, default=600.0)
@@ -287,8 +297,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_summary:
         d = json.loads(args.from_summary.read_text())
-        args.out.write_text(render(d["faults"], d["fault_entries"], d["fuzz"], d["fuzz_counts"], d["hardening"],
-                                   d["soak"], d.get("soak_note", "")))
+        args.out.write_text(with_kept_sections(render(d["faults"], d["fault_entries"], d["fuzz"], d["fuzz_counts"],
+                                                      d["hardening"], d["soak"], d.get("soak_note", "")), args.out))
         log(f"wrote {args.out} from {args.from_summary}")
         return
 
@@ -318,7 +328,7 @@ def main() -> None:
         soak_note = ""
 
     text = render(faults, fault_entries, fuzz, fuzz_counts, hardening, soak, soak_note)
-    args.out.write_text(text)
+    args.out.write_text(with_kept_sections(text, args.out))
     (work / "summary.json").write_text(json.dumps(
         {"faults": faults, "fault_entries": fault_entries, "fuzz": fuzz, "fuzz_counts": fuzz_counts,
          "hardening": hardening, "soak": soak, "soak_note": soak_note}, indent=2))

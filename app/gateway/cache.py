@@ -1,46 +1,132 @@
-"""Figure cache stores: TTL entries and last-good values. Stores only store.
+"""Figure cache stores: fresh answers and last-good values, in two classes. Stores only store.
 
-Two jobs, one key space (the kept labels and the final PromQL text):
-- fresh: a TLRU cache whose entries live until their category's TTL grid step ends;
-- last good: an LRU of the latest good answer, served marked stale when upstream fails.
-Who fetches and who waits (single-flight) is the engine's business, not the store's.
+One entry per key (the kept labels and the final PromQL text) holds two things:
+- fresh: the answer reused until its expiry (a TTL grid step, or the short TTL of an
+  answer carrying warnings);
+- last good: the latest answer without warnings, served marked stale when upstream fails.
+
+Keys live in one of two classes, each its own store, so that traffic of one
+cannot push out the other:
+- ``catalog``: the catalog's unfiltered figures. At most one key per catalog query,
+  so the store is bounded by the catalog itself; nothing else ever evicts them,
+  which is what keeps stale-if-error working for the summary whatever callers send.
+- ``filtered``: variants with caller-chosen ``provider=`` / ``model=`` values. Unbounded
+  in principle, so an LRU bounded by entries (CACHE_MAX_ENTRIES) and by bytes: it
+  gets what CACHE_MAX_BYTES leaves after the catalog's figures.
+
+Sizes are estimates (what CPython spends on the samples, their label tuples and
+strings), good to a few tens of percent: enough to bound memory in bytes, not
+only in entries. Which class a key is in, what is kept as good, who fetches and
+who waits is the engine's business, not the store's.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager
-
-from cachetools import LRUCache, TLRUCache
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
 
 from app.gateway.result import Fetched
 
+# What CPython 3.11 spends (sys.getsizeof, 64-bit) on the parts of a cached answer.
+_FETCHED = 200  # the Fetched object, its tuples and floats
+_SAMPLE = 48 + 24 + 40 + 8  # Sample (2 slots), its float, its labels tuple, the slot in samples
+_PAIR = 8 + 56  # a (name, value) tuple and its slot; names are the catalog's own strings
+_STR = 49  # an ASCII str object without its characters
+_ENTRY = 300  # the entry, its key string overhead and the store's bookkeeping
 
-def _ttu(_key: str, value: tuple[Fetched, float], _now: float) -> float:
-    return value[1]  # an absolute expiry, shared by every figure of one fetch
+
+def estimate_bytes(fetched: Fetched) -> int:
+    """Approximate memory of one answer: what the byte bound of the store counts."""
+    size = _FETCHED + sum(len(w) + _STR for w in fetched.warnings)
+    for s in fetched.samples:
+        size += _SAMPLE + sum(_PAIR + _STR + len(v) for _, v in s.labels)
+    return size
+
+
+class CacheClass(StrEnum):
+    CATALOG = "catalog"  # the catalog's unfiltered figures: bounded by the catalog, never evicted by others
+    FILTERED = "filtered"  # caller-chosen filter values: bounded LRU (entries and bytes)
+
+
+@dataclass(slots=True)
+class Entry:
+    fresh: Fetched | None  # reusable until fresh.expires_at
+    good: Fetched | None  # the last good answer (never one that carried warnings)
+    size: int
+
+
+class FigureStore:
+    """key -> Entry in least-recently-used order, at most `max_entries` of them.
+
+    Keeps a running byte total so its owner can bound bytes across stores.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.bytes = 0
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> int:
+        """Insert or replace; returns how many entries were evicted to stay within max_entries."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+        self._entries[key] = entry
+        self.bytes += entry.size
+        evicted = 0
+        while len(self._entries) > self.max_entries:
+            self.pop_oldest()
+            evicted += 1
+        return evicted
+
+    def pop_oldest(self) -> bool:
+        if not self._entries:
+            return False
+        _, entry = self._entries.popitem(last=False)
+        self.bytes -= entry.size
+        return True
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
 
 
 class QueryCache:
-    def __init__(self, max_entries: int, stale_max_age: float) -> None:
-        self._fresh: TLRUCache[str, tuple[Fetched, float]] = TLRUCache(
-            maxsize=max_entries, ttu=_ttu, timer=time.monotonic
-        )
-        self._last_good: LRUCache[str, Fetched] = LRUCache(maxsize=max_entries)
+    def __init__(self, max_entries: int, stale_max_age: float, *, max_bytes: int = 128 * 1024 * 1024,
+                 catalog_entries: int | None = None) -> None:
+        """`catalog_entries`: how many unfiltered keys the catalog can produce (its query count)."""
         self.stale_max_age = stale_max_age
+        self.max_bytes = max_bytes
+        self._stores = {
+            CacheClass.CATALOG: FigureStore(catalog_entries or max_entries),
+            CacheClass.FILTERED: FigureStore(max_entries),
+        }
 
-    def frozen_time(self) -> AbstractContextManager[float]:
-        """Look up many keys at one instant: a request must not see half a batch expired."""
-        return self._fresh.timer
-
-    def fresh(self, key: str) -> Fetched | None:
-        try:
-            return self._fresh[key][0]
-        except KeyError:
+    def fresh(self, key: str, cls: CacheClass, now: float | None = None) -> Fetched | None:
+        """The answer for `key` if still fresh at `now` (one instant for a whole request:
+        a request must not see half a batch expired)."""
+        entry = self._stores[cls].get(key)
+        if entry is None or entry.fresh is None:
             return None
+        if entry.fresh.expires_at <= (time.monotonic() if now is None else now):
+            return None
+        return entry.fresh
 
-    def last_good(self, key: str) -> Fetched | None:
-        good = self._last_good.get(key)
+    def last_good(self, key: str, cls: CacheClass) -> Fetched | None:
+        entry = self._stores[cls].get(key)
+        good = entry.good if entry is not None else None
         if good is None or time.time() - good.fetched_at > self.stale_max_age:
             return None
         return good
@@ -60,50 +146,83 @@ class QueryCache:
         boundary = (math.floor(now / ttl) + 1) * ttl
         return boundary + ttl if boundary - now < ttl / 10 else boundary
 
-    def store(self, key: str, fetched: Fetched, expires_at: float) -> None:
-        """Keep a good answer; one that carried warnings is not trusted as good."""
-        if fetched.warnings:
-            return
-        if expires_at > time.monotonic():
-            self._fresh[key] = (fetched, expires_at)
-        self._last_good[key] = fetched
+    def keep(self, key: str, cls: CacheClass, fetched: Fetched, *, good: bool) -> dict[CacheClass, int]:
+        """Keep `fetched` as the key's fresh answer (while its expiry lies ahead) and, when
+        `good`, as its last good one. Returns the evictions this caused, per class."""
+        store = self._stores[cls]
+        entry = store.get(key)
+        fresh = fetched if fetched.expires_at > time.monotonic() else None
+        last = fetched if good else (entry.good if entry is not None else None)
+        if fresh is None and last is None:
+            return {}
+        size = _ENTRY + len(key)
+        size += estimate_bytes(fresh) if fresh is not None else 0
+        size += estimate_bytes(last) if last is not None and last is not fresh else 0
+        evicted = {cls: store.put(key, Entry(fresh, last, size))}
+        # The byte bound: filtered variants give way, the catalog's figures never do.
+        filtered = self._stores[CacheClass.FILTERED]
+        while self.bytes > self.max_bytes and filtered.pop_oldest():
+            evicted[CacheClass.FILTERED] = evicted.get(CacheClass.FILTERED, 0) + 1
+        return {c: n for c, n in evicted.items() if n}
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self._stores.values())
+
+    def usage(self) -> dict[CacheClass, tuple[int, int]]:
+        """(entries, estimated bytes) per class."""
+        return {c: (len(s), s.bytes) for c, s in self._stores.items()}
 
     def clear(self) -> None:
-        self._fresh.clear()
-        self._last_good.clear()
+        for s in self._stores.values():
+            s.clear()
+
+
+@dataclass(slots=True)
+class _Body:
+    body: bytes
+    media_type: str
+    until: float
 
 
 class ResponseMemo:
-    """Rendered bodies of healthy answers, reused for a fraction of a second.
+    """Rendered bodies of healthy answers, kept until a given instant.
 
-    Under heavy load a warm figure should cost what serving bytes costs. Only
-    answers whose figures all came from Prometheus (fresh or cached) are kept,
-    never degraded ones, and for at most `seconds`, so the ages and timestamp a
-    reader sees are off by less than that. A plain dict, not a TLRU cache: it is
-    read on every warm request (app/gateway/fastpath.py), and a dict read is ~20x
-    cheaper; its keys are few (routes x formats x bounded filters).
+    Under heavy load a warm figure should cost what serving bytes costs. Which
+    bodies are kept and for how long is the service's call; the memo is bounded
+    in entries and in bytes (bodies of big answers weigh megabytes), evicting
+    the least recently used. A dict read: it is asked on every warm request,
+    before routing (app/gateway/fastpath.py).
     """
 
-    def __init__(self, seconds: float, max_entries: int = 256) -> None:
+    def __init__(self, seconds: float, max_entries: int = 256, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.seconds = seconds
         self.max_entries = max_entries
-        self._bodies: dict[tuple[str, ...], tuple[bytes, str, float]] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._bodies: OrderedDict[tuple[str, ...], _Body] = OrderedDict()
 
     def get(self, key: tuple[str, ...]) -> tuple[bytes, str] | None:
-        entry = self._bodies.get(key)
-        if entry is None or entry[2] <= time.monotonic():
+        hit = self._bodies.get(key)
+        if hit is None:
             return None
-        return entry[0], entry[1]
+        if hit.until <= time.monotonic():
+            self._drop(key)
+            return None
+        self._bodies.move_to_end(key)
+        return hit.body, hit.media_type
 
-    def put(self, key: tuple[str, ...], body: bytes, media_type: str, ttl: float) -> None:
-        """Keep a body for `seconds`, never longer than the figures' own TTL."""
-        keep = min(self.seconds, ttl)
-        if keep <= 0:
+    def put(self, key: tuple[str, ...], body: bytes, media_type: str, until: float) -> None:
+        """Keep `body` until `until` (time.monotonic()); a body over the byte bound is not kept."""
+        if until <= time.monotonic() or len(body) > self.max_bytes:
             return
-        now = time.monotonic()
-        if key not in self._bodies and len(self._bodies) >= self.max_entries:
-            for k in [k for k, v in self._bodies.items() if v[2] <= now]:
-                del self._bodies[k]
-            while len(self._bodies) >= self.max_entries:
-                del self._bodies[next(iter(self._bodies))]  # the oldest
-        self._bodies[key] = (body, media_type, now + keep)
+        self._drop(key)
+        self._bodies[key] = _Body(body, media_type, until)
+        self.bytes += len(body)
+        while len(self._bodies) > self.max_entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._bodies)))
+
+    def _drop(self, key: tuple[str, ...]) -> None:
+        old = self._bodies.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old.body)

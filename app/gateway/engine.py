@@ -7,6 +7,15 @@ requests for a figure already being fetched wait for that fetch. Everything is
 bounded by the request's deadline; a figure that cannot be had fresh is served
 from its last good value, marked stale.
 
+Policy lives here too: which cache class a key belongs to (the catalog's
+unfiltered figures, or caller-chosen filtered variants), how fast filtered
+variants may be fetched (a token bucket; past it the request is shed with 429, so
+distinct filter values cannot multiply upstream load), what is kept as last good
+(never an answer that carried warnings; those are reused for WARNING_TTL_SECONDS
+only), the series cap per figure, and readiness (one probe shared by every
+caller, reused for READY_CACHE_SECONDS, through the breaker). Big answers are
+split and projected in a worker thread, so the event loop keeps serving.
+
 With a shared tier (app/gateway/shared.py) a figure is looked up local tier ->
 shared tier -> fleet-wide single flight -> upstream: a process's local misses
 go to Redis in one round trip, which answers them, hands this process the fetch
@@ -18,37 +27,88 @@ the engine works as a lone process does.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Generic, TypeVar
 
 from app.gateway import metrics as gm
-from app.gateway.cache import QueryCache
+from app.gateway.cache import CacheClass, QueryCache
 from app.gateway.catalog.model import CatalogQuery
 from app.gateway.promql import apply_filters
 from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.shared import ALONE, LEAD, SharedTier, grid_expiry
-from app.gateway.upstream import PrometheusClient, QueryAnswer, UpstreamError
+from app.gateway.upstream import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
 
 log = logging.getLogger("gateway.aggregator")
 
 BATCH_LABEL = "gateway_query"
+READY_QUERY = "vector(1)"
 Filters = Mapping[str, Sequence[str]]
 Outcome = Fetched | UpstreamFailure
 Settled = tuple[Outcome, Lookup]  # and how the leader had it: miss, hit (shared tier), coalesced
+Readiness = tuple[bool, str]
+T = TypeVar("T")
+SeriesList = list[tuple[dict[str, str], float]]
 
 
-class SingleFlight:
+class Shed(Exception):
+    """A request for filtered variants refused: the rate of filtered fetches is spent.
+
+    Answering it without caching would still cost an upstream request per distinct
+    filter value, which is the amplification the limit exists to stop; so the
+    caller is told when to come back (HTTP 429, Retry-After).
+    """
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"filtered fetches over their rate; retry in {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def retry_after(self) -> float:
+        """Seconds until the next token."""
+        self._refill()
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+
+class SingleFlight(Generic[T]):
     """One fetch in flight per key: later askers wait on the first one's future
     ("collapsed forwarding") instead of each asking upstream."""
 
     def __init__(self) -> None:
-        self._inflight: dict[str, asyncio.Future[Settled]] = {}
+        self._inflight: dict[str, asyncio.Future[T]] = {}
 
-    def join(self, key: str) -> tuple[asyncio.Future[Settled], bool]:
+    def __contains__(self, key: str) -> bool:
+        return key in self._inflight
+
+    def join(self, key: str) -> tuple[asyncio.Future[T], bool]:
         """The key's future and whether the caller leads (must fetch and settle it)."""
         fut = self._inflight.get(key)
         if fut is not None:
@@ -57,14 +117,13 @@ class SingleFlight:
         self._inflight[key] = fut
         return fut, True
 
-    def settle(self, key: str, fut: asyncio.Future[Settled], outcome: Outcome,
-               lookup: Lookup = Lookup.MISS) -> None:
+    def settle(self, key: str, fut: asyncio.Future[T], outcome: T) -> None:
         """Settle `fut`; unregister it only if it is still the key's fetch in flight
         (a later request may have begun a new one after this one settled)."""
         if self._inflight.get(key) is fut:
             del self._inflight[key]
         if not fut.done():
-            fut.set_result((outcome, lookup))
+            fut.set_result(outcome)
 
 
 @lru_cache(maxsize=4096)
@@ -72,29 +131,82 @@ def _filtered(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...]) -> st
     return apply_filters(expr, dict(filters)) if filters else expr
 
 
-def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], float]]) -> tuple[Sample, ...]:
+def _rank(s: Sample) -> float:
+    return -math.inf if math.isnan(s.value) else s.value
+
+
+def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], float]],
+             cap: int) -> tuple[tuple[Sample, ...], int]:
     """Keep only the query's declared labels; series that then coincide are summed.
 
     This is what keeps job/instance (or any label the catalog did not ask for) out
-    of the output, without ever producing duplicate series.
+    of the output, without ever producing duplicate series. Past `cap` series the
+    `cap` largest values are kept (as topk would) and the number dropped returned,
+    so the cut is always reported, never silent.
     """
     merged: dict[tuple[tuple[str, str], ...], float] = {}
     for labels, value in answer_series:
         key = tuple((name, labels.get(name, "")) for name in q.labels)
         merged[key] = merged[key] + value if key in merged else value
-    return tuple(Sample(k, v) for k, v in merged.items())
+    samples = [Sample(k, v) for k, v in merged.items()]
+    merged.clear()  # only references: the keys live on in the samples
+    if len(samples) <= cap:
+        return tuple(samples), 0
+    kept = tuple(heapq.nlargest(cap, samples, key=_rank))
+    dropped = len(samples) - cap
+    _drain(samples)
+    return kept, dropped
+
+
+def _drain(items: list[Any]) -> None:
+    """Free a big list one element at a time: dropped at once, its elements would be
+    freed in one uninterruptible cascade, holding the GIL (and the event loop) meanwhile."""
+    while items:
+        items.pop()
+
+
+def _split(jobs: Sequence[_Job], series: list[Series]) -> list[SeriesList]:
+    """The answer's series per job (a batch tags each with its part's index); `series` is emptied."""
+    per_job: list[SeriesList] = [[] for _ in jobs]
+    series.reverse()
+    while series:
+        s = series.pop()
+        if len(jobs) == 1:
+            per_job[0].append((s.labels, s.value))
+            continue
+        idx = s.labels.pop(BATCH_LABEL, None)
+        if idx is not None and idx.isdigit() and int(idx) < len(jobs):
+            per_job[int(idx)].append((s.labels, s.value))
+    return per_job
+
+
+def _split_and_project(jobs: Sequence[_Job], series: list[Series], cap: int) -> list[tuple[tuple[Sample, ...], int]]:
+    """Each job's samples and dropped count. Consumes `series` and frees what it leaves behind
+    as it goes, so that nothing big is left for the event loop to free."""
+    out = []
+    for j, part in zip(jobs, _split(jobs, series), strict=True):
+        out.append(_project(j.query, part, cap))
+        _drain(part)
+    return out
+
+
+def _split_and_project_big(jobs: Sequence[_Job], series: list[Series],
+                           cap: int) -> list[tuple[tuple[Sample, ...], int]]:
+    with paused_gc():
+        return _split_and_project(jobs, series, cap)
 
 
 @dataclass(slots=True)
 class _Job:
     query: CatalogQuery
     key: str  # cache key: the kept labels and the final PromQL
+    cls: CacheClass  # catalog (unfiltered) or filtered
     expr: str  # the final PromQL, filters applied
     future: asyncio.Future[Settled]
 
 
 def _local_expiry(wall: float) -> float:
-    """A wall-clock expiry as the local tier's monotonic one."""
+    """A wall-clock expiry as this process's monotonic one."""
     return time.monotonic() + (wall - time.time())
 
 
@@ -105,40 +217,60 @@ class Engine:
         self.client = client
         self.cache = cache
         self.shared = shared
-        self.flights = SingleFlight()
+        self.flights: SingleFlight[Settled] = SingleFlight()
+        self.filtered_fetches = TokenBucket(settings.filtered_fetches_per_second, settings.filtered_fetch_burst)
+        self._ready_flight: SingleFlight[Readiness] = SingleFlight()
+        self._ready: tuple[float, Readiness] | None = None  # (valid until, loop time; outcome)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        """Run work shared with other requests: it must outlive the request that started it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def run(self, queries: Sequence[CatalogQuery], category: str,
                   filters: Filters | None = None) -> list[QueryResult]:
-        """Results for `queries`, in order, within the request deadline."""
+        """Results for `queries`, in order, within the request deadline.
+
+        Raises Shed when filtered variants would need an upstream fetch and the
+        filtered-fetch rate is spent (cached or in-flight variants are still served).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_deadline_seconds
         frozen = tuple(sorted((k, tuple(v)) for k, v in (filters or {}).items()))
         exprs = [_filtered(q.expr, frozen) for q in queries]
         # The projection depends on the kept labels, so they are part of the key.
         keys = [f"{','.join(q.labels)}|{e}" for q, e in zip(queries, exprs, strict=True)]
+        # A key is the catalog's own when no filter changed its expression.
+        classes = [CacheClass.CATALOG if e == q.expr else CacheClass.FILTERED
+                   for q, e in zip(queries, exprs, strict=True)]
+
+        now = time.monotonic()  # one instant for the whole request: never half a batch expired
+        cached = [self.cache.fresh(k, c, now) for k, c in zip(keys, classes, strict=True)]
+        if any(f is None and c is CacheClass.FILTERED and k not in self.flights
+               for f, c, k in zip(cached, classes, keys, strict=True)):
+            if not self.filtered_fetches.take():
+                gm.shed(category)
+                raise Shed(self.filtered_fetches.retry_after())
 
         results: dict[int, QueryResult] = {}
         waiting: dict[int, asyncio.Future[Settled]] = {}
         to_fetch: list[_Job] = []
         coalesced: set[int] = set()
-        with self.cache.frozen_time():
-            for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
-                fetched = self.cache.fresh(key)
-                if fetched is not None:
-                    results[i] = self._from_fetched(q, fetched, Lookup.HIT)
-                    continue
-                fut, leader = self.flights.join(key)
-                if leader:
-                    to_fetch.append(_Job(q, key, exprs[i], fut))
-                else:
-                    coalesced.add(i)
-                waiting[i] = fut
+        for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
+            fetched = cached[i]
+            if fetched is not None:
+                results[i] = self._from_fetched(q, fetched, Lookup.HIT)
+                continue
+            fut, leader = self.flights.join(key)
+            if leader:
+                to_fetch.append(_Job(q, key, classes[i], exprs[i], fut))
+            else:
+                coalesced.add(i)
+            waiting[i] = fut
         if to_fetch:
-            # The fetch is shared with other requests: it must outlive this one.
-            task = loop.create_task(self._fetch(to_fetch, category, deadline))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._fetch(to_fetch, category, deadline))
 
         if waiting:
             remaining = max(0.0, deadline - loop.time())
@@ -148,18 +280,18 @@ class Engine:
             if fut.done():
                 outcome, how = fut.result()
             else:
-                outcome, how = UpstreamFailure("timeout", "request deadline reached before Prometheus answered"), \
-                    Lookup.MISS
+                outcome = UpstreamFailure("timeout", "request deadline reached before the answer was ready")
+                how = Lookup.MISS
             if isinstance(outcome, Fetched):
                 # A request that waited on another one's fetch coalesced, unless that
                 # fetch was itself answered from the shared tier (then it is a hit).
                 lookup = Lookup.COALESCED if i in coalesced and how is not Lookup.HIT else how
                 results[i] = self._from_fetched(q, outcome, lookup)
             else:
-                results[i] = self._failed(q, keys[i], outcome)
+                results[i] = self._failed(q, keys[i], classes[i], outcome)
         ordered = [results[i] for i in range(len(queries))]
         counts: dict[Lookup, int] = {}
-        for r in ordered:
+        for r in ordered:  # one event per figure looked up, by how it was had in the end
             counts[r.lookup] = counts.get(r.lookup, 0) + 1
         for lookup, n in counts.items():
             gm.cache_outcome(category, lookup, n)
@@ -168,14 +300,15 @@ class Engine:
     def _from_fetched(self, q: CatalogQuery, fetched: Fetched, lookup: Lookup) -> QueryResult:
         age = max(0.0, time.time() - fetched.fetched_at)
         return QueryResult(q, lookup, fetched.samples, fetched.fetched_at, age,
-                           warnings=fetched.warnings)
+                           warnings=fetched.warnings, dropped=fetched.dropped, expires_at=fetched.expires_at)
 
-    def _failed(self, q: CatalogQuery, key: str, failure: UpstreamFailure) -> QueryResult:
-        good = self.cache.last_good(key)
+    def _failed(self, q: CatalogQuery, key: str, cls: CacheClass, failure: UpstreamFailure) -> QueryResult:
+        good = self.cache.last_good(key, cls)
         if good is None:
             return QueryResult(q, Lookup.FAILED, error=failure)
         age = max(0.0, time.time() - good.fetched_at)
-        return QueryResult(q, Lookup.STALE, good.samples, good.fetched_at, age, error=failure)
+        return QueryResult(q, Lookup.STALE, good.samples, good.fetched_at, age, error=failure,
+                           dropped=good.dropped)
 
     async def _fetch(self, jobs: list[_Job], category: str, deadline: float) -> None:
         """Have `jobs` answered (shared tier first, when there is one) and settle their futures."""
@@ -190,7 +323,13 @@ class Engine:
                 await self._fetch_shared(shared, jobs, category, deadline)
         finally:
             for j in jobs:  # never leave a waiter hanging, whatever happened above
-                self.flights.settle(j.key, j.future, UpstreamFailure("internal", "fetch ended without an answer"))
+                self.flights.settle(j.key, j.future,
+                                    (UpstreamFailure("internal", "fetch ended without an answer"), Lookup.MISS))
+
+    def _keep(self, job: _Job, fetched: Fetched, lookup: Lookup) -> None:
+        """An answer the shared tier had: into the local tier, then to the waiters."""
+        self.cache.keep(job.key, job.cls, fetched, good=not fetched.warnings)
+        self.flights.settle(job.key, job.future, (fetched, lookup))
 
     async def _fetch_shared(self, shared: SharedTier, jobs: list[_Job], category: str, deadline: float) -> None:
         """Local misses through the shared tier: answered there, fetched here for the
@@ -198,21 +337,19 @@ class Engine:
         that fetches them; alone (as without the tier) when the tier fails."""
         loop = asyncio.get_running_loop()
         by_key = {j.key: j for j in jobs}
-        claim = await shared.claim(list(by_key), [self.cache.last_good(k) is None for k in by_key],
+        claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
                                    deadline - loop.time())
         if claim is None:
             gm.shared_event(category, "error", len(jobs))
             await self._fetch_upstream(jobs, category, deadline)
             return
-        for key, good in claim.good.items():
-            self.cache.store(key, good, 0.0)  # a last good value only (a restarted process)
+        for key, good in claim.good.items():  # last good values only (a restarted process)
+            self.cache.keep(key, by_key[key].cls, good, good=True)
+        for key, fetched in claim.hits.items():
+            self._keep(by_key[key], fetched, Lookup.HIT)
         gm.shared_event(category, "stale", len(claim.good))
-        for key, (fetched, expires_at) in claim.hits.items():
-            self.cache.store(key, fetched, _local_expiry(expires_at))
-            self.flights.settle(key, by_key[key].future, fetched, Lookup.HIT)
         gm.shared_event(category, "hit", len(claim.hits))
         gm.shared_event(category, "miss", len(claim.led))
-        ttl = self.settings.ttl_for(category)
 
         async def lead(keys: list[str]) -> None:
             if not keys:
@@ -220,7 +357,7 @@ class Engine:
             async with shared.holding(keys, claim.token):
                 outcomes = await self._fetch_upstream([by_key[k] for k in keys], category, deadline)
             await asyncio.sleep(0)  # the requests just answered go first; then the fleet's waiters
-            await shared.publish(claim.token, outcomes, ttl)
+            await shared.publish(claim.token, outcomes)
 
         async def follow() -> None:
             if not claim.awaited:
@@ -233,12 +370,10 @@ class Engine:
                     takeover.append(key)
                 elif outcome is ALONE:
                     alone.append(job)
+                elif isinstance(outcome, Fetched):
+                    self._keep(job, outcome, Lookup.COALESCED)
                 elif isinstance(outcome, UpstreamFailure):
-                    self.flights.settle(key, job.future, outcome, Lookup.COALESCED)
-                elif isinstance(outcome, tuple):
-                    fetched, expires_at = outcome
-                    self.cache.store(key, fetched, _local_expiry(expires_at))
-                    self.flights.settle(key, job.future, fetched, Lookup.COALESCED)
+                    self.flights.settle(key, job.future, (outcome, Lookup.COALESCED))
             gm.shared_event(category, "coalesced", len(got) - len(takeover) - len(alone))
             gm.shared_event(category, "takeover", len(takeover))
             gm.shared_event(category, "error", len(alone))
@@ -280,30 +415,80 @@ class Engine:
                 return outcomes
             failure = UpstreamFailure(exc.error_type, exc.message)
             for j in jobs:
-                self.flights.settle(j.key, j.future, failure)
+                self.flights.settle(j.key, j.future, (failure, Lookup.MISS))
             return dict.fromkeys((j.key for j in jobs), failure)
-        return self._settle(jobs, answer, category)
+        return await self._settle(jobs, answer, category)
 
-    def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> dict[str, Outcome]:
+    def _expiry(self, ttl: float, now: float) -> float:
+        """The local expiry of answers fetched `now` (unix time): with a shared tier on
+        the wall-clock grid, so every process of the fleet expires them in step."""
+        if self.shared is None:
+            return self.cache.expiry(ttl)
+        return _local_expiry(grid_expiry(ttl, now))
+
+    async def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> dict[str, Outcome]:
         now = time.time()
-        per_job: list[list[tuple[dict[str, str], float]]] = [[] for _ in jobs]
-        for s in answer.series:
-            if len(jobs) == 1:
-                per_job[0].append((s.labels, s.value))
-                continue
-            idx = s.labels.pop(BATCH_LABEL, None)
-            if idx is not None and idx.isdigit() and int(idx) < len(jobs):
-                per_job[int(idx)].append((s.labels, s.value))
+        cap = self.settings.max_series_per_figure
+        if len(answer.series) >= self.settings.offload_min_series:
+            gm.offloaded("project")
+            projected = await asyncio.to_thread(_split_and_project_big, jobs, answer.series, cap)
+        else:
+            projected = _split_and_project(jobs, answer.series, cap)
         ttl = self.settings.ttl_for(category)
-        # With a shared tier every process expires on the wall-clock grid, in step.
-        expires_at = self.cache.expiry(ttl) if self.shared is None else _local_expiry(grid_expiry(ttl, now))
+        expires_at = self._expiry(ttl, now)
+        good = not answer.warnings
+        if not good:
+            # A partial answer is worth reusing briefly (asking again at once would mostly
+            # get the same partial answer, and load the upstream that is already struggling),
+            # but never as the last good value.
+            expires_at = min(expires_at, self._expiry(min(ttl, self.settings.warning_ttl_seconds), now))
+        truncated = 0
+        evicted: dict[str, int] = {}
         outcomes: dict[str, Outcome] = {}
-        for j, series in zip(jobs, per_job, strict=True):
-            fetched = Fetched(_project(j.query, series), now, answer.warnings)
-            self.cache.store(j.key, fetched, expires_at)
-            self.flights.settle(j.key, j.future, fetched)
+        for j, (samples, dropped) in zip(jobs, projected, strict=True):
+            fetched = Fetched(samples, now, answer.warnings, dropped, expires_at)
+            truncated += dropped > 0
+            for cls, n in self.cache.keep(j.key, j.cls, fetched, good=good).items():
+                evicted[cls] = evicted.get(cls, 0) + n
+            self.flights.settle(j.key, j.future, (fetched, Lookup.MISS))
             outcomes[j.key] = fetched
+        if truncated:
+            gm.truncated(category, truncated)
+        gm.cache_usage({str(c): u for c, u in self.cache.usage().items()}, evicted)
         return outcomes
+
+    # -- readiness ----------------------------------------------------------------------
+
+    async def ready(self) -> Readiness:
+        """Can the upstream evaluate a query? One probe answers every caller.
+
+        /ready is open to anyone: asked directly, each call would be an upstream
+        request outside cache, coalescing and breaker, so a crowd of callers could
+        take the pool from the figures. Here concurrent callers share one probe in
+        flight, its outcome is reused for READY_CACHE_SECONDS, and the probe goes
+        through the client's breaker (while the circuit is open: not ready, at once).
+        """
+        loop = asyncio.get_running_loop()
+        if self._ready is not None and loop.time() < self._ready[0]:
+            return self._ready[1]
+        fut, leader = self._ready_flight.join("ready")
+        if leader:
+            self._spawn(self._probe(fut))
+        # Shielded: a caller giving up (its own readiness budget) must not cancel the shared probe.
+        return await asyncio.shield(fut)
+
+    async def _probe(self, fut: asyncio.Future[Readiness]) -> None:
+        outcome: Readiness = (False, "internal")
+        try:
+            await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds,
+                                    category="ready")
+            outcome = (True, "ready")
+        except UpstreamError as exc:
+            outcome = (False, exc.error_type)
+        finally:
+            until = asyncio.get_running_loop().time() + self.settings.ready_cache_seconds
+            self._ready = (until, outcome)
+            self._ready_flight.settle("ready", fut, outcome)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

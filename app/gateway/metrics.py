@@ -86,6 +86,41 @@ SHARED_BREAKER_STATE = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+CACHE_BYTES = Gauge(
+    "metrics_gateway_cache_bytes",
+    "Estimated memory of the figure cache by class: catalog (unfiltered figures, never evicted by "
+    "others) and filtered (provider=/model= variants, bounded by CACHE_MAX_BYTES).",
+    ["class"],
+    multiprocess_mode="livesum",
+)
+CACHE_ENTRIES = Gauge(
+    "metrics_gateway_cache_entries",
+    "Keys held by the figure cache, by class.",
+    ["class"],
+    multiprocess_mode="livesum",
+)
+CACHE_EVICTIONS = Counter(
+    "metrics_gateway_cache_evictions_total",
+    "Figure cache entries evicted to stay within their class's bounds (entries or bytes).",
+    ["class"],
+)
+FILTERED_SHED = Counter(
+    "metrics_gateway_filtered_fetches_shed_total",
+    "Requests for filtered variants answered 429 because FILTERED_FETCHES_PER_SECOND was spent.",
+    ["category"],
+)
+TRUNCATED = Counter(
+    "metrics_gateway_figures_truncated_total",
+    "Upstream answers whose figure had more series than MAX_SERIES_PER_FIGURE (the rest dropped, marked).",
+    ["category"],
+)
+OFFLOADED = Counter(
+    "metrics_gateway_offloaded_total",
+    "Work on big answers done in a worker thread instead of the event loop, by stage "
+    "(parse, project, render).",
+    ["stage"],
+)
+
 
 def observe_upstream(category: str, seconds: float, error_type: str | None,
                      upstream_ok: bool | None = None) -> None:
@@ -132,3 +167,24 @@ def shared_lock_wait(seconds: float) -> None:
 def set_shared_breaker_state(state: BreakerState) -> None:
     for s in ("closed", "open", "half_open"):
         SHARED_BREAKER_STATE.labels(s).set(1 if s == state else 0)
+
+
+def cache_usage(usage: dict[str, tuple[int, int]], evicted: dict[str, int] | None = None) -> None:
+    """Publish the figure cache's (entries, bytes) per class and count evictions."""
+    for cls, (entries, size) in usage.items():
+        CACHE_ENTRIES.labels(cls).set(entries)
+        CACHE_BYTES.labels(cls).set(size)
+    for cls, n in (evicted or {}).items():
+        CACHE_EVICTIONS.labels(cls).inc(n)
+
+
+def shed(category: str) -> None:
+    FILTERED_SHED.labels(category).inc()
+
+
+def truncated(category: str, figures: int = 1) -> None:
+    TRUNCATED.labels(category).inc(figures)
+
+
+def offloaded(stage: Literal["parse", "project", "render"]) -> None:
+    OFFLOADED.labels(stage).inc()

@@ -62,6 +62,8 @@ class Fetched:
     samples: tuple[Sample, ...]
     fetched_at: float  # unix time the data was read from Prometheus
     warnings: tuple[str, ...] = ()
+    dropped: int = 0  # series cut by MAX_SERIES_PER_FIGURE (the largest values are kept)
+    expires_at: float = 0.0  # time.monotonic() at which it stops being fresh (this process only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +83,16 @@ class QueryResult:
     age_seconds: float | None = None
     error: UpstreamFailure | None = None
     warnings: tuple[str, ...] = field(default=())
+    dropped: int = 0  # series cut by the per-figure cap: the figure is incomplete, and says so
+    expires_at: float | None = None  # time.monotonic() at which its data stops being fresh
 
     @property
     def state(self) -> State:
         return self.lookup.state
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped > 0
 
     def total(self) -> float | None:
         """The sum over all series, or None when there is no data.
@@ -98,12 +106,13 @@ class QueryResult:
 
 
 def overall_status(results: list[QueryResult]) -> str:
-    """ok: every figure answered by Prometheus; degraded: some stale or failed;
+    """ok: every figure answered by Prometheus, complete; degraded: some stale or failed,
+    or incomplete (the upstream warned of a partial answer, or the series cap cut it);
     unavailable: nothing could be had, not even a stale value."""
     if not results:
         return "ok"
     if all(r.state is State.FAILED for r in results):
         return "unavailable"
-    if any(r.state in (State.STALE, State.FAILED) for r in results):
+    if any(r.state in (State.STALE, State.FAILED) or r.warnings or r.dropped for r in results):
         return "degraded"
     return "ok"

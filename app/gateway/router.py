@@ -7,6 +7,7 @@ another FastAPI app (it brings its own lifespan).
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -18,6 +19,7 @@ from app.common.exposition import render_families
 from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
+from app.gateway.engine import Shed
 from app.gateway.fastpath import kind_of, memo_key
 from app.gateway.promql import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
@@ -43,6 +45,11 @@ EXPOSITION_RESPONSES: dict[int | str, dict[str, object]] = {
                          "with ?format=json / Accept: application/json",
           "content": {"text/plain": _TEXT, "application/openmetrics-text": _TEXT, JSON_TYPE: _OBJECT}},
     404: {"description": "Unknown category", "content": _DETAIL},
+}
+SHED_RESPONSES: dict[int | str, dict[str, object]] = {
+    429: {"description": "Filtered variants (provider= / model=) not in cache while their upstream fetch "
+                         "rate (FILTERED_FETCHES_PER_SECOND) is spent; retry after Retry-After seconds",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}, "content": _DETAIL},
 }
 
 Fmt = Annotated[Literal["json", "text"] | None,
@@ -101,15 +108,19 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         hit = service.recall(key)
         return answer(hit) if hit is not None else None
 
-    def respond(results: list[QueryResult], name: str, kind: str, request: Request,
-                filters: dict[str, list[str]], key: tuple[str, ...]) -> Response:
+    async def respond(results: list[QueryResult], name: str, kind: str, request: Request,
+                      filters: dict[str, list[str]], key: tuple[str, ...]) -> Response:
         up = service.client.up
-        if kind == "json":
-            doc = json_render.category(cat, name, results, filters, up)
-            return answer(service.remember(key, name, results, json_render.dumps(doc), JSON_TYPE))
-        body, ctype = render_families(text_render.families(cat.prefix, results, up),
-                                      request.headers.get("accept"))
-        return answer(service.remember(key, name, results, body, ctype))
+        accept = request.headers.get("accept")
+
+        def as_json() -> tuple[bytes, str]:
+            return json_render.dumps(json_render.category(cat, name, results, filters, up)), JSON_TYPE
+
+        def as_text() -> tuple[bytes, str]:
+            return render_families(text_render.families(cat.prefix, results, up), accept)
+
+        rendered = await service.render(results, as_json if kind == "json" else as_text)
+        return answer(service.remember(key, name, results, rendered))
 
     @router.get("/summary", summary="Summary figures for widgets (JSON)",
                 responses={200: {"description": "The summary contract", "content": {JSON_TYPE: _OBJECT}}})
@@ -118,8 +129,8 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         if (hit := recall(key)) is not None:
             return hit
         results = await service.summary()
-        doc = json_render.summary(cat, results, service.client.up)
-        return answer(service.remember(key, "summary", list(results.values()), json_render.dumps(doc), JSON_TYPE))
+        rendered = Rendered(json_render.dumps(json_render.summary(cat, results, service.client.up)), JSON_TYPE)
+        return answer(service.remember(key, "summary", list(results.values()), rendered))
 
     @router.get("/docs", summary="Markdown documentation of every figure, from the catalog",
                 response_class=MarkdownResponse)
@@ -132,9 +143,10 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         key = memo_key("all", kind)
         if (hit := recall(key)) is not None:
             return hit
-        return respond(await service.everything(), "all", kind, request, {}, key)
+        return await respond(await service.everything(), "all", kind, request, {}, key)
 
-    @router.get("/{category}", summary="One category as Prometheus text or JSON", responses=EXPOSITION_RESPONSES)
+    @router.get("/{category}", summary="One category as Prometheus text or JSON",
+                responses={**EXPOSITION_RESPONSES, **SHED_RESPONSES})
     async def category(request: Request, category: str, format: Fmt = None,
                        provider: FilterValues = None, model: FilterValues = None) -> Response:
         if category not in CATEGORIES:
@@ -145,7 +157,11 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         key = memo_key(category, kind, filters)
         if (hit := recall(key)) is not None:
             return hit
-        results = await service.category(category, filters)
-        return respond(results, category, kind, request, filters, key)
+        try:
+            results = await service.category(category, filters)
+        except Shed as shed:
+            raise HTTPException(429, f"too many distinct filter values: {shed}",
+                                headers={"Retry-After": str(max(1, math.ceil(shed.retry_after)))}) from None
+        return await respond(results, category, kind, request, filters, key)
 
     return router

@@ -10,10 +10,13 @@ of its own, so a client made in another loop is replaced, never reused).
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
 
+from app.gateway import metrics as gm
 from app.gateway.cache import QueryCache, ResponseMemo
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
@@ -41,8 +44,11 @@ class GatewayService:
         self._engine: Engine | None = None
         self._shared: SharedTier | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.cache = QueryCache(settings.cache_max_entries, settings.stale_max_age_seconds)
-        self.memo = ResponseMemo(settings.response_memo_seconds)
+        # The catalog class holds at most one key per catalog query: that is its bound.
+        self.cache = QueryCache(settings.cache_max_entries, settings.stale_max_age_seconds,
+                                max_bytes=settings.cache_max_bytes,
+                                catalog_entries=max(1, len(self.catalog.queries)))
+        self.memo = ResponseMemo(settings.response_memo_seconds, max_bytes=settings.response_memo_max_bytes)
 
     async def start(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
@@ -85,8 +91,9 @@ class GatewayService:
         return self._client is not None
 
     async def ready(self) -> tuple[bool, str]:
-        await self.ensure_started()
-        return await self.client.ready()
+        """The readiness check /ready runs: the engine's shared, short-lived probe."""
+        engine = await self.ensure_started()
+        return await engine.ready()
 
     # -- figures ------------------------------------------------------------------------
 
@@ -109,9 +116,35 @@ class GatewayService:
         hit = self.memo.get(key)
         return Rendered(*hit) if hit is not None else None
 
-    def remember(self, key: tuple[str, ...], ttl_category: str, results: list[QueryResult],
-                 body: bytes, media_type: str) -> Rendered:
-        """Keep a healthy body for reuse (never a degraded one, never past the TTL)."""
-        if all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
-            self.memo.put(key, body, media_type, self.settings.ttl_for(ttl_category))
-        return Rendered(body, media_type)
+    async def render(self, results: Sequence[QueryResult], make: Callable[[], tuple[bytes, str]]) -> Rendered:
+        """Run a renderer: on the event loop for small answers, in a worker thread for big ones
+        (rendering 50k series takes half a second, which /health and every other request
+        would otherwise wait for)."""
+        if sum(len(r.samples) for r in results) >= self.settings.offload_min_series:
+            gm.offloaded("render")
+            return Rendered(*await asyncio.to_thread(make))
+        return Rendered(*make())
+
+    def remember(self, key: tuple[str, ...], ttl_category: str, results: Sequence[QueryResult],
+                 rendered: Rendered) -> Rendered:
+        """Keep a healthy body for reuse: never one with stale, failed or partial (warned) figures.
+
+        Small bodies for RESPONSE_MEMO_SECONDS at most, so the ages and timestamp a
+        reader sees are off by less than that; big ones (RESPONSE_MEMO_LARGE_BYTES and
+        more) until their figures' TTL expiry, since rendering them again would cost
+        more than the data changed (their ages and timestamp are those of the render).
+        A body cut by the series cap is healthy in this sense: it says so, and stays
+        cut until the TTL ends.
+        """
+        s = self.settings
+        if s.response_memo_seconds <= 0 or not results:
+            return rendered
+        if not all(r.state in (State.FRESH, State.CACHED) and not r.warnings for r in results):
+            return rendered
+        now = time.monotonic()
+        fresh_until = min(r.expires_at or now for r in results)
+        until = min(now + s.response_memo_seconds, now + s.ttl_for(ttl_category), fresh_until)
+        if len(rendered.body) >= s.response_memo_large_bytes:
+            until = fresh_until
+        self.memo.put(key, rendered.body, rendered.media_type, until)
+        return rendered

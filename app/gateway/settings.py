@@ -37,10 +37,31 @@ class GatewaySettings(BaseSettings):
     # Caching: per-category TTL, last-good retention for stale answers.
     cache_ttl_seconds: float = Field(default=15.0, ge=0)
     cache_ttl_overrides: dict[str, float] = Field(default_factory=dict)
+    # Two cache classes: the catalog's unfiltered figures (one entry per query, never
+    # evicted by anything else) and filtered variants (an LRU bounded by entries and
+    # by what CACHE_MAX_BYTES leaves after the catalog's figures).
     cache_max_entries: int = Field(default=4096, ge=16)
+    cache_max_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024)
     stale_max_age_seconds: float = Field(default=3600.0, ge=0)
+    # Answers carrying warnings (partial responses) are reused this long, never kept as last good.
+    warning_ttl_seconds: float = Field(default=5.0, ge=0)
+    # Upstream fetches for filtered variants (provider= / model=): a token bucket; past it, 429.
+    filtered_fetches_per_second: float = Field(default=10.0, gt=0)
+    filtered_fetch_burst: int = Field(default=20, ge=1)
     response_memo_seconds: float = Field(default=0.5, ge=0, le=5)
+    # Healthy rendered bodies at least this large are reused until their figures' TTL expiry.
+    response_memo_large_bytes: int = Field(default=256 * 1024, ge=0)
+    response_memo_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     batch_max_queries: int = Field(default=64, ge=1, le=500)
+
+    # Big answers: a series cap per figure (the largest values kept, the cut marked),
+    # and the sizes above which parsing, projection and rendering leave the event loop.
+    max_series_per_figure: int = Field(default=10_000, ge=1)
+    offload_min_bytes: int = Field(default=256 * 1024, ge=0)
+    offload_min_series: int = Field(default=2_000, ge=0)
+
+    # Readiness: one probe shared by every /ready caller, reused this long.
+    ready_cache_seconds: float = Field(default=2.0, ge=0, le=60)
 
     # Circuit breaker.
     breaker_failure_threshold: int = Field(default=5, ge=1)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -145,6 +146,8 @@ class Codec:
             doc["e"] = expires_at
         if fetched.warnings:
             doc["w"] = list(fetched.warnings)
+        if fetched.dropped:
+            doc["d"] = fetched.dropped
         raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         data = _JSON + raw
         if len(raw) >= self.compress_min_bytes:
@@ -154,7 +157,8 @@ class Codec:
         return data if len(data) <= self.max_bytes else None
 
     def decode(self, data: bytes) -> tuple[Fetched, float]:
-        """(answer, expires_at) from `encode`'s bytes; CodecError for anything else."""
+        """(answer, expires_at: unix time) from `encode`'s bytes; CodecError for anything
+        else. The answer's own ``expires_at`` (a monotonic instant of one process) is 0."""
         tag, body = data[:1], data[1:]
         try:
             if tag == _ZLIB:
@@ -167,7 +171,8 @@ class Codec:
                 labels = tuple((str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
                 samples.append(Sample(labels, float(value)))
             warnings = tuple(str(w) for w in doc.get("w", ()))
-            return Fetched(tuple(samples), float(doc["t"]), warnings), float(doc.get("e", 0.0))
+            return (Fetched(tuple(samples), float(doc["t"]), warnings, int(doc.get("d", 0))),
+                    float(doc.get("e", 0.0)))
         except CodecError:
             raise
         except (ValueError, KeyError, TypeError, IndexError, zlib.error) as exc:
@@ -303,7 +308,7 @@ class Alone:
 
 LEAD: Final = Lead()
 ALONE: Final = Alone()
-WaitOutcome = tuple[Fetched, float] | UpstreamFailure | Lead | Alone  # answers with their expiry
+WaitOutcome = Fetched | UpstreamFailure | Lead | Alone
 
 
 @dataclass(slots=True)
@@ -311,10 +316,19 @@ class Claim:
     """What one claim of a batch of keys found."""
 
     token: str
-    hits: dict[str, tuple[Fetched, float]] = field(default_factory=dict)  # key -> (answer, expires_at)
+    hits: dict[str, Fetched] = field(default_factory=dict)  # fresh answers (expires_at: this process's clock)
     led: list[str] = field(default_factory=list)  # locks won: fetch these and publish
     awaited: dict[str, str] = field(default_factory=dict)  # key -> the holder's token
     good: dict[str, Fetched] = field(default_factory=dict)  # last good values found on the way
+
+
+def _local(fetched: Fetched, wall_expiry: float) -> Fetched:
+    """The answer as this process keeps it: fresh until the wall-clock expiry, on its own clock."""
+    return dataclasses.replace(fetched, expires_at=time.monotonic() + (wall_expiry - time.time()))
+
+
+def _wall(monotonic_expiry: float) -> float:
+    return time.time() + (monotonic_expiry - time.monotonic())
 
 
 def _text(value: bytes | str) -> str:
@@ -429,7 +443,7 @@ class SharedTier:
             if code == 1:
                 decoded = self._decode(reply[1])
                 if decoded is not None:
-                    claim.hits[key] = decoded
+                    claim.hits[key] = _local(*decoded)
                     continue
                 claim.led.append(key)  # corrupt entry: refetch it (without the lock)
                 continue
@@ -491,24 +505,30 @@ class SharedTier:
                     out[key] = LEAD
                 elif code == 2:
                     fresh = self._decode(reply[1])
-                    out[key] = fresh if fresh is not None else ALONE
+                    out[key] = _local(*fresh) if fresh is not None else ALONE
                 else:
                     try:
                         outcome = self.codec.decode_outcome(reply[1])
                     except CodecError:
                         gm.shared_error("corrupt")
                         outcome = None
-                    out[key] = ALONE if outcome is None else outcome
+                    if outcome is None:
+                        out[key] = ALONE
+                    elif isinstance(outcome, tuple):
+                        out[key] = _local(*outcome)
+                    else:
+                        out[key] = outcome
         for key in pending:
             out[key] = UpstreamFailure("timeout", "request deadline reached while another process fetched")
         gm.shared_lock_wait(loop.time() - started)
         return out
 
-    async def publish(self, token: str, outcomes: Mapping[str, Fetched | UpstreamFailure], ttl: float) -> None:
+    async def publish(self, token: str, outcomes: Mapping[str, Fetched | UpstreamFailure]) -> None:
         """Hand each outcome to the processes waiting on this flight and release the
-        locks; store good answers (fresh to the end of their TTL grid step on the wall
-        clock, last good for STALE_MAX_AGE_SECONDS). Failures and answers with
-        warnings are handed over but never stored as fresh or good."""
+        locks; store answers fresh until their expiry (the engine's: a TTL grid step
+        on the wall clock, shorter for an answer with warnings) and, when they carry
+        no warnings, as last good (STALE_MAX_AGE_SECONDS). Failures are handed over,
+        never stored: the next request simply asks again."""
         now_ms = int(time.time() * 1000)
         rkeys: list[str] = []
         args: list[str | bytes | int] = [token, 2 * self.lease_ms, int(self.settings.stale_max_age_seconds * 1000)]
@@ -518,15 +538,15 @@ class SharedTier:
             if isinstance(outcome, UpstreamFailure):
                 args += (b"", 0, "0", self.codec.encode_failure(outcome))
                 continue
-            expires_at = grid_expiry(ttl, outcome.fetched_at)
-            fresh_at = int(expires_at * 1000)
+            # Back to the wall clock; rounded to the millisecond the grid is made of
+            # (the two clocks were read microseconds apart).
+            fresh_at = round(_wall(outcome.expires_at) * 1000)
+            expires_at = fresh_at / 1000
             encoded = self.codec.encode(outcome, expires_at)
             if encoded is None:
                 args += (b"", 0, "0", _BIG)
-            elif outcome.warnings:
-                args += (encoded, 0, "0", b"")
-            else:
-                args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "1", b"")
+                continue
+            args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "0" if outcome.warnings else "1", b"")
         if rkeys:
             await self._script(self._publish, rkeys, args, None)
 

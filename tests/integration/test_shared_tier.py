@@ -281,3 +281,26 @@ async def test_redis_full(make: Make, own_redis: Proc) -> None:
     oom = metric("metrics_gateway_shared_cache_errors_total", {"reason": "oom"})
     await _answers_within(svc, 5, 1.0)
     assert metric("metrics_gateway_shared_cache_errors_total", {"reason": "oom"}) > oom
+
+
+async def test_answers_with_warnings_are_shared_fresh_but_never_as_last_good(redis_db: redis_sync.Redis,
+                                                                             redis_proc: Proc) -> None:
+    from app.common.redis import make_redis_client
+    from app.gateway.result import Fetched, Sample, UpstreamFailure
+    from app.gateway.shared import SharedTier
+
+    tier = SharedTier(GatewaySettings(), make_redis_client(redis_proc.url, 1.0), "w4rn")
+    try:
+        partial = Fetched((Sample((), 1.0),), time.time(), ("partial data",), expires_at=time.monotonic() + 5)
+        claim = await tier.claim(["warned", "failed"], [True, True], 1.0)
+        assert claim is not None
+        await tier.publish(claim.token, {"warned": partial, "failed": UpstreamFailure("timeout", "slow")})
+        k, f = tier.keys.of("warned"), tier.keys.of("failed")
+        assert redis_db.exists(k.fresh) and not redis_db.exists(k.good)
+        assert not redis_db.exists(f.fresh) and not redis_db.exists(f.good)  # a failure is never stored
+        assert not redis_db.exists(k.lock) and not redis_db.exists(f.lock)  # both released
+        again = await tier.claim(["warned", "failed"], [True, True], 1.0)
+        assert again is not None and again.hits["warned"].warnings == ("partial data",)
+        assert again.led == ["failed"]  # the next request simply asks again
+    finally:
+        await tier.aclose()

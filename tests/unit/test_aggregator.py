@@ -263,21 +263,22 @@ async def test_stale_values_expire(make: Any) -> None:
 
 
 @respx.mock
-async def test_answer_with_warnings_is_not_cached(make: Any) -> None:
+async def test_answer_with_warnings_is_reused_briefly_but_never_kept_as_last_good(make: Any) -> None:
     route = respx.post(QUERY_URL).respond(json=vector([({}, "3")], warnings=["partial response"]))
-    agg = make(cache_ttl_seconds=60)
+    agg = make(cache_ttl_seconds=60, warning_ttl_seconds=0.3)
     (first,) = await agg.run([Q["a"]], "test")
     await settle()
     (second,) = await agg.run([Q["a"]], "test")
-    assert route.call_count == 2
+    assert route.call_count == 1  # reused for WARNING_TTL_SECONDS (on its grid), not 60 s
+    assert first.state is State.FRESH and second.state is State.CACHED
     for r in (first, second):
-        assert r.state is State.FRESH
         assert r.warnings == ("partial response",)
         assert values(r) == {(): 3.0}
-    # Nor is it remembered as a last good value.
+    # Not remembered as a last good value: once its short TTL is over, a failure is a failure.
     route.respond(500, text="down")
-    await settle()
+    await asyncio.sleep(0.65)  # past the 0.3 s grid step (at most two steps)
     (third,) = await agg.run([Q["a"]], "test")
+    assert route.call_count == 2
     assert third.state is State.FAILED
 
 

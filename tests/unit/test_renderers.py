@@ -90,10 +90,10 @@ def test_summary_sums_series_scales_and_reports_provenance() -> None:
     assert doc["metrics"] == {"http": {"total_requests": 42.0, "avg_latency_ms": 125.0},
                               "providers": {"avg": None}}
     p = doc["provenance"]
-    assert p["http"]["total_requests"] == {"state": "cached", "age_seconds": 3.25, "query": "reqs",
+    assert p["http"]["total_requests"] == {"state": "cached", "lookup": "hit", "age_seconds": 3.25, "query": "reqs",
                                            "unit": "requests"}
     assert p["http"]["avg_latency_ms"] == {
-        "state": "stale", "age_seconds": 42.0, "query": "lat", "unit": "milliseconds",
+        "state": "stale", "lookup": "stale", "age_seconds": 42.0, "query": "lat", "unit": "milliseconds",
         "error": {"error_type": "timeout", "message": "no answer within 3.00s"}}
     assert p["providers"]["avg"]["state"] == "failed" and "age_seconds" not in p["providers"]["avg"]
     assert doc["errors"] == [

@@ -43,13 +43,17 @@ def no_data(results: Iterable[QueryResult]) -> list[str]:
 
 
 def provenance(r: QueryResult) -> dict[str, Any]:
-    out: dict[str, Any] = {"state": r.state.value}
+    out: dict[str, Any] = {"state": r.state.value, "lookup": r.lookup.value}
     if r.age_seconds is not None:
         out["age_seconds"] = round(r.age_seconds, 3)
     if r.error is not None:
         out["error"] = {"error_type": r.error.error_type, "message": r.error.message}
     if r.warnings:
         out["warnings"] = list(r.warnings)
+    if r.truncated:  # the series cap cut this figure: say how much, never cut silently
+        out["truncated"] = True
+        out["series_dropped"] = r.dropped
+        out["series_kept"] = len(r.samples)
     if lacks_data(r):
         out["no_data"] = True
     return out
