@@ -16,8 +16,7 @@ RUN groupadd --system --gid 10001 gateway \
 # Dependencies and package first (layer cache), then the runtime files.
 COPY pyproject.toml README.md ./
 COPY app ./app
-# uvloop and httptools (uvicorn[standard]) must be there: the UvicornWorker
-# picks them up, and without them a worker serves far fewer requests.
+# uvicorn[standard] (uvloop, httptools) and hiredis must have installed as wheels.
 RUN pip install --no-compile . \
  && python -c "import uvloop, httptools, hiredis" \
  && rm -rf /root/.cache
@@ -32,4 +31,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=3)" || exit 1
 
+# gunicorn.conf.py holds the worker class and its limits (app/ops/server.py: request
+# read timeout, connection cap per worker from GUNICORN_WORKER_CONNECTIONS and the
+# open-file limit); always start through it, never with a bare uvicorn worker.
 CMD ["sh", "-c", "exec gunicorn -c gunicorn.conf.py --bind 0.0.0.0:${PORT:-8000} app.main:app"]

@@ -29,8 +29,13 @@ def create_app(settings: AppSettings | GatewaySettings | None = None) -> FastAPI
     settings = settings or AppSettings()
     configure_logging(settings.ops.log_level, settings.ops.log_format)
 
+    # docs_url/redoc_url off: FastAPI's pages load Swagger UI / ReDoc from a CDN, without
+    # integrity, on the origin where the status page keeps its token. /openapi.json stays
+    # (load it into a viewer served from elsewhere). redirect_slashes off: Starlette builds
+    # the redirect's Location from the Host header (/status/ -> http://evil.example/status).
     app = FastAPI(title="Metrics gateway", version="0.1.0",
-                  description="PromQL figures for widgets and Grafana: concurrent, cached, honest about failure.")
+                  description="PromQL figures for widgets and Grafana: concurrent, cached, honest about failure.",
+                  docs_url=None, redoc_url=None, redirect_slashes=False)
     # Innermost first: the memo fast path must sit inside security and HTTP metrics
     # (add_middleware wraps what is there), so tokens and limits apply to it too.
     app.add_middleware(MemoFastPath)

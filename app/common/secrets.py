@@ -10,6 +10,8 @@ share one set of rules:
   settle time, that changed while being read, or that is empty, is not adopted;
   the last good value stays in force (a file rewritten in place is empty, then
   partial, for a moment: adopting that would lock valid callers out);
+- read once when created (waiting, at start-up only, for a file being written
+  right then to settle), so the first request never races a rotation;
 - a file that cannot be read is a *local* error: one log line per episode and
   ``metrics_gateway_secret_file_errors_total{secret,reason}``, never mistaken for
   the failure of the service the secret is for;
@@ -53,24 +55,48 @@ class SecretFile:
     ``name`` is a bounded label (``upstream_bearer``, ``api_tokens`` ...), not a path.
     """
 
-    def __init__(self, path: Path, name: str, *, settle_seconds: float = 0.2) -> None:
+    def __init__(self, path: Path, name: str, *, settle_seconds: float = 0.2, prime: bool = True) -> None:
         self.path = Path(path)
         self.name = name
         self.settle_seconds = settle_seconds
         self._stamp: tuple[int, int, int] | None = None
+        self._bad_stamp: tuple[tuple[int, int, int], str] | None = None
         self._value: str | None = None
         self._lock = threading.Lock()
         self.episode = FailureEpisode(f"secret file {name} ({self.path})", log)
+        if prime:
+            self.prime()
 
     @property
     def value(self) -> str | None:
         """The last adopted contents (stripped), or None when never read."""
         return self._value
 
+    def prime(self) -> None:
+        """First read, at start-up: waits (at most twice the settle time) for a file
+        being written right now, so the first request does not meet a secret that
+        was never read. Failures are recorded (metric, log line), not raised."""
+        deadline = time.monotonic() + 2 * self.settle_seconds
+        while True:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                break
+            age = time.time() - st.st_mtime_ns / 1e9
+            if age >= self.settle_seconds or time.monotonic() >= deadline:
+                break
+            time.sleep(min(self.settle_seconds - age, deadline - time.monotonic()) + 0.01)
+        try:
+            self.read()
+        except SecretUnavailable:
+            pass
+
     def read(self) -> str:
         """The current secret; the last good one while the file is missing, empty or moving.
 
-        Raises SecretUnavailable only when no good value has ever been read.
+        Raises SecretUnavailable only when no good value has ever been read (a file
+        never read that is still being written is not adopted either: it may be a
+        half).
         """
         try:
             st = os.stat(self.path)
@@ -82,9 +108,13 @@ class SecretFile:
         with self._lock:
             if stamp == self._stamp and self._value is not None:
                 return self._value
-            young = time.time() - st.st_mtime_ns / 1e9 < self.settle_seconds
-            if young and self._value is not None:
-                return self._value  # being written: adopt it once it has settled
+            if time.time() - st.st_mtime_ns / 1e9 < self.settle_seconds:
+                # Being written: adopt it once it has settled.
+                if self._value is not None:
+                    return self._value
+                return self._keep("settling")
+            if self._bad_stamp is not None and self._bad_stamp[0] == stamp:
+                return self._keep(self._bad_stamp[1])  # the same bad file: no need to read it again
             try:
                 text = self.path.read_text(encoding="utf-8")
                 after = os.stat(self.path)
@@ -93,9 +123,11 @@ class SecretFile:
             if (after.st_ino, after.st_size, after.st_mtime_ns) != stamp:
                 return self._keep("changing")
             if not text.strip():
+                self._bad_stamp = (stamp, "empty")
                 return self._keep("empty")
             self._value = text.strip()
             self._stamp = stamp
+            self._bad_stamp = None
             self.episode.success()
             return self._value
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 
 import promql_parser as pp
 
@@ -75,8 +77,17 @@ def quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+_LEGACY_NAME = re.compile(r"\A[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LEGACY_LABEL = re.compile(r"\A[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+def label_name(name: str) -> str:
+    """A label name as PromQL reads it: bare when legacy, else quoted (UTF-8 names)."""
+    return name if _LEGACY_LABEL.match(name) else quote(name)
+
+
 def _matcher(name: str, op: str, value: str) -> str:
-    return f"{name}{op}{quote(value)}"
+    return f"{label_name(name)}{op}{quote(value)}"
 
 
 _MATCH_OPS = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
@@ -84,6 +95,11 @@ _MATCH_OPS = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
 
 def _op(m: pp.Matcher) -> str:
     return _MATCH_OPS[str(m.op).rsplit(".", 1)[-1]]
+
+
+def matcher_op(m: pp.Matcher) -> str:
+    """The matcher's operator as written in PromQL: =, !=, =~ or !~."""
+    return _op(m)
 
 
 def _number(v: float) -> str:
@@ -94,43 +110,120 @@ def _number(v: float) -> str:
     return repr(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
 
 
-def _suffix(offset: object, at: object) -> str:
-    out = ""
-    if at is not None:
-        out += f" {at}"
-    if offset is not None:
-        out += f" offset {pp.display_duration(offset)}"  # type: ignore[arg-type]
-    return out
+def duration(d: timedelta) -> str:
+    """A duration as PromQL writes it (negative offsets included, which the library refuses)."""
+    if d < timedelta(0):
+        return "-" + pp.display_duration(-d)
+    return pp.display_duration(d)
+
+
+def _labels(names: Sequence[str]) -> str:
+    return f"({', '.join(label_name(n) for n in names)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Shift:
+    """An offset and/or @ to move the evaluation time of a whole expression.
+
+    Applied to the expression's outermost time-bearing nodes (selectors and
+    subqueries not inside a subquery); nodes pinned with their own @ keep it.
+    """
+
+    offset: timedelta | None = None
+    at: str | None = None  # as printed: "@ 1700000000.000", "@ start()", "@ end()"
+
+    def __bool__(self) -> bool:
+        return bool(self.offset) or self.at is not None
+
+
+# Functions whose value depends on the evaluation time itself (not on samples):
+# an expression using them cannot be time-shifted by shifting its selectors.
+_CLOCK_FUNCTIONS = frozenset({"time", "day_of_month", "day_of_week", "day_of_year", "days_in_month",
+                              "hour", "minute", "month", "year"})
+
+
+def reads_the_clock(node: pp.Expr) -> bool:
+    """Does the expression call time() or a date function on the evaluation time?"""
+    found = False
+
+    def visit(n: pp.Expr) -> None:
+        nonlocal found
+        if isinstance(n, pp.Call) and n.func.name in _CLOCK_FUNCTIONS and (
+                n.func.name == "time" or not n.args):
+            found = True
+
+    pp.walk(node, pre_visit=visit)
+    return found
+
+
+# What a selector is replaced by: printed PromQL that stands as one operand (parenthesised
+# by the substitute), or None to print the selector as it is.
+Substitute = Callable[[pp.VectorSelector, "timedelta | None", Shift], "str | None"]
 
 
 class _Printer:
-    """Prints a parsed tree back to PromQL, adding label matchers to every selector.
+    """Prints any parsed tree back to PromQL, optionally editing it on the way.
 
-    The library's own printer does not escape label values; this one quotes every
-    string itself, so a value can never change the shape of the query.
+    Edits: label matchers added to every selector (`added`; matchers on `dropped`
+    labels removed first), a time `shift` of the whole expression, and `substitute`,
+    which may replace a selector (given the selector, its range when it is the
+    inside of a matrix selector, and the shift in force there) by another printed
+    expression. The library's own printer does not escape label values; this one
+    quotes every string itself, so a value can never change the shape of the query.
     """
 
-    def __init__(self, added: Sequence[tuple[str, str, str]], dropped: set[str]) -> None:
+    def __init__(self, added: Sequence[tuple[str, str, str]] = (), dropped: frozenset[str] = frozenset(),
+                 shift: Shift | None = None, substitute: Substitute | None = None) -> None:
         self.added = added
         self.dropped = dropped
+        self.shift = shift or Shift()
+        self.substitute = substitute
+        self._in_subquery = 0
+
+    def _group(self, matchers: Sequence[pp.Matcher]) -> list[str]:
+        parts = [_matcher(m.name, _op(m), m.value) for m in matchers if m.name not in self.dropped]
+        return parts + [_matcher(name, op, value) for name, op, value in self.added]
 
     def selector(self, n: pp.VectorSelector) -> str:
-        parts = [_matcher(m.name, _op(m), m.value) for m in n.matchers.matchers
-                 if m.name not in self.dropped]
-        parts += [_matcher(name, op, value) for name, op, value in self.added]
         if n.matchers.or_matchers:
-            raise PromQLError("'or' inside a selector is not supported")
+            if n.matchers.matchers:
+                raise PromQLError("a selector with both plain and 'or' matchers")
+            inner = " or ".join(",".join(self._group(g)) for g in n.matchers.or_matchers)
+            return f"{n.name or ''}{{{inner}}}"
+        parts = self._group(n.matchers.matchers)
         if n.name and not parts:
             return n.name
         return f"{n.name or ''}{{{','.join(parts)}}}"
 
+    def _time(self, offset: timedelta | None, at: object) -> str:
+        """The @/offset suffix of a top-level time-bearing node, shifted when asked."""
+        if self._in_subquery == 0 and self.shift and at is None:
+            at = self.shift.at
+            if self.shift.offset:
+                offset = (offset or timedelta(0)) + self.shift.offset
+        out = ""
+        if at is not None:
+            out += f" {at}"
+        if offset:
+            out += f" offset {duration(offset)}"
+        return out
+
+    def _substituted(self, vs: pp.VectorSelector, rng: timedelta | None) -> str | None:
+        if self.substitute is None:
+            return None
+        shift = self.shift if self._in_subquery == 0 else Shift()
+        return self.substitute(vs, rng, shift)
+
     def print(self, n: pp.Expr) -> str:
         if isinstance(n, pp.VectorSelector):
-            return self.selector(n) + _suffix(n.offset, n.at)
+            if (sub := self._substituted(n, None)) is not None:
+                return sub
+            return self.selector(n) + self._time(n.offset, n.at)
         if isinstance(n, pp.MatrixSelector):
             vs = n.vector_selector
-            rng = pp.display_duration(n.range)
-            return f"{self.selector(vs)}[{rng}]{_suffix(vs.offset, vs.at)}"
+            if (sub := self._substituted(vs, n.range)) is not None:
+                return sub
+            return f"{self.selector(vs)}[{duration(n.range)}]{self._time(vs.offset, vs.at)}"
         if isinstance(n, pp.NumberLiteral):
             return _number(n.val)
         if isinstance(n, pp.StringLiteral):
@@ -142,29 +235,64 @@ class _Printer:
         if isinstance(n, pp.Call):
             return f"{n.func.name}({', '.join(self.print(a) for a in n.args)})"
         if isinstance(n, pp.AggregateExpr):
-            mod = f" {n.modifier} " if n.modifier is not None else ""
+            mod = ""
+            if n.modifier is not None:
+                kind = "by" if str(n.modifier.type).endswith("By") else "without"
+                mod = f" {kind} {_labels(n.modifier.labels)} "
             args = ([self.print(n.param)] if n.param is not None else []) + [self.print(n.expr)]
             return f"{n.op}{mod}({', '.join(args)})"
         if isinstance(n, pp.BinaryExpr):
-            mod = str(n.modifier) if n.modifier is not None else ""
-            mod = f" {mod}" if mod else ""
-            return f"{self.print(n.lhs)} {n.op}{mod} {self.print(n.rhs)}"
+            return f"{self.print(n.lhs)} {n.op}{self._bin_modifier(n.modifier)} {self.print(n.rhs)}"
         if isinstance(n, pp.SubqueryExpr):
-            step = pp.display_duration(n.step) if n.step else ""
-            rng = pp.display_duration(n.range)  # type: ignore[arg-type]
-            return f"{self.print(n.expr)}[{rng}:{step}]{_suffix(n.offset, n.at)}"
+            step = duration(n.step) if n.step else ""
+            time_suffix = self._time(n.offset, n.at)
+            self._in_subquery += 1
+            try:
+                inner = self.print(n.expr)
+            finally:
+                self._in_subquery -= 1
+            return f"{inner}[{duration(n.range)}:{step}]{time_suffix}"  # type: ignore[arg-type]
         raise PromQLError(f"cannot print a {type(n).__name__}")
 
+    @staticmethod
+    def _bin_modifier(m: pp.BinModifier | None) -> str:
+        if m is None:
+            return ""
+        out = " bool" if m.return_bool else ""
+        if m.matching is not None:
+            kind = "on" if str(m.matching.type).endswith("Include") else "ignoring"
+            out += f" {kind} {_labels(m.matching.labels)}"
+        card = str(m.card).rsplit(".", 1)[-1]
+        if card in ("ManyToOne", "OneToMany"):
+            side = "group_left" if card == "ManyToOne" else "group_right"
+            out += f" {side} {_labels(m.group_labels or [])}"
+        fill = m.fill_values
+        if fill.lhs is not None and fill.rhs is not None and _number(fill.lhs) == _number(fill.rhs):
+            out += f" fill ({_number(fill.lhs)})"
+        else:
+            if fill.lhs is not None:
+                out += f" fill_left ({_number(fill.lhs)})"
+            if fill.rhs is not None:
+                out += f" fill_right ({_number(fill.rhs)})"
+        return out
 
-def print_expr(node: pp.Expr) -> str:
-    return _Printer((), set()).print(node)
+
+def print_expr(node: pp.Expr, *, shift: Shift | None = None, substitute: Substitute | None = None,
+               added: Sequence[tuple[str, str, str]] = ()) -> str:
+    """Print any tree back to PromQL, with optional edits (see _Printer)."""
+    return _Printer(added, frozenset(), shift, substitute).print(node)
+
+
+def same_tree(a: str, b: str) -> bool:
+    """Do two queries parse to the same syntax tree? (The library's debug form is complete.)"""
+    return repr(parse(a)) == repr(parse(b))
 
 
 def check_printable(expr: str) -> None:
     """Refuse at start-up a query this module cannot print back to the same tree."""
     try:
         printed = print_expr(parse(expr))
-        same = str(parse(printed)) == str(parse(expr))
+        same = same_tree(printed, expr)
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise PromQLError(f"cannot print the query back: {exc}") from exc
     if not same:
@@ -189,4 +317,4 @@ def apply_filters(expr: str, filters: Mapping[str, Sequence[str]]) -> str:
             added.append((label, "=", values[0]))
         else:
             added.append((label, "=~", "|".join(re.escape(v) for v in values)))
-    return _Printer(added, set(filters)).print(parse(expr))
+    return _Printer(added, frozenset(filters)).print(parse(expr))

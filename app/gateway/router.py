@@ -21,6 +21,7 @@ from app.common.readiness import readiness_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
 from app.gateway.engine import Shed
 from app.gateway.fastpath import kind_of, memo_key
+from app.gateway.promapi import create_promapi_router
 from app.gateway.promql import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
 from app.gateway.render import json as json_render
@@ -78,11 +79,14 @@ def _filters(settings: GatewaySettings, category: str, **given: list[str] | None
 
 def create_gateway_router(settings: GatewaySettings | None = None, catalog: Catalog | None = None,
                           transport: httpx.AsyncBaseTransport | None = None,
-                          prefix: str = "/prometheus/metrics") -> APIRouter:
-    """The /prometheus/metrics routes with their own lifespan (pooled client, cache).
+                          prefix: str = "/prometheus/metrics",
+                          api_prefixes: tuple[str, ...] = ("/api/v1", "/prometheus/api/v1")) -> APIRouter:
+    """The /prometheus/metrics routes and the Prometheus API, with their own lifespan.
 
-    Without a lifespan (``TestClient(app)`` without ``with``) the service starts on
-    first use. The routes only parse, pick a renderer and answer.
+    One router, one GatewayService (one upstream client, one engine): the figure
+    routes under `prefix`, the Prometheus HTTP API (app/gateway/promapi.py) under
+    each of `api_prefixes` (an empty tuple serves no API). Without a lifespan
+    (``TestClient(app)`` without ``with``) the service starts on first use.
     """
     settings = settings or GatewaySettings()
     service = GatewayService(settings, catalog, transport)
@@ -98,7 +102,8 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
             readiness_of(app.state).unregister("prometheus")
             await service.aclose()
 
-    router = APIRouter(prefix=prefix, tags=["gateway"], lifespan=lifespan)
+    outer = APIRouter(lifespan=lifespan)
+    router = APIRouter(prefix=prefix, tags=["gateway"])
     cat = service.catalog
 
     def answer(r: Rendered) -> Response:
@@ -164,4 +169,9 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
                                 headers={"Retry-After": str(max(1, math.ceil(shed.retry_after)))}) from None
         return await respond(results, category, kind, request, filters, key)
 
-    return router
+    outer.include_router(router)
+    if api_prefixes:
+        api = create_promapi_router(service)
+        for api_prefix in api_prefixes:
+            outer.include_router(api, prefix=api_prefix)
+    return outer

@@ -15,11 +15,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -55,6 +56,44 @@ class Series:
 class QueryAnswer:
     series: list[Series]
     warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiAnswer:
+    """One answer of the upstream's HTTP API, success or Prometheus error envelope.
+
+    Error envelopes come back as answers, not exceptions, so a caller serving the
+    Prometheus API can pass the upstream's errorType and HTTP status through as is.
+    """
+
+    status_code: int          # upstream HTTP status
+    doc: dict[str, Any]       # the decoded envelope (status, data, errorType, error, warnings, infos)
+    raw: bytes                # the body as received (for pass-through)
+
+    @property
+    def error_type(self) -> str | None:
+        if self.doc.get("status") == "success":
+            return None
+        return str(self.doc.get("errorType") or ("server_error" if self.status_code >= 500 else "bad_response"))
+
+
+def _api_answer(body: bytes, status: int) -> ApiAnswer:
+    """Decode an API body; raise UpstreamError when it is not a Prometheus envelope."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
+        if status == 404:
+            # An upstream without this endpoint (e.g. /status/flags on Prometheus' own
+            # router says "404 page not found"): a designed answer, not a failure.
+            return ApiAnswer(404, {"status": "error", "errorType": "not_found",
+                                   "error": f"upstream: {snippet}"}, body)
+        raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
+    if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
+        # JSON, but no envelope: what parse_answer calls it (a 5xx is the server's failure).
+        etype = "server_error" if status >= 500 else "bad_response"
+        raise UpstreamError(etype, f"HTTP {status}, not a Prometheus envelope", status)
+    return ApiAnswer(status, doc, body)
 
 
 def _value(raw: Any) -> float:
@@ -301,11 +340,30 @@ class PrometheusClient:
         # Ask Prometheus to give up slightly before we do, so it reports its own timeout.
         upstream_timeout = max(timeout * 0.9, 0.001)
         # Prometheus durations take no fractions: whole milliseconds.
-        form = {"query": expr, "timeout": f"{max(1, int(upstream_timeout * 1000))}ms"}
+        form = [("query", expr), ("timeout", f"{max(1, int(upstream_timeout * 1000))}ms")]
+        status, body = await self._exchange("POST", self.query_url, form, timeout, None)
+        return body, status
+
+    async def _exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],
+                        timeout: float, headers: Mapping[str, str] | None) -> tuple[int, bytes]:
+        """One request within `timeout` seconds and the size cap: (HTTP status, body).
+
+        POST bodies are encoded here, not by httpx, so repeated keys (`match[]`) and
+        their order reach the upstream exactly as given.
+        """
+        timeout = max(timeout, 0.001)
         limit = self.settings.prometheus_max_response_bytes
+        extra: dict[str, str] = dict(headers or {})
+        content: bytes | None = None
+        query: httpx.QueryParams | None = None
+        if method == "POST":
+            content = urlencode(list(params)).encode()
+            extra["Content-Type"] = "application/x-www-form-urlencoded"
+        else:
+            query = httpx.QueryParams(urlencode(list(params)))
         try:
             async with self._http.stream(
-                "POST", self.query_url, data=form,
+                method, url, params=query, content=content, headers=extra,
                 timeout=httpx.Timeout(timeout, connect=min(timeout, self.settings.connect_timeout_seconds)),
             ) as resp:
                 declared = resp.headers.get("content-length")
@@ -318,7 +376,7 @@ class PrometheusClient:
                     if size > limit:
                         raise UpstreamError("too_large", f"answer exceeds {limit} bytes", resp.status_code)
                     chunks.append(chunk)
-                return b"".join(chunks), resp.status_code
+                return resp.status_code, b"".join(chunks)
         except httpx.ConnectError as exc:
             raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
         except httpx.TimeoutException:
@@ -326,45 +384,61 @@ class PrometheusClient:
         except httpx.HTTPError as exc:
             raise UpstreamError("transport", f"{type(exc).__name__}: {exc}") from None
 
-    async def api_get(self, path: str, params: list[tuple[str, str]], *, timeout: float) -> Any:
-        """GET another endpoint of the HTTP API (`/api/v1/metadata`, `/api/v1/series`, ...).
+    async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
+                  timeout: float, category: str = "api",
+                  headers: Mapping[str, str] | None = None) -> ApiAnswer:
+        """One request to the upstream's HTTP API (`path` relative to PROMETHEUS_URL).
 
-        Returns the decoded `data` of a success envelope (an object or a list,
-        depending on the endpoint); raises UpstreamError otherwise. Same pool,
-        credentials, path prefix and size limit as queries, bounded by `timeout`
-        in total; not counted as figure traffic (no breaker, no query metrics).
+        Same rules as the figures: breaker first (open: fail at once), `timeout` as
+        the total deadline, the size cap, one error vocabulary. Only the caller's
+        params go upstream (a `timeout` param only when the caller includes one).
+        An upstream error envelope is returned, not raised; transport failures,
+        non-envelope bodies and our own missing credentials raise UpstreamError.
         """
-        timeout = max(timeout, 0.001)
-        limit = self.settings.prometheus_max_response_bytes
-        status = 0
-        body = bytearray()
+        if method not in ("GET", "POST"):
+            raise ValueError(f"method {method!r}: GET or POST")
+        if not self.breaker.allow():
+            raise UpstreamError(
+                "circuit_open",
+                f"upstream failing; next probe in {self.breaker.retry_after():.1f}s",
+            )
+        started = time.perf_counter()
+        url = f"{self.settings.prometheus_url}{path}"
         try:
-            async with asyncio.timeout(timeout), self._http.stream(
-                "GET", f"{self.settings.prometheus_url}{path}", params=tuple(params),
-                timeout=httpx.Timeout(timeout, connect=min(timeout, self.settings.connect_timeout_seconds)),
-            ) as resp:
-                status = resp.status_code
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise UpstreamError("too_large", f"answer exceeds {limit} bytes", status)
+            async with asyncio.timeout(max(timeout, 0.001)):  # total, not per read
+                status, body = await self._exchange(method, url, params, timeout, headers)
+            answer = _api_answer(body, status)
+        except UpstreamError as exc:
+            self._record(category, started, exc)
+            raise
         except SecretUnavailable as exc:
             raise UpstreamError("credentials_unavailable", str(exc)) from None
-        except (TimeoutError, httpx.TimeoutException):
-            raise UpstreamError("timeout", f"no answer within {timeout:.2f}s") from None
-        except httpx.ConnectError as exc:
-            raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError("transport", f"{type(exc).__name__}: {exc}") from None
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise UpstreamError("bad_response", f"HTTP {status}, not JSON", status) from None
-        if not isinstance(doc, dict) or doc.get("status") != "success":
-            doc = doc if isinstance(doc, dict) else {}
-            etype = str(doc.get("errorType") or ("server_error" if status >= 500 else "bad_response"))
-            raise UpstreamError(etype, str(doc.get("error") or f"HTTP {status}"), status)
-        return doc.get("data")
+        except TimeoutError:
+            timed_out = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
+            self._record(category, started, timed_out)
+            raise timed_out from None
+        except Exception as unexpected:  # the breaker must see every outcome
+            odd = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
+            self._record(category, started, odd)
+            raise odd from None
+        etype = answer.error_type
+        self._record(category, started,
+                     None if etype is None else UpstreamError(etype, str(answer.doc.get("error") or ""),
+                                                              answer.status_code))
+        return answer
+
+    async def api_get(self, path: str, params: Sequence[tuple[str, str]], *, timeout: float) -> Any:
+        """GET another endpoint of the HTTP API (`/api/v1/metadata`, `/api/v1/series`, ...):
+        the decoded `data` of a success envelope, UpstreamError otherwise.
+
+        A thin wrapper over api() (same pool, credentials, path prefix, size cap, total
+        deadline, breaker), counted under the category "doctor".
+        """
+        answer = await self.api("GET", path, params, timeout=timeout, category="doctor")
+        if answer.error_type is not None:
+            raise UpstreamError(answer.error_type, str(answer.doc.get("error") or f"HTTP {answer.status_code}"),
+                                answer.status_code)
+        return answer.doc.get("data")
 
     def _record(self, category: str, started: float, exc: UpstreamError | None) -> None:
         seconds = time.perf_counter() - started

@@ -11,23 +11,47 @@ answers it -- builds a fresh ``CollectorRegistry`` holding a
 I/O and CPU work, so callers run :func:`render` in a worker thread, never on
 the event loop.
 
-``SafeMultiProcessCollector`` differs from prometheus_client's collector in one
-way: a file that cannot be read (the 0-byte file a worker killed while creating
+``SafeMultiProcessCollector`` differs from prometheus_client's collector in two
+ways: a file that cannot be read (the 0-byte file a worker killed while creating
 it leaves behind, or a truncated one) is skipped and logged instead of failing
-the whole scrape. It also reports how many files it merged and skipped, so the
-pile-up of files from recycled workers is visible and can be alerted on.
+the whole scrape; and dead workers' files are read from one compacted archive.
+
+Dead workers (recycling with GUNICORN_MAX_REQUESTS, crashes): prometheus_client
+leaves each dead worker's files behind for ever (4 per worker here), and every
+scrape merges them all -- 0.17 ms more per dead worker, 230 ms at 1,000.
+:func:`compact_dead_worker` (gunicorn's ``child_exit`` hook, in the master) folds
+a dead worker's files into one archive file set and deletes them, so a scrape
+reads the live workers' files plus a constant-size archive, however many workers
+have come and gone:
+
+- counters, histograms, summaries: summed into the archive -- totals stay exact;
+- gauges by ``multiprocess_mode``: ``max``/``min`` keep the extreme, ``sum``
+  adds, ``mostrecent`` keeps the newest (by its timestamp), so the merged value
+  is what it would have been with the dead worker's file kept; ``live*`` are
+  dropped (they describe living processes), and so is ``all`` (a per-pid series
+  of a process that no longer exists).
+
+The archive is a generation directory ``archive.<n>`` named by the symlink
+``archive.current``, replaced atomically. A scrape resolves the link, reads that
+generation (its manifest lists pids whose files are already in it, skipped if
+still present), the live files, and resolves the link again: if it moved, the
+scrape is redone (bounded), so a compaction never makes a counter jump or dip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import gzip
+import json
 import logging
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, values
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -80,10 +104,196 @@ def _readable(path: str) -> bool:
 class MergeStats:
     files: int = 0
     skipped: int = 0
+    compacted: int = 0
+
+
+# -- the archive of dead workers -------------------------------------------------------------
+
+ARCHIVE_LINK = "archive.current"
+_MANIFEST = "manifest.json"
+_LOCK = "archive.lock"
+# Types whose dead-worker values are summed, and gauge modes kept (with how).
+_SUMMED = ("counter", "histogram", "summary")
+_GAUGE_KEPT = ("max", "min", "sum", "mostrecent")
+_SCRAPE_ATTEMPTS = 3
+
+
+@dataclass
+class Archive:
+    """One generation of the archive: its directory (None: none yet) and manifest.
+
+    ``skip``: files already folded into this generation that may still exist for a
+    moment (compaction deletes them right after publishing it), by file name, with
+    the identity (inode, ctime) they had: a file of the same name made later by a
+    new worker that got the same pid is not skipped.
+    """
+
+    directory: str | None
+    generation: int = 0
+    skip: dict[str, tuple[int, int]] = field(default_factory=dict)
+    compacted: int = 0
+
+    def skips(self, filename: str) -> bool:
+        ident = self.skip.get(os.path.basename(filename))
+        if ident is None:
+            return False
+        try:
+            st = os.stat(filename)
+        except OSError:
+            return True
+        return (st.st_ino, st.st_ctime_ns) == ident
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.directory, "*.db"))) if self.directory else []
+
+
+def current_archive(path: str) -> Archive:
+    """The generation ``archive.current`` names now."""
+    link = os.path.join(path, ARCHIVE_LINK)
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return Archive(None)
+    directory = os.path.join(path, target)
+    try:
+        with open(os.path.join(directory, _MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return Archive(directory)
+    skip = {str(name): (int(ident[0]), int(ident[1])) for name, ident in manifest.get("skip", {}).items()}
+    return Archive(directory, int(manifest.get("generation", 0)), skip, int(manifest.get("compacted", 0)))
+
+
+def _kind_of(filename: str) -> tuple[str, str] | None:
+    """(type, gauge mode or "") of a worker file, None for a name we do not know."""
+    parts = os.path.basename(filename)[:-3].split("_")
+    if len(parts) == 2 and parts[0] in _SUMMED:
+        return parts[0], ""
+    if len(parts) == 3 and parts[0] == "gauge":
+        return "gauge", parts[1]
+    return None
+
+
+def _archive_name(typ: str, mode: str) -> str:
+    return f"gauge_{mode}_archive.db" if typ == "gauge" else f"{typ}_archive.db"
+
+
+Values = dict[str, tuple[float, float]]  # mmap key -> (value, timestamp)
+
+
+def _read(filename: str) -> Values:
+    return {key: (value, ts) for key, value, ts, _ in
+            MmapedDict.read_all_values_from_file(filename)}  # type: ignore[no-untyped-call]
+
+
+def _fold(into: Values, dead: Values, typ: str, mode: str) -> None:
+    """Merge a dead worker's values into the archive's, the way a scrape would merge them."""
+    for key, (value, ts) in dead.items():
+        old = into.get(key)
+        if old is None:
+            into[key] = (value, ts)
+        elif typ in _SUMMED or mode == "sum":
+            into[key] = (old[0] + value, max(old[1], ts))
+        elif mode == "max":
+            into[key] = (max(old[0], value), max(old[1], ts))
+        elif mode == "min":
+            into[key] = (min(old[0], value), max(old[1], ts))
+        elif mode == "mostrecent" and ts > old[1]:
+            into[key] = (value, ts)
+
+
+def _write(filename: str, values: Values) -> None:
+    db = MmapedDict(filename)  # type: ignore[no-untyped-call]
+    try:
+        for key, (value, ts) in values.items():
+            db.write_value(key, value, ts)  # type: ignore[no-untyped-call]
+    finally:
+        db.close()  # type: ignore[no-untyped-call]
+
+
+def _publish(path: str, generation: int, data: dict[tuple[str, str], Values],
+             manifest: dict[str, object]) -> str:
+    """Write generation `generation` and point ``archive.current`` at it. Returns its directory."""
+    name = f"archive.{generation}"
+    final = os.path.join(path, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    for (typ, mode), kept in data.items():
+        if kept:
+            _write(os.path.join(tmp, _archive_name(typ, mode)), kept)
+    with open(os.path.join(tmp, _MANIFEST), "w") as out:
+        json.dump({**manifest, "generation": generation}, out)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    link_tmp = os.path.join(path, ARCHIVE_LINK + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link_tmp)
+    os.symlink(name, link_tmp)
+    os.replace(link_tmp, os.path.join(path, ARCHIVE_LINK))
+    return final
+
+
+def compact_dead_worker(path: str, pid: int) -> int:
+    """Fold dead worker `pid`'s metric files into the archive and delete them.
+
+    Call it once the worker is gone (gunicorn ``child_exit``; it also does what
+    ``mark_process_dead`` does). Returns the number of its files removed. File I/O
+    proportional to the number of series, not to the number of workers that died
+    before: a few milliseconds.
+    """
+    suffix = f"_{pid}.db"
+    with open(os.path.join(path, _LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = os.listdir(path)
+        dead = sorted(os.path.join(path, e) for e in entries if e.endswith(suffix))
+        if not dead:
+            return 0
+        current = current_archive(path)
+        data: dict[tuple[str, str], Values] = {}
+        for f in current.files:
+            kind = _kind_of(f.replace("_archive.db", "_0.db"))  # archive files are named like a pid 0
+            if kind is not None:
+                data[kind] = _read(f)
+        skip: dict[str, tuple[int, int]] = {}
+        folded: list[str] = []
+        for f in dead:
+            kind = _kind_of(f)
+            if kind is None:
+                continue  # not a metric file we know: left alone
+            folded.append(f)
+            typ, mode = kind
+            if typ == "gauge" and mode not in _GAUGE_KEPT:
+                continue  # live* and all: series of a process that is gone
+            try:
+                st = os.stat(f)
+                values = _read(f)
+            except _READ_ERRORS as exc:
+                log.warning("dead worker %d: unreadable metric file %s dropped (%s)", pid, f, exc)
+                continue
+            _fold(data.setdefault(kind, {}), values, typ, mode)
+            skip[os.path.basename(f)] = (st.st_ino, st.st_ctime_ns)
+        # 1. The new generation, which says "these files are in me: skip them".
+        final = _publish(path, current.generation + 1, data,
+                         {"skip": skip, "compacted": current.compacted + 1})
+        # 2. They can go; so can older generations (a scrape still reading one
+        #    notices that the link moved and reads again).
+        removed = 0
+        for f in folded:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+                removed += 1
+        for e in entries:
+            d = os.path.join(path, e)
+            if e.startswith("archive.") and e != ARCHIVE_LINK and d != final and os.path.isdir(d) \
+                    and not os.path.islink(d):
+                shutil.rmtree(d, ignore_errors=True)
+        return removed
 
 
 class SafeMultiProcessCollector(MultiProcessCollector):
-    """MultiProcessCollector that skips unreadable files instead of failing the scrape."""
+    """MultiProcessCollector over live files plus the archive; skips unreadable files."""
 
     def __init__(self, registry: CollectorRegistry | None, path: str | None = None) -> None:
         super().__init__(registry, path)  # type: ignore[no-untyped-call]
@@ -91,7 +301,17 @@ class SafeMultiProcessCollector(MultiProcessCollector):
 
     def collect(self) -> Iterable[Metric]:
         path: str = self._path
-        files = sorted(glob.glob(os.path.join(path, "*.db")))
+        merged: list[Metric] = []
+        for _ in range(_SCRAPE_ATTEMPTS):
+            archive = current_archive(path)
+            merged = self._merge_once(path, archive)
+            if current_archive(path).directory == archive.directory:
+                break  # no compaction moved the archive while we read: consistent
+        return merged
+
+    def _merge_once(self, path: str, archive: Archive) -> list[Metric]:
+        files = [f for f in sorted(glob.glob(os.path.join(path, "*.db"))) if not archive.skips(f)]
+        files += archive.files
         # Fast path: skip only empty/short files (stat is cheap) and merge the rest.
         usable = [f for f in files if _size(f) >= _HEADER_BYTES]
         try:
@@ -105,7 +325,7 @@ class SafeMultiProcessCollector(MultiProcessCollector):
         for f in skipped:
             if os.path.exists(f):
                 log.warning("skipping unreadable prometheus multiprocess file %s", f)
-        self.stats = MergeStats(files=len(files), skipped=len(skipped))
+        self.stats = MergeStats(files=len(files), skipped=len(skipped), compacted=archive.compacted)
         return merged
 
 
@@ -134,6 +354,12 @@ class _MergeStatsCollector(Collector):
             "metrics_gateway_multiproc_skipped_files",
             "Unreadable (empty or corrupt) files skipped by this scrape.",
             value=stats.skipped,
+        )
+        yield GaugeMetricFamily(
+            "metrics_gateway_multiproc_compacted_workers",
+            "Dead workers whose metric files were folded into the archive and deleted "
+            "(their counts live on in the totals).",
+            value=stats.compacted,
         )
 
 

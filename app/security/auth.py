@@ -5,9 +5,12 @@ Rules (every HTTP request, before any route runs):
 1. Size limits, on every path: a path longer than ``MAX_PATH_BYTES`` or a query
    string longer than ``MAX_QUERY_STRING_BYTES`` gets 414; a body larger than
    ``MAX_REQUEST_BODY_BYTES`` gets 413 (by Content-Length at once, or counted as
-   a chunked body is read); a malformed Content-Length gets 400. All as JSON.
+   a chunked body is read); a malformed Content-Length gets 400; so does a request
+   with both Content-Length and Transfer-Encoding, with ``Connection: close``
+   (RFC 9112 section 6.1: the framing is ambiguous -- the request smuggling shape --
+   so the connection must not be reused). All as JSON.
 2. Access control, when ``API_TOKENS`` or ``API_TOKENS_FILE`` is set, on
-   ``/prometheus`` and ``/vrops`` and everything below them: the request needs
+   ``/prometheus``, ``/vrops`` and ``/api`` (the Prometheus API) and everything below them: the request needs
    ``Authorization: Bearer <token>`` with one of the configured tokens. Missing
    (or not a Bearer credential): 401; present but wrong: 403. Both JSON, both
    with ``WWW-Authenticate: Bearer realm="gateway"`` (plus
@@ -24,8 +27,7 @@ Rules (every HTTP request, before any route runs):
    ``/metrics`` (its own ``METRICS_TOKEN``, see app/monitoring), ``/status`` and
    its assets (static files with no data in them; the figures come from
    ``/prometheus/metrics/summary``, which *is* protected: see "Status page"
-   below), and the OpenAPI documents (``/docs``, ``/openapi.json``: they hold
-   no secret).
+   below), and the OpenAPI document (``/openapi.json``: it holds no secret).
 
 Status page: with tokens configured, the page loads but its browser-side fetch of
 the summary must carry ``Authorization: Bearer <token>`` like any other client;
@@ -55,7 +57,7 @@ from app.security.settings import SecuritySettings, TokenSource
 
 log = logging.getLogger("gateway.security")
 
-PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops")
+PROTECTED_PREFIXES: tuple[str, ...] = ("/prometheus", "/vrops", "/api")
 REALM = 'Bearer realm="gateway"'
 
 
@@ -162,7 +164,13 @@ class SecurityMiddleware:
         if len(scope.get("query_string", b"")) > s.max_query_string_bytes:
             return _json_response(414, "uri_too_long",
                                   f"query string longer than {s.max_query_string_bytes} bytes")
-        for name, value in scope.get("headers", ()):
+        headers = scope.get("headers", ())
+        names = {name for name, _ in headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            return _json_response(400, "bad_request",
+                                  "both Content-Length and Transfer-Encoding: ambiguous framing refused",
+                                  {"Connection": "close"})
+        for name, value in headers:
             if name == b"content-length":
                 if not value.isdigit() or len(value) > 18:
                     return _json_response(400, "bad_request", "malformed Content-Length")
@@ -257,7 +265,8 @@ def _document_security(app: FastAPI, prefixes: tuple[str, ...], auth: bool) -> N
                 if not isinstance(op, dict):
                     continue
                 responses = op.setdefault("responses", {})
-                responses.setdefault("400", _error_response("Malformed Content-Length"))
+                responses.setdefault("400", _error_response(
+                    "Malformed Content-Length, or both Content-Length and Transfer-Encoding"))
                 responses.setdefault("413", _error_response("Request body too large"))
                 responses.setdefault("414", _error_response("Path or query string too long"))
                 if auth and is_protected(path, prefixes):

@@ -18,6 +18,13 @@ is escaped exactly like prometheus_client does (backslash, quote, newline) and
 HELP/TYPE are written once per family, so the output passes promtool.
 Blobs older than VROPS_STALE_AFTER_SECONDS are NOT emitted as current values;
 they show up as vrops_sample_stale 1 with their vrops_sample_age_seconds.
+
+Overdue collections: a target whose last successful statistics collection is
+older than :func:`overdue_after` (three stats intervals, or one interval plus the
+collection timeout if that is longer) is not being collected -- workers, broker
+or store down, or the status record itself unwritable. Its samples are frozen:
+``vrops_up 0``, ``vrops_collection_overdue 1``, every sample flagged stale and
+withheld, and the JSON status says why; no waiting for the stale age.
 """
 
 from __future__ import annotations
@@ -39,16 +46,48 @@ def blob_age(blob: Blob, now: float) -> float:
     return max(0.0, now - blob.sample_ts)
 
 
-def effective_up(status: dict[str, Any], now: float, stale_after: float) -> int:
-    """The worker's last verdict, unless nobody has attempted a collection recently."""
+def overdue_after(stats_interval: float, collection_timeout: float) -> float:
+    """Age of the last successful collection past which collections have stopped.
+
+    A healthy target's last success is at most one interval plus one cycle's
+    duration (bounded by the collection timeout) old; three intervals leave room
+    for a missed beat or two.
+    """
+    return max(3 * stats_interval, stats_interval + collection_timeout)
+
+
+def collection_overdue(status: dict[str, Any], now: float, overdue: float | None) -> bool:
+    """True when no collection has succeeded within `overdue` seconds (None: not checked)."""
+    if overdue is None:
+        return False
+    return now - float(status.get("last_success") or 0) > overdue
+
+
+def effective_up(status: dict[str, Any], now: float, stale_after: float,
+                 overdue: float | None = None) -> int:
+    """The worker's last verdict, unless nobody has attempted (or achieved) a collection recently."""
     if not status or not status.get("up"):
         return 0
     last = float(status.get("last_attempt") or 0)
-    return 1 if now - last <= stale_after else 0
+    if now - last > stale_after or collection_overdue(status, now, overdue):
+        return 0
+    return 1
+
+
+def status_error(status: dict[str, Any], now: float, overdue: float | None) -> str | None:
+    """The worker's recorded error, or why the API itself considers the target down."""
+    if status.get("error"):
+        return str(status["error"])
+    if collection_overdue(status, now, overdue):
+        last = status.get("last_success")
+        since = f"last success {now - float(last):.0f}s ago" if last else "no successful collection yet"
+        return f"collection overdue: {since} (workers, broker or store not collecting)"
+    return None
 
 
 def status_families(
-    snap: Snapshot, targets: Sequence[str], now: float, stale_after: float
+    snap: Snapshot, targets: Sequence[str], now: float, stale_after: float,
+    overdue: float | None = None,
 ) -> list[Metric]:
     store_up = GaugeMetricFamily("vrops_store_up", "1 when the Redis sample store answered.")
     store_up.add_metric([], 1)
@@ -82,12 +121,21 @@ def status_families(
         labels=["target", "vccluster", "metric"])
     stale = GaugeMetricFamily(
         "vrops_sample_stale",
-        "1 when the samples are older than the stale age and withheld from the value series.",
+        "1 when the samples are older than the stale age, or their target's collection is "
+        "overdue, and withheld from the value series.",
         labels=["target", "vccluster", "metric"])
+    late = GaugeMetricFamily(
+        "vrops_collection_overdue",
+        "1 when no statistics collection of the target has succeeded for three intervals "
+        "(or one interval plus the collection timeout): its samples are frozen.",
+        labels=["target"])
     for t in targets:
         st = snap.target_status(t, "stats")
         inv = snap.target_status(t, "inventory")
-        up.add_metric([t], effective_up(st, now, stale_after))
+        frozen = collection_overdue(st, now, overdue)
+        up.add_metric([t], effective_up(st, now, stale_after, overdue))
+        if overdue is not None:
+            late.add_metric([t], 1 if frozen else 0)
         if st.get("last_success"):
             last_ok.add_metric([t], float(st["last_success"]))
         if st.get("last_attempt"):
@@ -107,8 +155,8 @@ def status_families(
             name = spec.metric if spec else f"vrops_{metric}"
             a = blob_age(blob, now)
             age.add_metric([t, cluster, name], a)
-            stale.add_metric([t, cluster, name], 1 if a > stale_after else 0)
-    return [store_up, up, last_ok, last_try, duration, samples, dropped, inv_ok, inv_objects,
+            stale.add_metric([t, cluster, name], 1 if frozen or a > stale_after else 0)
+    return [store_up, up, late, last_ok, last_try, duration, samples, dropped, inv_ok, inv_objects,
             age, stale]
 
 
@@ -134,12 +182,15 @@ def sample_chunks(
     stale_after: float,
     objects: Iterable[str] | None = None,
     kinds: Iterable[str] | None = None,
+    overdue: float | None = None,
 ) -> list[bytes]:
     """Exposition text of the fresh sample families (fast path)."""
     obj_set = {escape_label(o).encode() for o in objects} if objects else None
     kind_set = {escape_label(k).encode() for k in kinds} if kinds else None
     by_metric: dict[str, list[tuple[str, str, Blob]]] = {}
     for t in targets:
+        if collection_overdue(snap.target_status(t, "stats"), now, overdue):
+            continue
         for (cluster, metric), blob in snap.blobs.get(t, {}).items():
             if blob_age(blob, now) > stale_after:
                 continue
@@ -171,9 +222,10 @@ def render_text(
     accept: str | None,
     objects: Iterable[str] | None = None,
     kinds: Iterable[str] | None = None,
+    overdue: float | None = None,
 ) -> tuple[bytes, str]:
-    head, content_type = render_families(status_families(snap, targets, now, stale_after), accept)
-    chunks = sample_chunks(snap, targets, now, stale_after, objects, kinds)
+    head, content_type = render_families(status_families(snap, targets, now, stale_after, overdue), accept)
+    chunks = sample_chunks(snap, targets, now, stale_after, objects, kinds, overdue)
     if head.endswith(OPENMETRICS_EOF):
         return head[: -len(OPENMETRICS_EOF)] + b"".join(chunks) + OPENMETRICS_EOF, content_type
     return head + b"".join(chunks), content_type
@@ -186,6 +238,7 @@ def json_payload(
     stale_after: float,
     objects: Iterable[str] | None = None,
     kinds: Iterable[str] | None = None,
+    overdue: float | None = None,
 ) -> dict[str, Any]:
     """Flat rows for Grafana JSON datasources (Infinity, JSON API)."""
     obj_set = set(objects) if objects else None
@@ -195,21 +248,23 @@ def json_payload(
     stale: list[dict[str, Any]] = []
     for t in targets:
         st = snap.target_status(t, "stats")
+        frozen = collection_overdue(st, now, overdue)
         tstatus.append({
             "target": t,
-            "up": effective_up(st, now, stale_after),
+            "up": effective_up(st, now, stale_after, overdue),
+            "overdue": frozen,
             "last_success_timestamp": st.get("last_success"),
             "last_attempt_timestamp": st.get("last_attempt"),
             "collection_duration_seconds": st.get("duration"),
-            "error": st.get("error"),
+            "error": status_error(st, now, overdue),
         })
         for (cluster, metric), blob in sorted(snap.blobs.get(t, {}).items()):
             spec = metric_by_name(metric)
             name = spec.metric if spec else f"vrops_{metric}"
             a = round(blob_age(blob, now), 3)
-            if a > stale_after:
+            if frozen or a > stale_after:
                 stale.append({"target": t, "vccluster": cluster, "metric": name,
-                              "age_seconds": a})
+                              "age_seconds": a, "reason": "overdue" if frozen else "age"})
                 continue
             for kind, obj, value in blob.iter_rows():
                 if (obj_set is not None and obj not in obj_set) or (

@@ -39,7 +39,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 TASKS = ("vrops.collect_inventory", "vrops.collect_stats", "vrops.refresh_workers")
-STATUSES = ("success", "failure", "skipped")
+STATUSES = ("success", "failure", "skipped", "redelivered")
 BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                               math.inf)
 COUNT_KEY = "vrops:jobs:count"
@@ -89,6 +89,11 @@ def record_job(
         pipe.zremrangebyscore(wkey, "-inf", now - window)
         pipe.expire(wkey, int(window * 2) + 1)
     pipe.execute()
+
+
+def record_redelivered(redis: SyncRedis, task: str) -> None:
+    """A job delivered again after its earlier delivery died with its worker (counted, no duration)."""
+    redis.hincrby(COUNT_KEY, f"{task}|redelivered", 1)
 
 
 def record_workers(redis: SyncRedis, count: int, now: float | None = None) -> None:

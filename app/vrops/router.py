@@ -24,7 +24,7 @@ from app.common.episodes import FailureEpisode
 from app.common.exposition import render_families, wants_json
 from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
-from app.vrops.exposition import json_payload, render_text, store_down_families
+from app.vrops.exposition import json_payload, overdue_after, render_text, store_down_families
 from app.vrops.jobs import job_families
 from app.vrops.resources import VropsResources, open_resources, vrops_resources
 from app.vrops.settings import VropsSettings
@@ -110,10 +110,12 @@ async def vrops_metrics(
     episode.success()
     now = time.time()
     stale_after = settings.vrops_stale_after_seconds
+    # Frozen samples are flagged as soon as collections are overdue, not at the stale age.
+    overdue = overdue_after(settings.vrops_stats_interval_seconds, settings.vrops_collection_timeout_seconds)
     if as_json:
-        payload: dict[str, Any] = json_payload(snap, targets, now, stale_after, objects, kinds)
+        payload: dict[str, Any] = json_payload(snap, targets, now, stale_after, objects, kinds, overdue)
         return JSONResponse(payload, headers={"Cache-Control": "no-store"})
-    body, ctype = render_text(snap, targets, now, stale_after, accept, objects, kinds)
+    body, ctype = render_text(snap, targets, now, stale_after, accept, objects, kinds, overdue)
     return Response(body, media_type=ctype, headers={"Cache-Control": "no-store"})
 
 

@@ -19,7 +19,16 @@ Keys (all written by the workers, read by the API):
 - ``vrops:status`` - hash, field ``<target>|stats`` / ``<target>|inventory``, JSON
   with up, last attempt/success, duration, counts (no secrets, no raw errors).
 - ``vrops:inventory:<target>`` - JSON list of ``[id, kind, name, cluster]``.
-- ``vrops:lock:<task>:<target>`` - SET NX EX, keeps cycles of one target from overlapping.
+- ``vrops:lock:<task>:<target>`` - SET NX PX with the owner's random token, keeps cycles
+  of one target from overlapping. Short TTL, renewed by the owner's heartbeat while it
+  works (app/workers/tasks.py), so a killed owner's lock lapses within seconds; renew
+  and unlock check the token (only the owner touches its lock).
+
+Bookkeeping writes (the status record, the lock) go through Lua scripts flagged
+``allow-oom`` (Redis >= 7): they are a few hundred bytes per target and must land even
+when Redis is at ``maxmemory`` with ``noeviction`` and refuses every other write, so the
+status can say "the store is full" instead of freezing at its last "up". Older Redis
+servers run the same scripts without the flag.
 
 Blob: a header line ``v1 <sample_ts> <collected_at> <rows>`` then one row per
 object, already in exposition form minus the metric name and the target/cluster
@@ -38,11 +47,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 LATEST_PREFIX = "vrops:latest:"
 STATUS_KEY = "vrops:status"
 INVENTORY_PREFIX = "vrops:inventory:"
 UNCLUSTERED = "_unclustered"
+
+ALLOW_OOM = "#!lua flags=allow-oom\n"
+_TAKE_LOCK = "return redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
+_RENEW_LOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+               "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+_UNLOCK = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+           "return redis.call('del', KEYS[1]) end return 0")
+_SET_STATUS = "return redis.call('hset', KEYS[1], ARGV[1], ARGV[2])"
+
+
+def lock_key(name: str, target: str) -> str:
+    return f"vrops:lock:{name}:{target}"
 
 
 def escape_label(value: str) -> str:
@@ -147,6 +169,7 @@ class VropsStore:
         self.redis = redis
         self.sample_ttl = sample_ttl
         self.latest_ttl = latest_ttl
+        self._oom_flag = True
 
     # -- writes (workers) ------------------------------------------------------------
 
@@ -184,8 +207,19 @@ class VropsStore:
         await pipe.execute()
         return len(latest)
 
+    async def _bookkeeping(self, body: str, keys: list[str], args: list[str]) -> Any:
+        """Run a small bookkeeping script that may write past maxmemory (see module doc)."""
+        if self._oom_flag:
+            try:
+                return await self.redis.eval(ALLOW_OOM + body, len(keys), *keys, *args)
+            except ResponseError as exc:
+                if "compiling" not in str(exc) and "flag" not in str(exc).lower():
+                    raise
+                self._oom_flag = False  # Redis < 7: no script flags
+        return await self.redis.eval(body, len(keys), *keys, *args)
+
     async def set_status(self, target: str, kind: str, status: dict[str, Any]) -> None:
-        await self.redis.hset(STATUS_KEY, f"{target}|{kind}", json.dumps(status))
+        await self._bookkeeping(_SET_STATUS, [STATUS_KEY], [f"{target}|{kind}", json.dumps(status)])
 
     async def get_status(self, target: str, kind: str) -> dict[str, Any]:
         raw = await self.redis.hget(STATUS_KEY, f"{target}|{kind}")
@@ -199,18 +233,21 @@ class VropsStore:
         return list(json.loads(raw)) if raw else None
 
     async def try_lock(self, name: str, target: str, ttl: float) -> str | None:
+        """Take the lock for `ttl` seconds; the owner's token, or None when someone holds it."""
         token = uuid.uuid4().hex
-        ok = await self.redis.set(f"vrops:lock:{name}:{target}", token, nx=True,
-                                  px=max(1, int(ttl * 1000)))
+        ok = await self._bookkeeping(_TAKE_LOCK, [lock_key(name, target)],
+                                     [token, str(max(1, int(ttl * 1000)))])
         return token if ok else None
 
+    async def renew_lock(self, name: str, target: str, token: str, ttl: float) -> bool:
+        """Extend the lock to `ttl` from now, if `token` still owns it (False: it lapsed or moved)."""
+        ok = await self._bookkeeping(_RENEW_LOCK, [lock_key(name, target)],
+                                     [token, str(max(1, int(ttl * 1000)))])
+        return bool(ok)
+
     async def unlock(self, name: str, target: str, token: str) -> None:
-        key = f"vrops:lock:{name}:{target}"
         # Only the holder releases: compare-and-delete in one script.
-        await self.redis.eval(
-            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) "
-            "end return 0", 1, key, token,
-        )
+        await self._bookkeeping(_UNLOCK, [lock_key(name, target)], [token])
 
     # -- reads (API) -------------------------------------------------------------------
 

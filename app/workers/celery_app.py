@@ -55,7 +55,22 @@ def task_limits(settings: VropsSettings) -> dict[str, dict[str, float]]:
             "vrops.refresh_workers": {"soft_time_limit": 30, "time_limit": 45}}
 
 
+def visibility_timeout(settings: VropsSettings) -> int:
+    """Seconds an unacknowledged job stays invisible before the broker hands it out again.
+
+    Longer than any collection can run (hard time limit + 30 s), so a running job
+    is never handed out twice; short enough that a job whose whole worker host
+    died comes back within minutes (``expires`` then drops it if its cycle passed).
+    """
+    hard = task_limits(settings)["vrops.collect_stats"]["time_limit"]
+    return int(hard) + 30
+
+
 def make_celery(settings: VropsSettings) -> Celery:
+    """The Celery app. Jobs are acknowledged *after* they ran (late acks) and handed
+    back to the queue when the child running them dies (reject on worker lost):
+    a SIGKILLed or OOM-killed child does not lose its job. A job that kills its
+    worker every time comes back until its ``expires`` (one interval) drops it."""
     app = Celery("vrops", broker=settings.broker_url, include=["app.workers.tasks"])
     timeout = settings.vrops_worker_redis_timeout_seconds
     app.conf.update(
@@ -63,8 +78,10 @@ def make_celery(settings: VropsSettings) -> Celery:
         broker_transport_options={
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
-            "visibility_timeout": int(settings.vrops_collection_timeout_seconds * 4) + 60,
+            "visibility_timeout": visibility_timeout(settings),
         },
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=settings.vrops_queues[0] if settings.vrops_queues else "celery",

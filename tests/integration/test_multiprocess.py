@@ -164,9 +164,11 @@ def test_killed_worker_counts_neither_lost_nor_doubled(gunicorn_server: Proc) ->
         assert ping_total(scrape(url)) - before == n + m
     prom_dir = gunicorn_server.extra["prom_dir"]
     assert isinstance(prom_dir, Path)
-    # child_exit -> mark_process_dead removed its live gauge file; its counters stay.
+    # child_exit -> compact_dead_worker folded its files into the archive (counts kept,
+    # checked above) and removed them.
     assert not (prom_dir / f"gauge_livesum_{victim}.db").exists()
-    assert (prom_dir / f"counter_{victim}.db").exists()
+    assert not (prom_dir / f"counter_{victim}.db").exists()
+    assert (prom_dir / "archive.current").is_symlink()
 
 
 def test_real_prometheus_scrapes_it(gunicorn_server: Proc,

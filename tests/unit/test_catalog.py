@@ -116,9 +116,20 @@ def test_scalar_query_is_accepted_but_not_batchable() -> None:
     assert cat.categories == {c: () for c in CATEGORIES}
 
 
-def test_query_the_printer_cannot_handle_names_the_query() -> None:
+def test_query_the_printer_cannot_handle_names_the_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The printer now prints every tree the parser makes (negative offsets included),
+    # so a printer failure is simulated: the catalog must still name the query.
+    from app.gateway.catalog import loader
+    from app.gateway.promql import PromQLError
+
+    def refuse(expr: str) -> None:
+        raise PromQLError("cannot print the query back: simulated")
+
+    monkeypatch.setattr(loader, "check_printable", refuse)
     with pytest.raises(CatalogError, match="'neg_offset'"):
         build_catalog({"queries": [q("neg_offset", expr="sum(up offset -5m)")]})
+    monkeypatch.undo()
+    assert build_catalog({"queries": [q("neg_offset", expr="sum(up offset -5m)")]}).queries["neg_offset"]
 
 
 def test_create_app_with_a_broken_catalog_raises_at_construction(tmp_path: Path) -> None:

@@ -1,0 +1,587 @@
+"""The Prometheus HTTP API (`/api/v1/...`) on the gateway: its URL is a Grafana datasource URL.
+
+Routers parse and pick: this one reads parameters exactly as Prometheus does (GET
+query string or form POST, RFC3339 or unix times, float or duration steps), refuses
+what Prometheus would refuse with Prometheus' envelope and status, expands catalog
+figure names (app/gateway/names.py), and sends the rest to the one upstream client
+(same auth, path prefix, headers, breaker and deadline as the figures). Upstream
+answers, success or Prometheus error envelope, pass through byte for byte unless
+this router had to merge something in (figure names in `label/__name__/values`,
+figure metadata in `metadata`). What goes upstream is the caller's query string
+itself unless it was changed (figure expansion), so answers stay exact.
+
+A parameter given both in the URL and in a form body with different values is
+refused (400): a proxy that checks one copy while Prometheus reads the other is
+the prom-label-proxy bypass, and nothing here should ever depend on which copy wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
+
+from app.gateway.names import FigureNames, merge_metadata
+from app.gateway.promql import PromQLError, parse
+from app.gateway.result import Lookup
+from app.gateway.service import GatewayService
+from app.gateway.upstream import ApiAnswer, UpstreamError
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+# Prometheus' errorType -> HTTP status (web/api/v1 respondError), for the errors
+# this router makes itself; upstream error envelopes keep the upstream's status.
+ERROR_STATUS: dict[str, int] = {
+    "bad_data": 400,
+    "execution": 422,
+    "canceled": 503,
+    "timeout": 503,
+    "internal": 500,
+    "unavailable": 503,
+    "not_found": 404,
+    "not_acceptable": 406,
+}
+
+# Our upstream failure vocabulary -> Prometheus errorType.
+_UPSTREAM_ERROR_TYPE = {"timeout": "timeout", "too_large": "execution"}
+
+# Prometheus refuses ranges with more points than this per series.
+MAX_POINTS = 11000
+
+# When the upstream has no buildinfo (404), this answer makes Grafana see a Prometheus
+# (no `features` key) new enough for the label-matcher APIs it uses.
+SYNTHETIC_BUILDINFO = {"version": "2.24.0", "revision": "", "branch": "", "buildUser": "",
+                       "buildDate": "", "goVersion": "", "application": "metrics-gateway"}
+
+
+class ApiError(Exception):
+    """An answer in Prometheus' error envelope."""
+
+    def __init__(self, error_type: str, message: str, headers: Mapping[str, str] | None = None, *,
+                 upstream: bool = False) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.headers = dict(headers or {})
+        self.upstream = upstream  # the upstream failed (not the request)
+
+
+def bad_data(message: str) -> ApiError:
+    return ApiError("bad_data", message)
+
+
+def invalid_param(name: str, message: str) -> ApiError:
+    return ApiError("bad_data", f'invalid parameter "{name}": {message}')
+
+
+def error_response(exc: ApiError, cache_header: bool = False) -> Response:
+    """Prometheus' error envelope; on the query routes an upstream failure says `X-Gateway-Cache: failed`."""
+    body = json.dumps({"status": "error", "errorType": exc.error_type, "error": exc.message})
+    headers = dict(exc.headers)
+    if cache_header and exc.upstream:
+        headers["X-Gateway-Cache"] = str(Lookup.FAILED)
+    return Response(body, status_code=ERROR_STATUS.get(exc.error_type, 500), media_type=JSON, headers=headers)
+
+
+def from_upstream(exc: UpstreamError) -> ApiError:
+    """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours."""
+    if exc.error_type == "circuit_open":
+        return ApiError("unavailable", f"upstream Prometheus: {exc.message}",
+                        {"Retry-After": "1"}, upstream=True)
+    etype = _UPSTREAM_ERROR_TYPE.get(exc.error_type, "unavailable")
+    return ApiError(etype, f"upstream Prometheus: {exc.error_type}: {exc.message}", upstream=True)
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """The request's parameters in order, URL and form body merged (body first, as Go's r.Form)."""
+
+    items: tuple[tuple[str, str], ...]
+
+    def get(self, name: str) -> str:
+        """The first value, or "" (Go's FormValue)."""
+        for k, v in self.items:
+            if k == name:
+                return v
+        return ""
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.items if k == name]
+
+    def without(self, *names: str) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in self.items if k not in names]
+
+    def replaced(self, name: str, value: str) -> list[tuple[str, str]]:
+        """The items with the first `name` set to value (appended when absent), later copies dropped."""
+        out: list[tuple[str, str]] = []
+        done = False
+        for k, v in self.items:
+            if k == name:
+                if not done:
+                    out.append((k, value))
+                    done = True
+                continue
+            out.append((k, v))
+        if not done:
+            out.append((name, value))
+        return out
+
+
+def _decode_pairs(raw: bytes | str, where: str) -> list[tuple[str, str]]:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return parse_qsl(text, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_data(f"error parsing form values: {where}: {exc}") from None
+
+
+async def read_params(request: Request) -> Params:
+    url = _decode_pairs(request.url.query, "query string")
+    body: list[tuple[str, str]] = []
+    if request.method == "POST":
+        raw = await request.body()
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype == FORM:
+            body = _decode_pairs(raw, "body")
+        elif raw.strip():
+            raise bad_data(f"unsupported Content-Type {ctype or '(none)'!r} for a POST with a body; "
+                           f"send parameters as {FORM}")
+    if body:
+        in_body: dict[str, list[str]] = {}
+        for k, v in body:
+            in_body.setdefault(k, []).append(v)
+        in_url: dict[str, list[str]] = {}
+        for k, v in url:
+            in_url.setdefault(k, []).append(v)
+        for k in in_body.keys() & in_url.keys():
+            if in_body[k] != in_url[k]:
+                raise bad_data(f'parameter "{k}" is given in both the URL and the body with different values')
+        return Params(tuple(body) + tuple((k, v) for k, v in url if k not in in_body))
+    return Params(tuple(url))
+
+
+# Go's strconv.ParseFloat syntax (decimal; no spaces or underscores, unlike Python's float()).
+_FLOAT = re.compile(r"\A[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)\Z",
+                    re.IGNORECASE | re.ASCII)
+_INT = re.compile(r"\A[+-]?[0-9]+\Z")
+_RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z", re.ASCII)
+_DURATION = re.compile(r"\A(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z",
+                       re.ASCII)
+_UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+_MIN_TIME_FORMATTED = "-292273086-05-16T16:47:06Z"
+_MAX_TIME_FORMATTED = "292277025-08-18T07:12:54.999999999Z"
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch, as Prometheus' parseTime reads them (raises ValueError)."""
+    if _FLOAT.match(text):
+        t = float(text)
+        if not math.isfinite(t):
+            raise ValueError(text)
+        whole = math.trunc(t)
+        return whole + round((t - whole) * 1000) / 1000
+    if _RFC3339.match(text):
+        frac = ""
+        if "." in text:
+            head, rest = text.split(".", 1)
+            digits = re.match(r"\d+", rest)
+            assert digits is not None
+            frac = digits.group(0)
+            text = head + rest[len(frac):]
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return dt.timestamp() + (float("0." + frac) if frac else 0.0)
+    if text == _MIN_TIME_FORMATTED:
+        return -9.2e15
+    if text == _MAX_TIME_FORMATTED:
+        return 9.2e15
+    raise ValueError(text)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds, as Prometheus' parseDuration reads them: a float, or 1h30m-style (raises ValueError)."""
+    if _FLOAT.match(text):
+        d = float(text)
+        if not math.isfinite(d) or abs(d) * 1e9 > 2**63 - 1:
+            raise ValueError(f"cannot parse {text!r} to a valid duration. It overflows int64")
+        return d
+    m = _DURATION.match(text)
+    if m and text:
+        return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_SECONDS, strict=True) if g)
+    raise ValueError(f"cannot parse {text!r} to a valid duration")
+
+
+def _go_quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def time_param(p: Params, name: str, default: float | None) -> float | None:
+    text = p.get(name)
+    if text == "":
+        return default
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise invalid_param(name, f"Invalid time value for '{name}': cannot parse {_go_quote(text)} "
+                                  "to a valid timestamp") from None
+
+
+def required_time(p: Params, name: str) -> float:
+    text = p.get(name)
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise invalid_param(name, f"cannot parse {_go_quote(text)} to a valid timestamp") from None
+
+
+def duration_param(p: Params, name: str) -> float:
+    text = p.get(name)
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        msg = str(exc).replace(repr(text), _go_quote(text))
+        raise invalid_param(name, msg) from None
+
+
+def _ns(t: float) -> int:
+    return round(t * 1e9)
+
+
+# --- the caller's scope (tenants, issue 15) ---------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the access scope id and extra upstream headers (unconfined until i15 wires tenants)."""
+
+    scope: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    confined: bool = False
+
+
+def caller_of(request: Request) -> Caller:
+    return Caller()
+
+
+Handler = Callable[[Params, Caller], Awaitable[Response]]
+
+_ANY_METHOD = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE")
+_GET_AND_POST = frozenset({"query", "query_range", "query_exemplars", "series", "labels"})
+_GET_ONLY = frozenset({"metadata", "status/buildinfo", "status/flags", "rules", "alerts"})
+_LABEL_VALUES = re.compile(r"\Alabel/[^/]+/values\Z")
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods a path under /api/v1 is served with; None for a path not served."""
+    if path in _GET_AND_POST:
+        return ("GET", "POST")
+    if path in _GET_ONLY or _LABEL_VALUES.match(path):
+        return ("GET",)
+    return None
+
+
+# --- the router ----------------------------------------------------------------------------------
+
+def create_promapi_router(service: GatewayService) -> APIRouter:
+    """`/query`, `/query_range`, `/series`, `/labels`, `/label/{name}/values`, `/metadata`,
+    `/query_exemplars`, `/status/buildinfo`, `/status/flags`, `/rules`, `/alerts` (mount under /api/v1)."""
+    router = APIRouter(tags=["prometheus api"])
+    names = FigureNames(service.catalog)
+    settings = service.settings
+
+    def prepare(expr: str, caller: Caller, *, prefixed: bool) -> str:
+        """The query to send upstream: the caller's own text unless figure names were expanded."""
+        try:
+            tree = parse(expr)
+        except PromQLError as exc:
+            if caller.confined:
+                raise (invalid_param("query", str(exc)) if prefixed else bad_data(str(exc))) from None
+            return expr  # Prometheus judges it, with its own words
+        try:
+            expanded = names.expand(tree)
+            if expanded is not None:
+                parse(expanded)  # never send what we could not read back
+        except PromQLError as exc:
+            raise (invalid_param("query", str(exc)) if prefixed else bad_data(str(exc))) from None
+        return expr if expanded is None else expanded
+
+    def budget(p: Params) -> tuple[float, list[tuple[str, str]]]:
+        """(our deadline, params with the caller's `timeout` capped below it so Prometheus reports
+        its own timeout first). No `timeout` is added when the caller sent none."""
+        deadline = settings.request_deadline_seconds
+        if p.get("timeout") == "":
+            return deadline, list(p.items)
+        asked = duration_param(p, "timeout")
+        cap = deadline * 0.9
+        if asked <= cap:
+            return deadline, list(p.items)
+        return deadline, Params(tuple(p.items)).replaced("timeout", f"{max(1, int(cap * 1000))}ms")
+
+    async def upstream(method: str, path: str, params: Sequence[tuple[str, str]], caller: Caller,
+                       timeout: float | None = None) -> ApiAnswer:
+        await service.ensure_started()
+        try:
+            return await service.client.api(method, path, params,
+                                            timeout=timeout or settings.request_deadline_seconds,
+                                            headers=caller.headers)
+        except UpstreamError as exc:
+            raise from_upstream(exc) from None
+
+    async def evaluate(path: str, params: Sequence[tuple[str, str]], caller: Caller,
+                       deadline: float) -> tuple[ApiAnswer, Lookup]:
+        """Evaluate query / query_range upstream. The one place the range cache plugs in."""
+        return await upstream("POST", path, params, caller, deadline), Lookup.MISS
+
+    def passthrough(answer: ApiAnswer, lookup: Lookup | None = None) -> Response:
+        headers = {"X-Gateway-Cache": str(lookup)} if lookup is not None else None
+        return Response(answer.raw, status_code=answer.status_code, media_type=JSON, headers=headers)
+
+    def rebuilt(doc: Mapping[str, Any], data: Any) -> Response:
+        """Upstream's success envelope (warnings, infos kept) with new data."""
+        out = {"status": "success", "data": data,
+               **{k: v for k, v in doc.items() if k not in ("status", "data")}}
+        return Response(json.dumps(out, ensure_ascii=False, separators=(",", ":")), media_type=JSON)
+
+    async def guarded(request: Request, handler: Handler, cache_header: bool = False) -> Response:
+        try:
+            p = await read_params(request)
+            return await handler(p, caller_of(request))
+        except ApiError as exc:
+            return error_response(exc, cache_header)
+
+    # -- query / query_range ----------------------------------------------------------------
+
+    async def _query(p: Params, caller: Caller) -> Response:
+        time_param(p, "time", None)
+        deadline, items = budget(p)
+        expr = prepare(p.get("query"), caller, prefixed=True)
+        items = Params(tuple(items)).replaced("query", expr)
+        answer, lookup = await evaluate("/api/v1/query", items, caller, deadline)
+        return passthrough(answer, lookup)
+
+    async def _query_range(p: Params, caller: Caller) -> Response:
+        start = required_time(p, "start")
+        end = required_time(p, "end")
+        if end < start:
+            raise invalid_param("end", "end timestamp must not be before start time")
+        step = duration_param(p, "step")
+        if step <= 0:
+            raise invalid_param("step", "zero or negative query resolution step widths are not accepted. "
+                                        "Try a positive integer")
+        if (_ns(end) - _ns(start)) // max(1, int(step * 1e9)) > MAX_POINTS:
+            raise bad_data("exceeded maximum resolution of 11,000 points per timeseries. "
+                           "Try decreasing the query resolution (?step=XX)")
+        deadline, items = budget(p)
+        expr = prepare(p.get("query"), caller, prefixed=False)
+        items = Params(tuple(items)).replaced("query", expr)
+        answer, lookup = await evaluate("/api/v1/query_range", items, caller, deadline)
+        return passthrough(answer, lookup)
+
+    def get_and_post(path: str, handler: Handler, summary: str, cache_header: bool = False) -> None:
+        """One route per method, so each has its own OpenAPI operation."""
+        async def endpoint(request: Request) -> Response:
+            return await guarded(request, handler, cache_header)
+
+        for method in ("GET", "POST"):
+            router.add_api_route(path, endpoint, methods=[method], summary=summary,
+                                 name=f"{path.strip('/')}_{method.lower()}")
+
+    get_and_post("/query", _query, "Instant query (Prometheus API)", cache_header=True)
+    get_and_post("/query_range", _query_range, "Range query (Prometheus API)", cache_header=True)
+
+    # -- exemplars, series, labels ------------------------------------------------------------
+
+    def time_range(p: Params) -> None:
+        start = time_param(p, "start", None)
+        end = time_param(p, "end", None)
+        if start is not None and end is not None and end < start:
+            raise bad_data("end timestamp must not be before start timestamp")
+
+    async def _exemplars(p: Params, caller: Caller) -> Response:
+        time_range(p)
+        expr = prepare(p.get("query"), caller, prefixed=False)
+        items = Params(p.items).replaced("query", expr)
+        return passthrough(await upstream("POST", "/api/v1/query_exemplars", items, caller))
+
+    async def _series(p: Params, caller: Caller) -> Response:
+        if not p.all("match[]"):
+            raise bad_data("no match[] parameter provided")
+        time_param(p, "start", None)
+        time_param(p, "end", None)
+        return passthrough(await upstream("POST", "/api/v1/series", p.items, caller))
+
+    async def _labels(p: Params, caller: Caller) -> Response:
+        time_param(p, "start", None)
+        time_param(p, "end", None)
+        return passthrough(await upstream("POST", "/api/v1/labels", p.items, caller))
+
+    get_and_post("/query_exemplars", _exemplars, "Exemplars (Prometheus API)")
+    get_and_post("/series", _series, "Series (Prometheus API)")
+    get_and_post("/labels", _labels, "Label names (Prometheus API)")
+
+    # -- label values, metadata: upstream's, merged with the figures ---------------------------
+
+    def limit_param(p: Params, message: str) -> int | None:
+        text = p.get("limit")
+        if text == "":
+            return None
+        if not _INT.match(text):  # Go's strconv.Atoi: no spaces, underscores or other digits
+            raise bad_data(message)
+        return int(text)
+
+    @router.get("/label/{name}/values", summary="Label values (Prometheus API; figure names under __name__)")
+    async def label_values(request: Request, name: str) -> Response:
+        async def handle(p: Params, caller: Caller) -> Response:
+            time_param(p, "start", None)
+            time_param(p, "end", None)
+            answer = await upstream("GET", f"/api/v1/label/{quote(name, safe='')}/values", p.items, caller)
+            if name != "__name__" or answer.error_type is not None:
+                return passthrough(answer)
+            # The upstream has judged limit and match[] already (and answered): no second opinion.
+            text = p.get("limit")
+            limit = int(text) if _INT.match(text) else None
+            try:
+                ours = names.names_matching(p.all("match[]"))
+            except PromQLError:
+                ours = []  # a selector the upstream reads and we cannot: no figure claims it
+            values = sorted(set(answer.doc.get("data") or []) | set(ours))
+            warnings = list(answer.doc.get("warnings") or [])
+            if limit is not None and 0 < limit < len(values):
+                values = values[:limit]
+                warnings.append("results truncated due to limit")
+            doc = {**answer.doc}
+            if warnings:
+                doc["warnings"] = warnings
+            return rebuilt(doc, values)
+
+        return await guarded(request, handle)
+
+    @router.get("/metadata", summary="Metric metadata (Prometheus API; figures included)")
+    async def metadata(request: Request) -> Response:
+        async def handle(p: Params, caller: Caller) -> Response:
+            limit = limit_param(p, "limit must be a number")
+            metric = p.get("metric") or None
+            if metric is not None and metric in names:
+                return Response(json.dumps({"status": "success", "data": names.metadata(metric)}),
+                                media_type=JSON)
+            answer = await upstream("GET", "/api/v1/metadata", p.items, caller)
+            if answer.error_type is not None:
+                return passthrough(answer)
+            data = answer.doc.get("data") or {}
+            return rebuilt(answer.doc, merge_metadata(data, names.metadata(metric), limit))
+
+        return await guarded(request, handle)
+
+    # -- status, rules, alerts ------------------------------------------------------------------
+
+    @router.get("/status/buildinfo", summary="Build information (upstream's, or a Prometheus-shaped stand-in)")
+    async def buildinfo(request: Request) -> Response:
+        async def handle(p: Params, caller: Caller) -> Response:
+            answer = await upstream("GET", "/api/v1/status/buildinfo", (), caller)
+            if answer.status_code == 404:
+                return Response(json.dumps({"status": "success", "data": SYNTHETIC_BUILDINFO}), media_type=JSON)
+            return passthrough(answer)
+
+        return await guarded(request, handle)
+
+    def passthrough_get(path: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handle_request(request: Request) -> Response:
+            async def handle(p: Params, caller: Caller) -> Response:
+                return passthrough(await upstream("GET", f"/api/v1{path}", p.items, caller))
+
+            return await guarded(request, handle)
+
+        return handle_request
+
+    for path, summary in (("/status/flags", "Flags (upstream's; 404 when it has none)"),
+                          ("/rules", "Rules (upstream's)"), ("/alerts", "Alerts (upstream's)")):
+        router.add_api_route(path, passthrough_get(path), methods=["GET"], summary=summary)
+
+    @router.api_route("/{rest:path}", methods=list(_ANY_METHOD), include_in_schema=False)
+    async def other(rest: str) -> Response:
+        """Unknown paths: 404. Known paths with another method: 405 listing the right ones
+        (Starlette's own 405 would list only the first route's method). CORS preflights
+        never get here: the CORS middleware answers them."""
+        allowed = allowed_methods(rest)
+        if allowed is None:
+            return error_response(ApiError("not_found", f"the gateway does not serve /api/v1/{rest}"))
+        return Response(json.dumps({"detail": "Method Not Allowed"}), status_code=405, media_type=JSON,
+                        headers={"Allow": ", ".join(allowed)})
+
+    document(router)
+    return router
+
+
+# --- OpenAPI: the parameters as Prometheus reads them ---------------------------------------------
+
+# An empty value is an absent one (Go's FormValue), so the patterns accept "".
+_TIME = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])"
+         r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$")
+_DURATION_PATTERN = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?)"
+                     r"|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$")
+_STR = {"type": "string"}
+# A form field given once is a string, several times an array: the wire cannot tell them apart.
+_MATCH: dict[str, Any] = {"anyOf": [_STR, {"type": "array", "items": _STR}]}
+_PARAMS: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {
+    "query": [("query", False, _STR), ("time", False, {**_STR, "pattern": _TIME}),
+              ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
+    "query_range": [("query", False, _STR), ("start", True, {**_STR, "pattern": _TIME}),
+                    ("end", True, {**_STR, "pattern": _TIME}), ("step", True, {**_STR, "pattern": _DURATION_PATTERN}),
+                    ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
+    "query_exemplars": [("query", False, _STR), ("start", False, {**_STR, "pattern": _TIME}),
+                        ("end", False, {**_STR, "pattern": _TIME})],
+    "series": [("match[]", True, _MATCH),
+               ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
+               ("limit", False, _STR)],
+    "labels": [("match[]", False, _MATCH), ("start", False, {**_STR, "pattern": _TIME}),
+               ("end", False, {**_STR, "pattern": _TIME}), ("limit", False, _STR)],
+    "label/{name}/values": [("match[]", False, _MATCH),
+                            ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
+                            ("limit", False, _STR)],
+    "metadata": [("metric", False, _STR), ("limit", False, {"type": "string", "pattern": r"^([+-]?[0-9]+)?$"}),
+                 ("limit_per_metric", False, _STR)],
+}
+_ENVELOPE = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["success", "error"]}, "data": {},
+    "errorType": {"type": "string"}, "error": {"type": "string"},
+    "warnings": {"type": "array", "items": {"type": "string"}},
+    "infos": {"type": "array", "items": {"type": "string"}}}}
+_ERROR = {"description": "Prometheus' error envelope", "content": {JSON: {"schema": _ENVELOPE}}}
+API_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus' success envelope (the upstream's, passed through)",
+          "content": {JSON: {"schema": _ENVELOPE}}},
+    400: _ERROR, 404: _ERROR, 422: _ERROR, 500: _ERROR, 503: _ERROR,
+}
+
+
+def document(router: APIRouter) -> None:
+    """Describe each API route's parameters (query string for GET, form body for POST) and
+    its answers in OpenAPI, so /docs shows them and schema-driven clients can call them."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        params = _PARAMS.get(route.path_format.lstrip("/"), [])
+        route.responses = {**API_RESPONSES, **route.responses}
+        if "POST" in (route.methods or set()):
+            props = {name: schema for name, _, schema in params}
+            required = [name for name, req, _ in params if req]
+            body: dict[str, Any] = {"type": "object", "properties": props}
+            if required:
+                body["required"] = required
+            route.openapi_extra = {"requestBody": {"required": bool(required), "content": {FORM: {
+                "schema": body, "encoding": {n: {"style": "form", "explode": True}
+                                             for n, _, sc in params if sc is _MATCH}}}}}
+        elif params:
+            route.openapi_extra = {"parameters": [
+                {"name": name, "in": "query", "required": req, "schema": schema,
+                 **({"style": "form", "explode": True} if schema is _MATCH else {})}
+                for name, req, schema in params]}
