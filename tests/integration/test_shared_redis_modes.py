@@ -5,6 +5,7 @@ on loopback; plus the REDIS_URL fallback of the settings root."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -51,10 +52,26 @@ async def exercise(tier: SharedTier) -> None:
     assert outcome == {"d|w": LEAD}
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, so at most 55535."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[Proc]:
-    proc = start_redis(tmp_path / "cluster", extra_args=("--cluster-enabled", "yes", "--cluster-config-file",
-                                                         str(tmp_path / "cluster" / "nodes.conf")))
+    proc = start_redis(tmp_path / "cluster", port=cluster_port(),
+                       extra_args=("--cluster-enabled", "yes", "--cluster-config-file",
+                                   str(tmp_path / "cluster" / "nodes.conf")))
     r = redis_sync.Redis.from_url(proc.url, socket_timeout=5)
     try:
         r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
