@@ -209,11 +209,7 @@ def phase_latency(b: Bench, n: int) -> list[tuple[str, float, float, float, floa
     """(case, p50 without, p99 without, p50 with, p99 with), requests alternating
     between the two instances so machine noise hits both alike."""
     cases = [("warm (local tier hit)", {"cache_ttl_seconds": 3600, "response_memo_seconds": 0}),
-             ("cold (TTL 0: every request fetches)", {"cache_ttl_seconds": 0}),
-             # 16 local entries for 21 figures: every request misses some locally;
-             # the shared tier answers them, without it Prometheus does.
-             ("local miss (16-entry local tier)", {"cache_ttl_seconds": 3600, "response_memo_seconds": 0,
-                                                   "cache_max_entries": 16})]
+             ("cold (TTL 0: every request fetches)", {"cache_ttl_seconds": 0})]
     rows = []
     for name, extra in cases:
         off, on = (b.fleet(1, 1, b.env(shared, **extra))[0] for shared in (False, True))
@@ -237,6 +233,28 @@ def phase_latency(b: Bench, n: int) -> list[tuple[str, float, float, float, floa
               f"{rows[-1][3]:.2f}/{rows[-1][4]:.2f} ms with", flush=True)
         b.stop([off, on])
     return rows
+
+
+def phase_follower(b: Bench, windows: int, ttl: float = 0.5) -> tuple[float, float, float, float]:
+    """A second process's first request in a TTL window, right after the first process
+    fetched: without the tier it asks Prometheus, with it Redis has the figures.
+    (p50 without, p99 without, p50 with, p99 with.)"""
+    extra = {"cache_ttl_seconds": ttl, "response_memo_seconds": 0}
+    first_off, second_off = b.fleet(2, 1, b.env(False, **extra))
+    first_on, second_on = b.fleet(2, 1, b.env(True, **extra))
+    without: list[float] = []
+    with_: list[float] = []
+    with httpx.Client(timeout=10) as client:
+        for _ in range(windows):
+            time.sleep(ttl - time.time() % ttl + 0.02)
+            for p in (first_off, first_on):
+                client.get(p.url + SUMMARY).raise_for_status()
+            for p, into in ((second_off, without), (second_on, with_)):
+                t = time.perf_counter()
+                client.get(p.url + SUMMARY).raise_for_status()
+                into.append((time.perf_counter() - t) * 1000)
+    b.stop([first_off, second_off, first_on, second_on])
+    return _pct(without, .5), _pct(without, .99), _pct(with_, .5), _pct(with_, .99)
 
 
 # -- 3. Redis killed and restarted under load ----------------------------------------------------
@@ -380,6 +398,8 @@ def main() -> None:
         upstream = phase_upstream(b, args.ttl)
         step("2. latency with and without the shared tier")
         latency = phase_latency(b, args.latency_requests)
+        latency.append(("a second process's first request in a window (Redis has it)",
+                        *phase_follower(b, max(20, int(args.seconds)))))
         step("3. Redis killed and restarted under load")
         kill = phase_redis_kill(b, 1.0)
         step("4. replica restarted during a Prometheus outage")
