@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.common.episodes import FailureEpisode
@@ -405,7 +405,7 @@ class SharedTier:
         try:
             async with asyncio.timeout(limit):
                 result = await op()
-        except (RedisError, OSError, TimeoutError, CodecError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError, CodecError) as exc:
             reason = _reason(exc)
             gm.shared_error(reason)
             self.breaker.failure()
