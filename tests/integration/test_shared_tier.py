@@ -94,8 +94,13 @@ def metric(name: str, labels: dict[str, str] | None = None) -> float:
 async def test_one_upstream_request_for_a_fleet_of_cold_processes(make: Make, prom_stack: PromStack) -> None:
     fleet = [make() for _ in range(4)]
     before = queries(prom_stack)
+    waits = metric("metrics_gateway_shared_cache_lock_wait_seconds_count")
+    coalesced = metric("metrics_gateway_shared_cache_events_total", {"category": "summary", "outcome": "coalesced"})
     answers = await asyncio.gather(*(svc.summary() for svc in fleet for _ in range(5)))
     assert queries(prom_stack) - before == 1  # one batch for 20 cold requests in 4 processes
+    assert metric("metrics_gateway_shared_cache_lock_wait_seconds_count") - waits == 3  # the 3 followers
+    assert metric("metrics_gateway_shared_cache_events_total",
+                  {"category": "summary", "outcome": "coalesced"}) - coalesced == 3 * len(answers[0])
     lookups = [r.lookup for a in answers for r in a.values()]
     assert set(lookups) <= {Lookup.MISS, Lookup.COALESCED, Lookup.HIT}
     assert lookups.count(Lookup.MISS) == len(answers[0])  # one request led, for the fleet
