@@ -16,7 +16,9 @@ RUN groupadd --system --gid 10001 gateway \
 # Dependencies and package first (layer cache), then the runtime files.
 COPY pyproject.toml README.md ./
 COPY app ./app
+# uvicorn[standard] (uvloop, httptools) and hiredis must have installed as wheels.
 RUN pip install --no-compile . \
+ && python -c "import uvloop, httptools, hiredis" \
  && rm -rf /root/.cache
 
 COPY gunicorn.conf.py ./

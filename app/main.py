@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.gateway import create_gateway_router
+from app.gateway.fastpath import MemoFastPath
 from app.gateway.settings import GatewaySettings
 from app.monitoring import install_monitoring
 from app.ops.health import create_health_router
@@ -35,6 +36,9 @@ def create_app(settings: AppSettings | GatewaySettings | None = None) -> FastAPI
     app = FastAPI(title="Metrics gateway", version="0.1.0",
                   description="PromQL figures for widgets and Grafana: concurrent, cached, honest about failure.",
                   docs_url=None, redoc_url=None, redirect_slashes=False)
+    # Innermost first: the memo fast path must sit inside security and HTTP metrics
+    # (add_middleware wraps what is there), so tokens and limits apply to it too.
+    app.add_middleware(MemoFastPath)
     install_security(app, settings.security)
     install_monitoring(app, settings=settings.monitoring)
     app.include_router(create_health_router(settings.ops.ready_timeout_seconds))

@@ -37,6 +37,15 @@ class AppSettings:
     vrops: VropsSettings = field(default_factory=VropsSettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
 
+    def __post_init__(self) -> None:
+        # The gateway's shared tier uses the deployment's Redis unless told otherwise:
+        # GATEWAY_CACHE_URL unset and REDIS_URL set means "share through REDIS_URL".
+        # Wired here, where both features' settings meet, so neither reads the other's.
+        gw = self.gateway
+        if "gateway_cache_url" not in gw.model_fields_set and "redis_url" in self.vrops.model_fields_set:
+            shared = gw.model_copy(update={"gateway_cache_url": self.vrops.redis_url})
+            object.__setattr__(self, "gateway", shared)
+
     @classmethod
     def from_env(cls, **given: object) -> AppSettings:
         """Everything from the environment, except the parts given."""

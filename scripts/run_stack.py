@@ -2,6 +2,10 @@
 """The whole stack, one command, on loopback: Redis, Prometheus, the demo backend,
 the gateway API, a Celery worker and beat, and (when available) a stand-in vROps.
 
+The API runs as deployed: gunicorn with uvicorn workers (--api-workers, default 2)
+sharing one figure cache, one fetch in flight per figure and the last good values
+through the stack's Redis (GATEWAY_CACHE_URL, db 1).
+
     python scripts/run_stack.py                # or ./scripts/run-stack
     python scripts/run_stack.py --free-ports --scrape-interval 2s --state-dir /tmp/s
 
@@ -262,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pick free ports for everything instead of the defaults")
     p.add_argument("--scrape-interval", default=env("STACK_SCRAPE_INTERVAL") or None,
                    help="override every scrape interval (e.g. 2s); default: prom.yml's")
+    p.add_argument("--api-workers", type=int, default=int(env("STACK_API_WORKERS", "2")),
+                   help="gunicorn workers for the API (they share the Redis cache tier)")
     p.add_argument("--no-workers", action="store_true", help="do not start Celery worker/beat")
     p.add_argument("--no-vrops", action="store_true", help="do not start the stand-in vROps")
     p.add_argument("--startup-timeout", type=float,
@@ -323,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "PROMETHEUS_URL": f"http://{LOOPBACK}:{ports['prometheus']}",
         "REDIS_URL": redis_url,
         "CELERY_BROKER_URL": redis_url,
+        "GATEWAY_CACHE_URL": app_env.get("GATEWAY_CACHE_URL", f"redis://{LOOPBACK}:{ports['redis']}/1"),
         "VROPS_STATS_INTERVAL_SECONDS": app_env.get("VROPS_STATS_INTERVAL_SECONDS", "15"),
         "VROPS_INVENTORY_INTERVAL_SECONDS": app_env.get("VROPS_INVENTORY_INTERVAL_SECONDS", "60"),
         "VROPS_WORKER_PING_INTERVAL_SECONDS": app_env.get(
@@ -375,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                        timeout, "prometheus /-/ready")
 
         api = stack.spawn("api", [
-            py, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(ports["api"]),
-            "--log-level", "warning"], env=app_env)
+            py, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "--chdir", str(ROOT),
+            "--bind", f"{LOOPBACK}:{ports['api']}", "--workers", str(max(1, args.api_workers)),
+            "--log-level", "warning", "app.main:app"], env=app_env)
         api_url = f"http://{LOOPBACK}:{ports['api']}"
         stack.wait_for(api, lambda: http_ok(f"{api_url}/health"), timeout, "api /health")
 

@@ -14,21 +14,26 @@ from app.gateway.metrics import BreakerState, set_breaker_state
 
 
 class CircuitBreaker:
+    """`on_change` reports each state change (by default to the upstream breaker's gauge;
+    the shared cache tier passes its own)."""
+
     def __init__(self, threshold: int, reset_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[BreakerState], None] = set_breaker_state) -> None:
         self.threshold = threshold
         self.reset_seconds = reset_seconds
         self._clock = clock
+        self._on_change = on_change
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
         self.state: BreakerState = "closed"
-        set_breaker_state("closed")
+        on_change("closed")
 
     def _set(self, state: BreakerState) -> None:
         if state != self.state:
             self.state = state
-            set_breaker_state(state)
+            self._on_change(state)
 
     def allow(self) -> bool:
         """May a request go upstream now? (At most one probe while half-open.)"""

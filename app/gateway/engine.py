@@ -15,6 +15,13 @@ distinct filter values cannot multiply upstream load), what is kept as last good
 only), the series cap per figure, and readiness (one probe shared by every
 caller, reused for READY_CACHE_SECONDS, through the breaker). Big answers are
 split and projected in a worker thread, so the event loop keeps serving.
+
+With a shared tier (app/gateway/shared.py) a figure is looked up local tier ->
+shared tier -> fleet-wide single flight -> upstream: a process's local misses
+go to Redis in one round trip, which answers them, hands this process the fetch
+(a lock), or names the process already fetching, whose outcome is then awaited.
+Whatever the shared tier does, the request keeps its deadline: when it fails,
+the engine works as a lone process does.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from app.gateway.catalog.model import CatalogQuery
 from app.gateway.promql import apply_filters, enforce
 from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
+from app.gateway.shared import ALONE, LEAD, SharedTier, grid_expiry
 from app.gateway.upstream import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
 
 log = logging.getLogger("gateway.aggregator")
@@ -44,6 +52,7 @@ BATCH_LABEL = "gateway_query"
 READY_QUERY = "vector(1)"
 Filters = Mapping[str, Sequence[str]]
 Outcome = Fetched | UpstreamFailure
+Settled = tuple[Outcome, Lookup]  # and how the leader had it: miss, hit (shared tier), coalesced
 Readiness = tuple[bool, str]
 T = TypeVar("T")
 SeriesList = list[tuple[dict[str, str], float]]
@@ -201,15 +210,22 @@ class _Job:
     key: str  # cache key: the kept labels and the final PromQL
     cls: CacheClass  # catalog (unfiltered) or filtered
     expr: str  # the final PromQL, filters applied
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Settled]
+
+
+def _local_expiry(wall: float) -> float:
+    """A wall-clock expiry as this process's monotonic one."""
+    return time.monotonic() + (wall - time.time())
 
 
 class Engine:
-    def __init__(self, settings: GatewaySettings, client: PrometheusClient, cache: QueryCache) -> None:
+    def __init__(self, settings: GatewaySettings, client: PrometheusClient, cache: QueryCache,
+                 shared: SharedTier | None = None) -> None:
         self.settings = settings
         self.client = client
         self.cache = cache
-        self.flights: SingleFlight[Outcome] = SingleFlight()
+        self.shared = shared
+        self.flights: SingleFlight[Settled] = SingleFlight()
         self.filtered_fetches = TokenBucket(settings.filtered_fetches_per_second, settings.filtered_fetch_burst)
         self._ready_flight: SingleFlight[Readiness] = SingleFlight()
         self._ready: tuple[float, Readiness] | None = None  # (valid until, loop time; outcome)
@@ -250,14 +266,12 @@ class Engine:
                 raise Shed(self.filtered_fetches.retry_after())
 
         results: dict[int, QueryResult] = {}
-        waiting: dict[int, asyncio.Future[Outcome]] = {}
+        waiting: dict[int, asyncio.Future[Settled]] = {}
         to_fetch: list[_Job] = []
-        hits = 0
         coalesced: set[int] = set()
         for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
             fetched = cached[i]
             if fetched is not None:
-                hits += 1
                 results[i] = self._from_fetched(q, fetched, Lookup.HIT)
                 continue
             fut, leader = self.flights.join(key)
@@ -266,10 +280,6 @@ class Engine:
             else:
                 coalesced.add(i)
             waiting[i] = fut
-        if hits:
-            gm.cache_outcome(category, Lookup.HIT, hits)
-        if coalesced:
-            gm.cache_outcome(category, Lookup.COALESCED, len(coalesced))
         if to_fetch:
             gm.cache_outcome(category, Lookup.MISS, len(to_fetch))
             self._spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
@@ -277,21 +287,27 @@ class Engine:
         if waiting:
             remaining = max(0.0, deadline - loop.time())
             await asyncio.wait(waiting.values(), timeout=remaining)
-        stale = 0
         for i, fut in waiting.items():
             q = queries[i]
             if fut.done():
-                outcome = fut.result()
+                outcome, how = fut.result()
             else:
                 outcome = UpstreamFailure("timeout", "request deadline reached before the answer was ready")
+                how = Lookup.MISS
             if isinstance(outcome, Fetched):
-                results[i] = self._from_fetched(q, outcome, Lookup.COALESCED if i in coalesced else Lookup.MISS)
+                # A request that waited on another one's fetch coalesced, unless that
+                # fetch was itself answered from the shared tier (then it is a hit).
+                lookup = Lookup.COALESCED if i in coalesced and how is not Lookup.HIT else how
+                results[i] = self._from_fetched(q, outcome, lookup)
             else:
                 results[i] = self._failed(q, keys[i], classes[i], outcome)
-                stale += results[i].lookup is Lookup.STALE
-        if stale:
-            gm.cache_outcome(category, Lookup.STALE, stale)
-        return [results[i] for i in range(len(queries))]
+        ordered = [results[i] for i in range(len(queries))]
+        counts: dict[Lookup, int] = {}
+        for r in ordered:  # one event per figure looked up, by how it was had in the end
+            counts[r.lookup] = counts.get(r.lookup, 0) + 1
+        for lookup, n in counts.items():
+            gm.cache_outcome(category, lookup, n)
+        return ordered
 
     def _from_fetched(self, q: CatalogQuery, fetched: Fetched, lookup: Lookup) -> QueryResult:
         age = max(0.0, time.time() - fetched.fetched_at)
@@ -308,20 +324,97 @@ class Engine:
 
     async def _fetch(self, jobs: list[_Job], category: str, deadline: float,
                      headers: Mapping[str, str] | None = None) -> None:
-        """Fetch `jobs` in as few requests as possible and settle their futures."""
+        """Have `jobs` answered (shared tier first, when there is one) and settle their futures.
+
+        `headers`: the tenant's upstream headers (its keys already lead with its id)."""
         try:
-            batchable = [j for j in jobs if j.query.batchable]
-            solo = [j for j in jobs if not j.query.batchable]
-            size = self.settings.batch_max_queries
-            groups = [batchable[i:i + size] for i in range(0, len(batchable), size)]
-            groups += [[j] for j in solo]
-            await asyncio.gather(*(self._fetch_group(g, category, deadline, headers) for g in groups))
+            shared = self.shared
+            if shared is None:
+                await self._fetch_upstream(jobs, category, deadline, headers)
+            elif not shared.available:
+                gm.shared_event(category, "bypass", len(jobs))
+                await self._fetch_upstream(jobs, category, deadline, headers)
+            else:
+                await self._fetch_shared(shared, jobs, category, deadline, headers)
         finally:
             for j in jobs:  # never leave a waiter hanging, whatever happened above
-                self.flights.settle(j.key, j.future, UpstreamFailure("internal", "fetch ended without an answer"))
+                self.flights.settle(j.key, j.future,
+                                    (UpstreamFailure("internal", "fetch ended without an answer"), Lookup.MISS))
+
+    def _keep(self, job: _Job, fetched: Fetched, lookup: Lookup) -> None:
+        """An answer the shared tier had: into the local tier, then to the waiters."""
+        self.cache.keep(job.key, job.cls, fetched, good=not fetched.warnings)
+        self.flights.settle(job.key, job.future, (fetched, lookup))
+
+    async def _fetch_shared(self, shared: SharedTier, jobs: list[_Job], category: str, deadline: float,
+                            headers: Mapping[str, str] | None = None) -> None:
+        """Local misses through the shared tier: answered there, fetched here for the
+        whole fleet (holding the lock, then published), or awaited from the process
+        that fetches them; alone (as without the tier) when the tier fails."""
+        loop = asyncio.get_running_loop()
+        by_key = {j.key: j for j in jobs}
+        claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
+                                   deadline - loop.time())
+        if claim is None:
+            gm.shared_event(category, "error", len(jobs))
+            await self._fetch_upstream(jobs, category, deadline, headers)
+            return
+        for key, good in claim.good.items():  # last good values only (a restarted process)
+            self.cache.keep(key, by_key[key].cls, good, good=True)
+        for key, fetched in claim.hits.items():
+            self._keep(by_key[key], fetched, Lookup.HIT)
+        gm.shared_event(category, "stale", len(claim.good))
+        gm.shared_event(category, "hit", len(claim.hits))
+        gm.shared_event(category, "miss", len(claim.led))
+
+        async def lead(keys: list[str]) -> None:
+            if not keys:
+                return
+            async with shared.holding(keys, claim.token):
+                outcomes = await self._fetch_upstream([by_key[k] for k in keys], category, deadline, headers)
+            await asyncio.sleep(0)  # the requests just answered go first; then the fleet's waiters
+            await shared.publish(claim.token, outcomes)
+
+        async def follow() -> None:
+            if not claim.awaited:
+                return
+            got = await shared.wait(claim.awaited, claim.token, deadline)
+            takeover, alone = [], []
+            for key, outcome in got.items():
+                job = by_key[key]
+                if outcome is LEAD:
+                    takeover.append(key)
+                elif outcome is ALONE:
+                    alone.append(job)
+                elif isinstance(outcome, Fetched):
+                    self._keep(job, outcome, Lookup.COALESCED)
+                elif isinstance(outcome, UpstreamFailure):
+                    self.flights.settle(key, job.future, (outcome, Lookup.COALESCED))
+            gm.shared_event(category, "coalesced", len(got) - len(takeover) - len(alone))
+            gm.shared_event(category, "takeover", len(takeover))
+            gm.shared_event(category, "error", len(alone))
+            await asyncio.gather(lead(takeover), self._fetch_upstream(alone, category, deadline, headers))
+
+        await asyncio.gather(lead(claim.led), follow())
+
+    async def _fetch_upstream(self, jobs: list[_Job], category: str, deadline: float,
+                              headers: Mapping[str, str] | None = None) -> dict[str, Outcome]:
+        """Fetch `jobs` in as few requests as possible; settle their futures and
+        return each key's outcome."""
+        if not jobs:
+            return {}
+        batchable = [j for j in jobs if j.query.batchable]
+        solo = [j for j in jobs if not j.query.batchable]
+        size = self.settings.batch_max_queries
+        groups = [batchable[i:i + size] for i in range(0, len(batchable), size)]
+        groups += [[j] for j in solo]
+        outcomes: dict[str, Outcome] = {}
+        for part in await asyncio.gather(*(self._fetch_group(g, category, deadline, headers) for g in groups)):
+            outcomes.update(part)
+        return outcomes
 
     async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float,
-                           headers: Mapping[str, str] | None = None) -> None:
+                           headers: Mapping[str, str] | None = None) -> dict[str, Outcome]:
         loop = asyncio.get_running_loop()
         if len(jobs) == 1:
             expr = jobs[0].expr
@@ -335,15 +428,25 @@ class Engine:
         except UpstreamError as exc:
             if len(jobs) > 1 and exc.error_type in ("bad_data", "execution"):
                 # One query is at fault: evaluate each alone so the others still answer.
-                await asyncio.gather(*(self._fetch_group([j], category, deadline, headers) for j in jobs))
-                return
+                outcomes: dict[str, Outcome] = {}
+                for part in await asyncio.gather(*(self._fetch_group([j], category, deadline, headers)
+                                                   for j in jobs)):
+                    outcomes.update(part)
+                return outcomes
             failure = UpstreamFailure(exc.error_type, exc.message)
             for j in jobs:
-                self.flights.settle(j.key, j.future, failure)
-            return
-        await self._settle(jobs, answer, category)
+                self.flights.settle(j.key, j.future, (failure, Lookup.MISS))
+            return dict.fromkeys((j.key for j in jobs), failure)
+        return await self._settle(jobs, answer, category)
 
-    async def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> None:
+    def _expiry(self, ttl: float, now: float) -> float:
+        """The local expiry of answers fetched `now` (unix time): with a shared tier on
+        the wall-clock grid, so every process of the fleet expires them in step."""
+        if self.shared is None:
+            return self.cache.expiry(ttl)
+        return _local_expiry(grid_expiry(ttl, now))
+
+    async def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> dict[str, Outcome]:
         now = time.time()
         cap = self.settings.max_series_per_figure
         if len(answer.series) >= self.settings.offload_min_series:
@@ -352,24 +455,27 @@ class Engine:
         else:
             projected = _split_and_project(jobs, answer.series, cap)
         ttl = self.settings.ttl_for(category)
-        expires_at = self.cache.expiry(ttl)
+        expires_at = self._expiry(ttl, now)
         good = not answer.warnings
         if not good:
             # A partial answer is worth reusing briefly (asking again at once would mostly
             # get the same partial answer, and load the upstream that is already struggling),
             # but never as the last good value.
-            expires_at = min(expires_at, self.cache.expiry(min(ttl, self.settings.warning_ttl_seconds)))
+            expires_at = min(expires_at, self._expiry(min(ttl, self.settings.warning_ttl_seconds), now))
         truncated = 0
         evicted: dict[str, int] = {}
+        outcomes: dict[str, Outcome] = {}
         for j, (samples, dropped) in zip(jobs, projected, strict=True):
             fetched = Fetched(samples, now, answer.warnings, dropped, expires_at)
             truncated += dropped > 0
             for cls, n in self.cache.keep(j.key, j.cls, fetched, good=good).items():
                 evicted[cls] = evicted.get(cls, 0) + n
-            self.flights.settle(j.key, j.future, fetched)
+            self.flights.settle(j.key, j.future, (fetched, Lookup.MISS))
+            outcomes[j.key] = fetched
         if truncated:
             gm.truncated(category, truncated)
         gm.cache_usage({str(c): u for c, u in self.cache.usage().items()}, evicted)
+        return outcomes
 
     # -- readiness ----------------------------------------------------------------------
 

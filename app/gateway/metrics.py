@@ -66,6 +66,36 @@ BREAKER_STATE = Gauge(
     ["state"],
     multiprocess_mode="mostrecent",
 )
+SHARED_UP = Gauge(
+    "metrics_gateway_shared_cache_up",
+    "1 when the last command to the shared cache tier (Redis) succeeded, else 0; "
+    "absent when the shared tier is off.",
+    multiprocess_mode="mostrecent",
+)
+SHARED_EVENTS = Counter(
+    "metrics_gateway_shared_cache_events_total",
+    "Figure lookups that reached the shared tier (local misses), by outcome: hit (fresh there), "
+    "miss (this process fetched for the fleet), coalesced (waited on another process's fetch), "
+    "takeover (a leader's lease ran out; fetched instead), stale (last good read from it), "
+    "error (Redis failed; served without it), bypass (its breaker was open).",
+    ["category", "outcome"],
+)
+SHARED_ERRORS = Counter(
+    "metrics_gateway_shared_cache_errors_total",
+    "Failed shared-tier (Redis) commands by reason: timeout, connection, oom, response, corrupt.",
+    ["reason"],
+)
+SHARED_LOCK_WAIT = Histogram(
+    "metrics_gateway_shared_cache_lock_wait_seconds",
+    "Time a process waited on another process's fetch (the fleet-wide single flight).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SHARED_BREAKER_STATE = Gauge(
+    "metrics_gateway_shared_cache_breaker_state",
+    "Shared-tier circuit breaker state: 1 for the current state, 0 for the others.",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
 
 CACHE_BYTES = Gauge(
     "metrics_gateway_cache_bytes",
@@ -138,6 +168,29 @@ def cache_outcome(category: str, outcome: Lookup, count: int = 1) -> None:
 def set_breaker_state(state: BreakerState) -> None:
     for s in ("closed", "open", "half_open"):
         BREAKER_STATE.labels(s).set(1 if s == state else 0)
+
+
+def shared_event(category: str, outcome: str, count: int = 1) -> None:
+    if count:
+        SHARED_EVENTS.labels(category, outcome).inc(count)
+
+
+def shared_error(reason: str) -> None:
+    SHARED_ERRORS.labels(reason).inc()
+    SHARED_UP.set(0)
+
+
+def shared_ok() -> None:
+    SHARED_UP.set(1)
+
+
+def shared_lock_wait(seconds: float) -> None:
+    SHARED_LOCK_WAIT.observe(seconds)
+
+
+def set_shared_breaker_state(state: BreakerState) -> None:
+    for s in ("closed", "open", "half_open"):
+        SHARED_BREAKER_STATE.labels(s).set(1 if s == state else 0)
 
 
 def cache_usage(usage: dict[str, tuple[int, int]], evicted: dict[str, int] | None = None) -> None:

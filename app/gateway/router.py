@@ -15,12 +15,13 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 
-from app.common.exposition import negotiate, render_families, wants_json
+from app.common.exposition import render_families
 from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
 from app.common.tenancy import Tenant, tenant_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
 from app.gateway.engine import Shed
+from app.gateway.fastpath import kind_of, memo_key
 from app.gateway.promapi import create_promapi_router
 from app.gateway.promql import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
@@ -116,10 +117,6 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     router = APIRouter(prefix=prefix, tags=["gateway"])
     cat = service.catalog
 
-    def kind_of(request: Request, fmt: str | None) -> str:
-        accept = request.headers.get("accept")
-        return "json" if wants_json(accept, fmt) else negotiate(accept)[1]
-
     def answer(r: Rendered) -> Response:
         return Response(r.body, media_type=r.media_type)
 
@@ -145,7 +142,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     @router.get("/summary", summary="Summary figures for widgets (JSON)",
                 responses={200: {"description": "The summary contract", "content": {JSON_TYPE: _OBJECT}}})
     async def summary(tenant: Caller) -> Response:
-        key = ("summary",)
+        key = memo_key("summary", None)
         if (hit := recall(key, tenant)) is not None:
             return hit
         results = await service.summary(tenant)
@@ -160,8 +157,8 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
 
     @router.get("/all", summary="Every category in one exposition", responses=EXPOSITION_RESPONSES)
     async def everything(request: Request, tenant: Caller, format: Fmt = None) -> Response:
-        kind = kind_of(request, format)
-        key = ("all", kind)
+        kind = kind_of(request.headers.get("accept"), format)
+        key = memo_key("all", kind)
         if (hit := recall(key, tenant)) is not None:
             return hit
         return await respond(await service.everything(tenant), "all", kind, request, {}, key, tenant)
@@ -174,8 +171,8 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
             raise HTTPException(404, f"unknown category {category!r}; one of: "
                                      f"summary, {', '.join(CATEGORIES)}, all, docs")
         filters = _filters(settings, category, provider=provider, model=model)
-        kind = kind_of(request, format)
-        key = (category, kind, *(f"{k}={','.join(v)}" for k, v in sorted(filters.items())))
+        kind = kind_of(request.headers.get("accept"), format)
+        key = memo_key(category, kind, filters)
         if (hit := recall(key, tenant)) is not None:
             return hit
         try:

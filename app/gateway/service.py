@@ -25,6 +25,7 @@ from app.gateway.engine import Engine, Filters
 from app.gateway.ranges import MemoryExtentStore, RangeCache
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
+from app.gateway.shared import SharedTier
 from app.gateway.upstream import PrometheusClient
 
 CATALOG_SCOPES = 64  # tenants whose unfiltered figures the catalog class holds at once
@@ -46,6 +47,7 @@ class GatewayService:
         self._client: PrometheusClient | None = None
         self._engine: Engine | None = None
         self._ranges: RangeCache | None = None
+        self._shared: SharedTier | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The catalog class holds one key per catalog query and access scope (tenants are
         # configured, not chosen by callers): that is its bound.
@@ -62,12 +64,14 @@ class GatewayService:
         await self.aclose()
         self._loop = asyncio.get_running_loop()
         self._client = PrometheusClient(self.settings, transport=self._transport)
-        self._engine = Engine(self.settings, self._client, self.cache)
+        # Redis clients belong to one event loop too: made here, with the engine.
+        self._shared = SharedTier.from_settings(self.settings, self.catalog)
+        self._engine = Engine(self.settings, self._client, self.cache, self._shared)
         self._ranges = RangeCache(self.settings, self._client, self.range_store)
 
     async def aclose(self) -> None:
-        engine, ranges, client, loop = self._engine, self._ranges, self._client, self._loop
-        self._client = self._engine = self._ranges = None
+        engine, ranges, client, shared, loop = self._engine, self._ranges, self._client, self._shared, self._loop
+        self._client = self._engine = self._ranges = self._shared = None
         self._loop = None
         if loop is not None and loop is not asyncio.get_running_loop():
             return  # made in a loop that is gone: nothing of it can be awaited here
@@ -77,6 +81,8 @@ class GatewayService:
             await ranges.aclose()
         if client is not None:
             await client.aclose()
+        if shared is not None:
+            await shared.aclose()
 
     async def ensure_started(self) -> Engine:
         """The engine, starting (or restarting in this event loop) when needed."""

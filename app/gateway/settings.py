@@ -76,6 +76,23 @@ class GatewaySettings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_reset_seconds: float = Field(default=10.0, gt=0)
 
+    # Shared tier (app/gateway/shared.py): one cache, one fetch in flight and one set of
+    # last good values for every worker and replica. GATEWAY_CACHE_URL is a Redis URL
+    # (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://); unset, it
+    # falls back to REDIS_URL when that is set (app/settings.py); "off" or "" disables it.
+    gateway_cache_url: str | None = Field(default=None, repr=False)
+    gateway_cache_prefix: str = Field(default="mg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # Every Redis command is bounded by this (and by the request deadline).
+    gateway_cache_timeout_seconds: float = Field(default=0.25, gt=0, le=5)
+    # A fleet-wide fetch lock lives this long unless its holder renews it (a third of
+    # it, while its fetch runs): a dead or hung leader blocks the others at most this long.
+    gateway_cache_lock_lease_seconds: float = Field(default=0.5, ge=0.05, le=30)
+    gateway_cache_max_entry_bytes: int = Field(default=1024 * 1024, ge=256)
+    gateway_cache_compress_min_bytes: int = Field(default=1024, ge=0)
+    gateway_cache_max_connections: int = Field(default=32, ge=1, le=1024)
+    gateway_cache_breaker_threshold: int = Field(default=3, ge=1)
+    gateway_cache_breaker_reset_seconds: float = Field(default=5.0, gt=0)
+
     # Catalog: the packaged default, or a TOML file of the user's.
     catalog_path: Path | None = None
 
@@ -90,6 +107,12 @@ class GatewaySettings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("PROMETHEUS_URL must start with http:// or https://")
         return v.rstrip("/")
+
+    @property
+    def shared_cache_url(self) -> str | None:
+        """The shared tier's Redis URL, or None when it is off."""
+        url = (self.gateway_cache_url or "").strip()
+        return None if url.lower() in ("", "off", "none", "false", "0") else url
 
     def ttl_for(self, category: str) -> float:
         return self.cache_ttl_overrides.get(category, self.cache_ttl_seconds)

@@ -38,8 +38,9 @@ Each kind of closure is counted in
 ``evicted``, ``refused``) and logged once per episode (an episode ends after
 30 s without another).
 
-The worker pins asyncio's event loop (not uvloop): the image does not ship uvloop,
-and the loop's accept() error path is part of what is handled here.
+The worker pins asyncio's event loop and h11 (not the uvloop and httptools the
+package also installs, for plain ``uvicorn`` runs): the loop's accept() error
+path and h11's connection states are part of what is handled here.
 """
 
 from __future__ import annotations

@@ -119,12 +119,14 @@ def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
     return proc
 
 
-def start_redis(workdir: Path, timeout: float = 15.0) -> Proc:
-    port = free_port()
+def start_redis(workdir: Path, timeout: float = 15.0, *, port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> Proc:
+    """redis-server on loopback (`port`: a given one, e.g. to restart on the same address)."""
+    port = port or free_port()
     url = f"redis://127.0.0.1:{port}/0"
     proc = _spawn(
         [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
+         "--appendonly", "no", "--dir", str(workdir), *extra_args],
         workdir, "redis", port=port, url=url,
     )
 
@@ -171,3 +173,42 @@ def prometheus_query_requests(prom_url: str) -> float:
     text = httpx.get(f"{prom_url}/metrics", timeout=5).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line)
+
+
+def start_gunicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *, workers: int = 2,
+                   port: int | None = None, health_path: str = "/health", timeout: float = 60.0) -> Proc:
+    """The API as deployed: gunicorn -c gunicorn.conf.py with `workers` uvicorn workers on loopback.
+
+    Its own PROMETHEUS_MULTIPROC_DIR under `workdir`; every worker must answer before it returns.
+    """
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = Path(__file__).resolve().parents[2]
+    prom_dir = workdir / f"prom-{port}"
+    prom_dir.mkdir(parents=True, exist_ok=True)
+    full_env = {"PROMETHEUS_MULTIPROC_DIR": str(prom_dir),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+                **(env or {})}
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(root / "gunicorn.conf.py"), "--chdir", str(root),
+           "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "3",
+           "--log-level", "warning", app]
+    proc = _spawn(cmd, workdir, f"gunicorn-{port}", env=full_env, port=port, url=url)
+    proc.extra["workers"] = workers
+    try:
+        wait_http(f"{url}{health_path}", timeout)
+        wait_until(lambda: len(child_pids(proc.popen.pid)) == workers, timeout, what=f"{workers} workers")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(f"gunicorn {app} did not start:\n{proc.log()}") from None
+    return proc
+
+
+def child_pids(pid: int) -> set[int]:
+    """Direct children of a process (a gunicorn master's workers), from /proc."""
+    pids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            pids.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return pids

@@ -1,0 +1,148 @@
+"""The shared tier on each kind of Redis its URL can name: a Redis Cluster (one node
+holding every slot) and a Sentinel-managed master, both real redis-server processes
+on loopback; plus the REDIS_URL fallback of the settings root."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+from redis.asyncio import Redis, RedisCluster
+
+from app.common.redis import make_redis_client
+from app.gateway.result import Fetched, Sample
+from app.gateway.settings import GatewaySettings
+from app.gateway.shared import LEAD, SharedTier
+from app.settings import AppSettings
+from app.vrops.settings import VropsSettings
+from tests.support.procs import REDIS_BIN, Proc, _spawn, free_port, start_redis, wait_until
+
+pytestmark = pytest.mark.integration
+
+ANSWER = Fetched((Sample((("provider", "openai"),), 3.0),), time.time(), expires_at=time.monotonic() + 60)
+
+
+async def exercise(tier: SharedTier) -> None:
+    """Claim, wait, take over, publish, hit: the whole protocol against this Redis."""
+    keys = ["a|x", "b|y", "c|z"]
+    first = await tier.claim(keys, [True] * 3, 1.0)
+    assert first is not None and sorted(first.led) == keys
+    second = await tier.claim(keys, [True] * 3, 1.0)
+    assert second is not None and second.awaited == dict.fromkeys(keys, first.token)
+    waiter = asyncio.create_task(tier.wait(second.awaited, second.token, asyncio.get_running_loop().time() + 2))
+    await asyncio.sleep(0.05)
+    await tier.publish(first.token, dict.fromkeys(keys, ANSWER))
+    got = await waiter
+    assert all(isinstance(v, Fetched) and v.samples == ANSWER.samples for v in got.values())
+    third = await tier.claim(keys, [True] * 3, 1.0)
+    assert third is not None and set(third.hits) == set(keys)
+    # A holder that never publishes: the next claimant takes over after the lease.
+    lone = ["d|w"]
+    held = await tier.claim(lone, [False], 1.0)
+    assert held is not None and held.led == lone
+    other = await tier.claim(lone, [False], 1.0)
+    assert other is not None
+    outcome = await tier.wait(other.awaited, other.token, asyncio.get_running_loop().time() + 2)
+    assert outcome == {"d|w": LEAD}
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, so at most 55535."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Proc]:
+    proc = start_redis(tmp_path / "cluster", port=cluster_port(),
+                       extra_args=("--cluster-enabled", "yes", "--cluster-config-file",
+                                   str(tmp_path / "cluster" / "nodes.conf")))
+    r = redis_sync.Redis.from_url(proc.url, socket_timeout=5)
+    try:
+        r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        wait_until(lambda: b"cluster_state:ok" in r.execute_command("CLUSTER", "INFO"), 15, what="cluster ok")
+        yield proc
+    finally:
+        r.close()
+        proc.stop()
+
+
+async def test_on_a_redis_cluster(cluster: Proc) -> None:
+    client = make_redis_client(f"redis+cluster://127.0.0.1:{cluster.port}", 1.0)
+    assert isinstance(client, RedisCluster)
+    tier = SharedTier(GatewaySettings(gateway_cache_lock_lease_seconds=0.2), client, "cafe01")
+    try:
+        await exercise(tier)
+    finally:
+        await tier.aclose()
+
+
+@pytest.fixture()
+def sentinel(tmp_path: Path) -> Iterator[tuple[Proc, int]]:
+    master = start_redis(tmp_path / "master")
+    port = free_port()
+    conf = tmp_path / "sentinel" / "sentinel.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor gw 127.0.0.1 {master.port} 1\n"
+                    "sentinel down-after-milliseconds gw 5000\n")
+    proc = _spawn([REDIS_BIN, str(conf), "--sentinel"], conf.parent, "sentinel", port=port)
+    try:
+        def knows_master() -> bool:
+            with redis_sync.Redis(port=port, socket_timeout=1) as s:
+                return s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "gw") is not None
+
+        wait_until(knows_master, 15, what="sentinel knows the master")
+        yield master, port
+    finally:
+        proc.stop()
+        master.stop()
+
+
+async def test_through_sentinel(sentinel: tuple[Proc, int]) -> None:
+    master, port = sentinel
+    client = make_redis_client(f"redis+sentinel://127.0.0.1:{port}/gw/2", 1.0)
+    assert isinstance(client, Redis)
+    tier = SharedTier(GatewaySettings(gateway_cache_lock_lease_seconds=0.2), client, "cafe02")
+    try:
+        await exercise(tier)
+    finally:
+        await tier.aclose()
+    with redis_sync.Redis(port=master.port, db=2, socket_timeout=5) as r:
+        assert list(r.scan_iter(match="mg:v1:{cafe02}:fresh:*"))  # written to the master, db 2
+
+
+def test_redis_url_is_the_default_and_off_opts_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("GATEWAY_CACHE_URL", "REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    assert AppSettings().gateway.shared_cache_url is None  # neither set: per process
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6390/0")
+    assert AppSettings().gateway.shared_cache_url == "redis://127.0.0.1:6390/0"
+    monkeypatch.setenv("GATEWAY_CACHE_URL", "redis://127.0.0.1:6391/1")
+    assert AppSettings().gateway.shared_cache_url == "redis://127.0.0.1:6391/1"
+    monkeypatch.setenv("GATEWAY_CACHE_URL", "off")
+    assert AppSettings().gateway.shared_cache_url is None
+    given = AppSettings(gateway=GatewaySettings(), vrops=VropsSettings(redis_url="redis://127.0.0.1:6392/0"))
+    monkeypatch.delenv("GATEWAY_CACHE_URL")
+    assert AppSettings(gateway=GatewaySettings(), vrops=given.vrops).gateway.shared_cache_url == \
+        "redis://127.0.0.1:6392/0"
+
+
+def test_redis_server_supports_what_the_tier_uses() -> None:
+    out = subprocess.run([REDIS_BIN, "--version"], capture_output=True, text=True, check=True).stdout
+    major, minor = (int(x) for x in out.split("v=")[1].split(".")[:2])
+    assert (major, minor) >= (6, 2)  # SET ... PXAT
