@@ -15,11 +15,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -29,6 +29,8 @@ from app.common.secrets import SecretFile, SecretUnavailable, redact_url
 from app.gateway import metrics as gm
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.settings import GatewaySettings
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("gateway.prometheus")
 
@@ -305,6 +307,28 @@ class PrometheusClient:
 
         `headers`: extra upstream headers for this request (a tenant's X-Scope-OrgID).
         """
+        async def exchange() -> tuple[int, bytes]:
+            body, status = await self._read(expr, timeout, headers)
+            return status, body
+
+        async def decode(status: int, body: bytes) -> QueryAnswer:
+            # Parsed outside the timeout: the upstream has answered in time, and what a
+            # big answer costs to parse is the gateway's time (the engine's deadline
+            # bounds the request), not an upstream failure for the breaker.
+            return await parse_off_loop(body, status, self.settings.offload_min_bytes)
+
+        return await self._guarded(category, timeout, exchange, decode, lambda _: None)
+
+    async def _guarded(self, category: str, timeout: float,
+                       exchange: Callable[[], Awaitable[tuple[int, bytes]]],
+                       decode: Callable[[int, bytes], Awaitable[_T]],
+                       verdict: Callable[[_T], UpstreamError | None]) -> _T:
+        """One upstream exchange under the breaker and a total deadline (not per read).
+
+        Every outcome is recorded once, so the breaker, the metrics and the episode log
+        see it; `verdict` says whether a decoded answer is an upstream error. Our own
+        missing credentials are a local error, never counted against the upstream.
+        """
         if not self.breaker.allow():
             raise UpstreamError(
                 "circuit_open",
@@ -312,17 +336,13 @@ class PrometheusClient:
             )
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(max(timeout, 0.001)):  # total, not per read
-                body, status = await self._read(expr, timeout, headers)
-            # Parsed outside the timeout: the upstream has answered in time, and what a
-            # big answer costs to parse is the gateway's time (the engine's deadline
-            # bounds the request), not an upstream failure for the breaker.
-            answer = await parse_off_loop(body, status, self.settings.offload_min_bytes)
+            async with asyncio.timeout(max(timeout, 0.001)):
+                status, body = await exchange()
+            result = await decode(status, body)
         except UpstreamError as exc:
             self._record(category, started, exc)
             raise
         except SecretUnavailable as exc:
-            # Our own credentials are missing: a local error, not the upstream's.
             raise UpstreamError("credentials_unavailable", str(exc)) from None
         except TimeoutError:
             timed_out = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
@@ -332,8 +352,8 @@ class PrometheusClient:
             odd = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
             self._record(category, started, odd)
             raise odd from None
-        self._record(category, started, None)
-        return answer
+        self._record(category, started, verdict(result))
+        return result
 
     async def _post(self, expr: str, timeout: float, headers: Mapping[str, str] | None = None) -> QueryAnswer:
         return parse_answer(*await self._read(expr, timeout, headers))
@@ -402,35 +422,20 @@ class PrometheusClient:
         """
         if method not in ("GET", "POST"):
             raise ValueError(f"method {method!r}: GET or POST")
-        if not self.breaker.allow():
-            raise UpstreamError(
-                "circuit_open",
-                f"upstream failing; next probe in {self.breaker.retry_after():.1f}s",
-            )
-        started = time.perf_counter()
         url = f"{self.settings.prometheus_url}{path}"
-        try:
-            async with asyncio.timeout(max(timeout, 0.001)):  # total, not per read
-                status, body = await self._exchange(method, url, params, timeout, headers)
-            answer = _api_answer(body, status)
-        except UpstreamError as exc:
-            self._record(category, started, exc)
-            raise
-        except SecretUnavailable as exc:
-            raise UpstreamError("credentials_unavailable", str(exc)) from None
-        except TimeoutError:
-            timed_out = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
-            self._record(category, started, timed_out)
-            raise timed_out from None
-        except Exception as unexpected:  # the breaker must see every outcome
-            odd = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
-            self._record(category, started, odd)
-            raise odd from None
-        etype = answer.error_type
-        self._record(category, started,
-                     None if etype is None else UpstreamError(etype, str(answer.doc.get("error") or ""),
-                                                              answer.status_code))
-        return answer
+
+        async def exchange() -> tuple[int, bytes]:
+            return await self._exchange(method, url, params, timeout, headers)
+
+        async def decode(status: int, body: bytes) -> ApiAnswer:
+            return _api_answer(body, status)
+
+        def verdict(answer: ApiAnswer) -> UpstreamError | None:
+            etype = answer.error_type
+            return None if etype is None else UpstreamError(etype, str(answer.doc.get("error") or ""),
+                                                             answer.status_code)
+
+        return await self._guarded(category, timeout, exchange, decode, verdict)
 
     async def api_get(self, path: str, params: Sequence[tuple[str, str]], *, timeout: float) -> Any:
         """GET another endpoint of the HTTP API (`/api/v1/metadata`, `/api/v1/series`, ...):
