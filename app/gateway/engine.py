@@ -281,7 +281,6 @@ class Engine:
                 coalesced.add(i)
             waiting[i] = fut
         if to_fetch:
-            gm.cache_outcome(category, Lookup.MISS, len(to_fetch))
             self._spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
 
         if waiting:

@@ -21,6 +21,7 @@ import pytest
 import redis as redis_sync
 from prometheus_client import REGISTRY
 
+from app.common.tenancy import UNCONFINED
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
 from app.gateway.result import Lookup, State
@@ -177,7 +178,7 @@ async def test_a_vanished_holder_blocks_others_only_for_its_lease(
     catalog = load_catalog()
     svc = make(gateway_cache_lock_lease_seconds=0.5)
     # A holder that died right after taking the locks: nothing renews or releases them.
-    service_keys = [f"{','.join(q.labels)}|{q.expr}" for q in catalog.summary_queries()]
+    service_keys = [f"{UNCONFINED.id}|{','.join(q.labels)}|{q.expr}" for q in catalog.summary_queries()]
     await svc.ensure_started()
     assert svc._shared is not None
     for key in service_keys:
