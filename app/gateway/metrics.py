@@ -74,7 +74,8 @@ SHARED_UP = Gauge(
 )
 SHARED_EVENTS = Counter(
     "metrics_gateway_shared_cache_events_total",
-    "Figure lookups that reached the shared tier (local misses), by outcome: hit (fresh there), "
+    "Lookups that reached the shared tier (local misses; category: figure category, or range "
+    "for the range cache), by outcome: hit (fresh there), "
     "miss (this process fetched for the fleet), coalesced (waited on another process's fetch), "
     "takeover (a leader's lease ran out; fetched instead), stale (last good read from it), "
     "error (Redis failed; served without it), bypass (its breaker was open).",

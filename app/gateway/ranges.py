@@ -50,8 +50,9 @@ import promql_parser as pp
 
 from app.gateway import metrics as gm
 from app.gateway.engine import SingleFlight
-from app.gateway.result import Lookup
+from app.gateway.result import Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
+from app.gateway.shared import ALONE, SharedAnswer, SharedFlights
 from app.gateway.upstream import UpstreamError
 
 log = logging.getLogger("gateway.ranges")
@@ -552,6 +553,44 @@ class MemoryExtentStore:
         return len(self._entries)
 
 
+class RemoteExtentStore(ExtentStore, Protocol):
+    """An ExtentStore that can say how long each value has left (the shared tier's)."""
+
+    async def get_many_ttl(self, keys: Sequence[str]) -> list[tuple[bytes | None, float]]: ...
+
+
+class TieredExtentStore:
+    """A small local store in front of a remote one (local -> shared -> upstream).
+
+    Reads try the local tier first and copy what the remote one had into it for no
+    longer than the remote keeps it (a live extent lives seconds there too); writes go
+    to both, so another process of the fleet finds them. Stores only store.
+    """
+
+    def __init__(self, local: ExtentStore, remote: RemoteExtentStore) -> None:
+        self.local = local
+        self.remote = remote
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        out = await self.local.get_many(keys)
+        missing = [i for i, v in enumerate(out) if v is None]
+        if not missing:
+            return out
+        got = await self.remote.get_many_ttl([keys[i] for i in missing])
+        fill: list[tuple[str, bytes, float]] = []
+        for i, (value, ttl) in zip(missing, got, strict=True):
+            if value is not None:
+                out[i] = value
+                fill.append((keys[i], value, ttl))
+        if fill:
+            await self.local.put_many(fill)
+        return out
+
+    async def put_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
+        await self.local.put_many(items)
+        await self.remote.put_many(items)
+
+
 # -- the cache -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -596,10 +635,12 @@ def _params_key(params: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 class RangeCache:
     """query_range and query through the extent store; see the module docstring."""
 
-    def __init__(self, settings: GatewaySettings, client: ApiClient, store: ExtentStore) -> None:
+    def __init__(self, settings: GatewaySettings, client: ApiClient, store: ExtentStore,
+                 fleet: SharedFlights | None = None) -> None:
         self.settings = settings
         self.client = client
         self.store = store
+        self.fleet = fleet  # fleet-wide single flight through the shared tier, when on
         self.live_window_ms = int(settings.range_cache_live_window_seconds * 1000)
         self.pieces: SingleFlight[_Flight] = SingleFlight()
         self.passed: SingleFlight[_Passed] = SingleFlight()
@@ -649,11 +690,11 @@ class RangeCache:
         # by many viewers at once): assembled once, sent to all.
         fut, leader = self.requests.join(memo_key)
         if leader:
-            self._spawn(self._lead(memo_key, fut, self._range_answer(
+            self._spawn(self._lead(memo_key, fut, self._fleet(memo_key, deadline, total, lambda: self._range_answer(
                 scope=scope, expr=expr, start=start, end=end, step=step, params=params,
                 deadline=deadline, headers=headers, rch=rch, first=first, last=last,
                 step_ms=step_ms, base=base, live_from=live_from, memo_key=memo_key,
-                memo_ttl=memo_ttl, base_params=base_params, full_key=full_key)))
+                memo_ttl=memo_ttl, base_params=base_params, full_key=full_key))))
         result: ApiResult = (await self._wait([fut], deadline))[0]
         if leader:
             return result
@@ -670,6 +711,45 @@ class RangeCache:
             outcome = exc
         finally:
             self.requests.settle(key, fut, outcome)
+
+    async def _fleet(self, key: str, deadline: float, total: int,
+                     make: Callable[[], Coroutine[Any, Any, ApiResult]]) -> ApiResult:
+        """One process of the fleet answers a request; the others wait for its answer.
+
+        Without the shared tier, or when it fails, this process answers alone (as a
+        single process does). A holder that dies blocks the others for at most one
+        lease (one of them takes over); a failure reaches that flight's waiters only.
+        """
+        fleet = self.fleet
+        if fleet is None or not fleet.available:
+            return await make()
+        loop = asyncio.get_running_loop()
+        claim = await fleet.claim(key, deadline - loop.time())
+        if claim is None:
+            return await make()
+        if claim.body is not None:
+            self._count("range", Lookup.HIT, total, 0, 0)
+            return ApiResult(200, None, Lookup.HIT, raw=claim.body)
+        if claim.holder is not None:
+            got = await fleet.wait(key, claim.token, claim.holder, deadline)
+            if isinstance(got, SharedAnswer):
+                self._count("range", Lookup.COALESCED, 0, 0, total)
+                return ApiResult(got.status_code, None, Lookup.COALESCED, raw=got.body)
+            if isinstance(got, UpstreamFailure):
+                raise UpstreamError(got.error_type, got.message)
+            if got is ALONE:
+                return await make()
+        # The lock is ours (claimed, or taken over from a holder that vanished).
+        async with fleet.holding(key, claim.token):
+            try:
+                result = await make()
+            except UpstreamError as exc:
+                await fleet.publish(key, claim.token, UpstreamFailure(exc.error_type, exc.message))
+                raise
+        body = result.raw if result.raw is not None else json.dumps(
+            result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        await fleet.publish(key, claim.token, SharedAnswer(result.status_code, body))
+        return result
 
     async def _range_answer(self, *, scope: str, expr: str, start: float, end: float, step: float,
                             params: Sequence[tuple[str, str]], deadline: float,

@@ -22,10 +22,10 @@ from app.gateway.cache import QueryCache, ResponseMemo
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
 from app.gateway.engine import Engine, Filters
-from app.gateway.ranges import MemoryExtentStore, RangeCache
+from app.gateway.ranges import MemoryExtentStore, RangeCache, TieredExtentStore
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import SharedTier
+from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
 from app.gateway.upstream import PrometheusClient
 
 CATALOG_SCOPES = 64  # tenants whose unfiltered figures the catalog class holds at once
@@ -67,7 +67,11 @@ class GatewayService:
         # Redis clients belong to one event loop too: made here, with the engine.
         self._shared = SharedTier.from_settings(self.settings, self.catalog)
         self._engine = Engine(self.settings, self._client, self.cache, self._shared)
-        self._ranges = RangeCache(self.settings, self._client, self.range_store)
+        if self._shared is None:
+            self._ranges = RangeCache(self.settings, self._client, self.range_store)
+        else:  # local -> shared -> upstream, one flight per request across the fleet
+            store = TieredExtentStore(self.range_store, SharedExtentStore(self._shared, "range"))
+            self._ranges = RangeCache(self.settings, self._client, store, SharedFlights(self._shared, "range"))
 
     async def aclose(self) -> None:
         engine, ranges, client, shared, loop = self._engine, self._ranges, self._client, self._shared, self._loop
