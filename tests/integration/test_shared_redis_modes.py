@@ -25,7 +25,10 @@ from tests.support.procs import REDIS_BIN, Proc, _spawn, free_port, start_redis,
 
 pytestmark = pytest.mark.integration
 
-ANSWER = Fetched((Sample((("provider", "openai"),), 3.0),), time.time(), expires_at=time.monotonic() + 60)
+def answer() -> Fetched:
+    """Fetched now: its fresh entry lives until the TTL grid step after *now* (a value made at
+    import time would already be expired when a long suite reaches this test)."""
+    return Fetched((Sample((("provider", "openai"),), 3.0),), time.time(), expires_at=time.monotonic() + 60)
 
 
 async def exercise(tier: SharedTier) -> None:
@@ -37,9 +40,10 @@ async def exercise(tier: SharedTier) -> None:
     assert second is not None and second.awaited == dict.fromkeys(keys, first.token)
     waiter = asyncio.create_task(tier.wait(second.awaited, second.token, asyncio.get_running_loop().time() + 2))
     await asyncio.sleep(0.05)
-    await tier.publish(first.token, dict.fromkeys(keys, ANSWER))
+    published = answer()
+    await tier.publish(first.token, dict.fromkeys(keys, published))
     got = await waiter
-    assert all(isinstance(v, Fetched) and v.samples == ANSWER.samples for v in got.values())
+    assert all(isinstance(v, Fetched) and v.samples == published.samples for v in got.values())
     third = await tier.claim(keys, [True] * 3, 1.0)
     assert third is not None and set(third.hits) == set(keys)
     # A holder that never publishes: the next claimant takes over after the lease.
