@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from app.vrops.router import create_vrops_router
 from app.vrops.settings import VropsSettings, VropsTarget
 from app.vrops.store import Row, VropsStore, lock_key
 from app.workers.tasks import lock_ttl
-from tests.support.procs import Proc, _spawn, start_redis, start_uvicorn, wait_until
+from tests.support.procs import Proc, start_celery_worker, start_redis, start_uvicorn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,13 +80,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "VROPS_REDIS_TIMEOUT_SECONDS": "0.5",
             "VROPS_WORKER_REDIS_TIMEOUT_SECONDS": "2",
         }
-        wdir = base / "worker"
-        wdir.mkdir()
-        worker = _spawn(
-            [sys.executable, "-m", "celery", "-A", "app.workers.celery_app", "worker",
-             "--pool=prefork", "-c", "2", "-B", "--loglevel=INFO",
-             "-s", str(wdir / "beat-schedule"), "-n", f"collection-faults-{os.getpid()}@%h"],
-            wdir, "celery", env=env)
+        worker = start_celery_worker(base / "worker", env, "collection-faults")
         procs.append(worker)
         api = start_uvicorn(base / "api", "tests.support.vrops_app:make_api", env=env, factory=True)
         procs.append(api)

@@ -7,8 +7,6 @@ Intervals are 1-2 s so a beat-triggered cycle happens within seconds.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +17,8 @@ import pytest
 
 from tests.support.procs import (
     Proc,
-    _spawn,
     promtool_check_metrics,
+    start_celery_worker,
     start_redis,
     start_uvicorn,
     wait_until,
@@ -61,13 +59,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "VROPS_REDIS_TIMEOUT_SECONDS": "0.3",
             "VROPS_WORKER_REDIS_TIMEOUT_SECONDS": "2",
         }
-        wdir = base / "worker"
-        wdir.mkdir()
-        worker = _spawn(
-            [sys.executable, "-m", "celery", "-A", "app.workers.celery_app", "worker",
-             "--pool=prefork", "-c", "2", "-B", "--loglevel=INFO",
-             "-s", str(wdir / "beat-schedule"), "-n", f"vrops-test-{os.getpid()}@%h"],
-            wdir, "celery", env=env)
+        worker = start_celery_worker(base / "worker", env, "vrops-test")
         procs.append(worker)
         api = start_uvicorn(base / "api", "tests.support.vrops_app:make_api",
                             env=env, factory=True)

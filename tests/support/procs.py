@@ -143,6 +143,16 @@ def start_redis(workdir: Path, timeout: float = 15.0, *, port: int | None = None
     return proc
 
 
+def start_celery_worker(workdir: Path, env: dict[str, str], name: str) -> Proc:
+    """A real Celery prefork worker (2 children) with beat embedded, as the stack runs it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _spawn(
+        [sys.executable, "-m", "celery", "-A", "app.workers.celery_app", "worker",
+         "--pool=prefork", "-c", "2", "-B", "--loglevel=INFO",
+         "-s", str(workdir / "beat-schedule"), "-n", f"{name}-{os.getpid()}@%h"],
+        workdir, "celery", env=env)
+
+
 def start_uvicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *,
                   factory: bool = False, health_path: str = "/health",
                   timeout: float = 30.0) -> Proc:
