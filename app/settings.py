@@ -45,8 +45,3 @@ class AppSettings:
         if "gateway_cache_url" not in gw.model_fields_set and "redis_url" in self.vrops.model_fields_set:
             shared = gw.model_copy(update={"gateway_cache_url": self.vrops.redis_url})
             object.__setattr__(self, "gateway", shared)
-
-    @classmethod
-    def from_env(cls, **given: object) -> AppSettings:
-        """Everything from the environment, except the parts given."""
-        return cls(**given)  # type: ignore[arg-type]
