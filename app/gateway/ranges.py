@@ -479,13 +479,29 @@ def assemble(segments: Sequence[tuple[Interval, Extent]]) -> list[dict[str, Any]
     return out
 
 
-def matrix_doc(result: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"status": "success", "data": {"resultType": "matrix", "result": result}}
+def prom_ts(t: int | float) -> str:
+    """A timestamp (seconds) written as Prometheus writes it (jsonutil.MarshalTimestamp):
+    whole seconds, and the milliseconds as three digits when there are any ("…34.770",
+    where json.dumps would write "…34.77"), so assembled bodies equal upstream's bytes."""
+    ms = t * 1000 if isinstance(t, int) else round(t * 1000)
+    sign = "-" if ms < 0 else ""
+    sec, frac = divmod(abs(ms), 1000)
+    return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}"
 
 
 def _assembled_body(segments: Sequence[tuple[Interval, Extent]]) -> bytes:
-    doc = matrix_doc(assemble(segments))
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    def dumps(x: Any) -> str:
+        return json.dumps(x, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+    items = []
+    for item in assemble(segments):
+        fields = [f'"metric":{dumps(item["metric"])}']
+        for name in ("values", "histograms"):
+            if name in item:
+                points = ",".join(f"[{prom_ts(t)},{dumps(v)}]" for t, v in item[name])
+                fields.append(f'"{name}":[{points}]')
+        items.append("{" + ",".join(fields) + "}")
+    return ('{"status":"success","data":{"resultType":"matrix","result":[' + ",".join(items) + "]}}").encode()
 
 
 # -- the store (store only) ----------------------------------------------------------------
@@ -941,9 +957,10 @@ class RangeCache:
             key = f"{base}:t{t_ms}"
         data = (await self.store.get_many([key]))[0]
         if data is not None:
-            kept = json.loads(data)
+            # "<evaluation time ms>\n" then upstream's own bytes: sent as they came.
+            t_text, _, body = data.partition(b"\n")
             self._count("instant", Lookup.HIT)
-            return ApiResult(200, kept["doc"], Lookup.HIT, kept["t"] / 1000)
+            return ApiResult(200, None, Lookup.HIT, int(t_text) / 1000, raw=body)
         fut, leader = self.instants.join(key)
         if leader:
             self._spawn(self._fetch_instant(key, fut, expr, t_ms, params, ttl, deadline, headers))
@@ -969,8 +986,7 @@ class RangeCache:
                 return
             outcome = _Evaluated(answer, t)
             if answer.status_code == 200 and storable(answer.doc):
-                value = json.dumps({"t": t, "doc": answer.doc}, separators=(",", ":")).encode()
-                await self.store.put_many([(key, value, ttl)])
+                await self.store.put_many([(key, b"%d\n" % t + answer.raw, ttl)])
         finally:
             self.instants.settle(key, fut, outcome)
 

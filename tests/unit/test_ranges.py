@@ -22,6 +22,7 @@ from app.gateway.ranges import (
     RangeCache,
     Reach,
     Uncacheable,
+    _assembled_body,
     assemble,
     extent_of,
     fmt_ms,
@@ -29,6 +30,7 @@ from app.gateway.ranges import (
     label_key,
     ms_of,
     normalise,
+    prom_ts,
     range_reach,
     step_ms_of,
     storable,
@@ -166,6 +168,19 @@ def test_extent_of_accepts_points_on_the_grid_only() -> None:
     assert not storable({"status": "success", "data": {"resultType": "matrix", "result": [], "stats": {}}})
     assert extent_of({"status": "error", "errorType": "bad_data", "error": "x"}, 0, 10, 10) is None
     assert extent_of({"status": "success", "data": {"resultType": "vector", "result": []}}, 0, 10, 10) is None
+
+
+def test_assembled_bodies_write_timestamps_as_prometheus_does() -> None:
+    """jsonutil.MarshalTimestamp: milliseconds as three digits ("…0.770", "…0.007"), none
+    for whole seconds; json.dumps would write "…0.77" and the bytes would differ."""
+    assert [prom_ts(t) for t in (1700000000, 1700000000.77, 1700000000.007, 1700000000.5, -1.25)] == [
+        "1700000000", "1700000000.770", "1700000000.007", "1700000000.500", "-1.250"]
+    doc = doc_of(series({"__name__": "x", "job": "j"}, [(1700000000.77, "1"), (1700000001.77, "2")]))
+    ext = extent_of(doc, 1_700_000_000_770, 1_700_000_001_770, 1000)
+    assert ext is not None
+    body = _assembled_body([((1_700_000_000_770, 1_700_000_001_770), ext)])
+    assert body == (b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"__name__":"x",'
+                    b'"job":"j"},"values":[[1700000000.770,"1"],[1700000001.770,"2"]]}]}}')
 
 
 def test_fractional_timestamps_are_kept_to_the_millisecond() -> None:
