@@ -880,9 +880,7 @@ class RangeCache:
             query = [("query", expr), ("start", piece.start), ("end", piece.end),
                      ("step", fmt_ms(step_ms)), *list(params)]
             try:
-                answer = await self.client.api("POST", "/api/v1/query_range", query,
-                                               timeout=deadline - asyncio.get_running_loop().time(),
-                                               category="range", headers=headers)
+                answer = await self._ask("/api/v1/query_range", query, "range", deadline, headers)
             except UpstreamError as exc:
                 outcome = exc
                 return
@@ -978,9 +976,7 @@ class RangeCache:
             t = t_ms if t_ms is not None else int(self.clock() * 1000)
             query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
             try:
-                answer = await self.client.api("POST", "/api/v1/query", query,
-                                               timeout=deadline - asyncio.get_running_loop().time(),
-                                               category="instant", headers=headers)
+                answer = await self._ask("/api/v1/query", query, "instant", deadline, headers)
             except UpstreamError as exc:
                 outcome = exc
                 return
@@ -990,6 +986,12 @@ class RangeCache:
         finally:
             self.instants.settle(key, fut, outcome)
 
+    async def _ask(self, path: str, params: Sequence[tuple[str, str]], category: str, deadline: float,
+                   headers: Mapping[str, str] | None) -> Answer:
+        """One upstream API request with what is left of the caller's deadline (event-loop time)."""
+        return await self.client.api("POST", path, list(params), category=category, headers=headers,
+                                     timeout=deadline - asyncio.get_running_loop().time())
+
     # -- pass-through ----------------------------------------------------------------------
 
     async def _pass(self, path: str, params: Sequence[tuple[str, str]], deadline: float,
@@ -998,8 +1000,7 @@ class RangeCache:
         category = "range" if path.endswith("range") else "instant"
         params = list(params)
         if key is None:
-            answer = await self.client.api("POST", path, params, category=category, headers=headers,
-                                           timeout=deadline - asyncio.get_running_loop().time())
+            answer = await self._ask(path, params, category, deadline, headers)
             gm.cache_outcome(category, Lookup.MISS)
             return ApiResult(answer.status_code, answer.doc, Lookup.MISS, raw=answer.raw)
         fut, leader = self.passed.join(key)
@@ -1015,8 +1016,7 @@ class RangeCache:
                           headers: Mapping[str, str] | None) -> None:
         outcome: _Passed = UpstreamError("internal", "fetch ended without an answer")
         try:
-            outcome = await self.client.api("POST", path, params, category=category, headers=headers,
-                                            timeout=deadline - asyncio.get_running_loop().time())
+            outcome = await self._ask(path, params, category, deadline, headers)
         except UpstreamError as exc:
             outcome = exc
         finally:
