@@ -80,7 +80,7 @@ def make_redis(url: str, timeout: float, *, max_connections: int = 64, retries: 
         if not path:
             raise ValueError("a redis+sentinel:// URL names the master: redis+sentinel://host:port/<name>")
         db = int(path[1]) if len(path) > 1 else 0
-        sentinel = Sentinel(hosts, sentinel_kwargs=_fail_fast(timeout), **_fail_fast(timeout))  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(hosts, sentinel_kwargs=_fail_fast(timeout), **_fail_fast(timeout))
         client: Redis = sentinel.master_for(
             path[0], redis_class=Redis, username=user, password=password, db=db,
             health_check_interval=0, max_connections=max_connections, **_fail_fast(timeout, retries),
