@@ -13,7 +13,7 @@ one lookup vocabulary), ``promql`` (syntax-tree tools), ``catalog/``, ``render/`
 
 from __future__ import annotations
 
-from app.gateway.router import create_gateway_router
+from app.gateway.routes.figures import create_gateway_router
 from app.gateway.settings import GatewaySettings
 
 __all__ = ["GatewaySettings", "create_gateway_router"]

@@ -18,15 +18,15 @@ import httpx
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
-from app.gateway.cache import QueryCache, ResponseMemo
+from app.gateway.caching.figures import QueryCache, ResponseMemo
+from app.gateway.caching.shared import SharedExtentStore, SharedFlights, SharedTier
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
-from app.gateway.engine import Engine, Filters
-from app.gateway.ranges import MemoryExtentStore, RangeCache, TieredExtentStore
+from app.gateway.engines.figures import Engine, Filters
+from app.gateway.engines.ranges import MemoryExtentStore, RangeCache, TieredExtentStore
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
-from app.gateway.upstream import PrometheusClient
+from app.gateway.upstream.client import PrometheusClient
 
 CATALOG_SCOPES = 64  # tenants whose unfiltered figures the catalog class holds at once
 

@@ -21,10 +21,10 @@ import httpx
 import pytest
 import respx
 
-from app.gateway.cache import QueryCache
-from app.gateway.engine import Engine
+from app.gateway.caching.figures import QueryCache
+from app.gateway.engines.figures import Engine
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient
+from app.gateway.upstream.client import PrometheusClient
 from tests.faults.conftest import DEADLINE, MARGIN, Gateway, record, start_gateway, stop_gateway
 from tests.faults.engine_fake import EngineFake, engine_env
 

@@ -9,7 +9,7 @@ import pytest
 import respx
 
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, UpstreamError
+from app.gateway.upstream.client import PrometheusClient, UpstreamError
 
 PROM = "http://prom.api:9090/prefix"
 

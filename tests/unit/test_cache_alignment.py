@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.gateway import cache as cache_mod
-from app.gateway.cache import QueryCache
+from app.gateway.caching import figures as cache_mod
+from app.gateway.caching.figures import QueryCache
 
 
 @pytest.fixture()

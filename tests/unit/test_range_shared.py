@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import pytest
 
 from app.common.redis import make_redis_client
-from app.gateway.ranges import MemoryExtentStore, RangeCache, TieredExtentStore, _key, _params_key
+from app.gateway.caching.shared import SharedExtentStore, SharedFlights, SharedTier
+from app.gateway.engines.ranges import MemoryExtentStore, RangeCache, TieredExtentStore, _key, _params_key
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
-from app.gateway.upstream import UpstreamError
+from app.gateway.upstream.client import UpstreamError
 from tests.support.procs import Proc
 from tests.unit.test_ranges import FakeAnswer, GridUpstream
 

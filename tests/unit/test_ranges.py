@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from app.gateway.ranges import (
+from app.gateway.engines.ranges import (
     BLOCK_STEPS,
     Extent,
     MemoryExtentStore,
@@ -38,7 +38,7 @@ from app.gateway.ranges import (
 )
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import UpstreamError
+from app.gateway.upstream.client import UpstreamError
 
 S = 1000  # ms per second
 

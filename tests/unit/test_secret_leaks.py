@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, UpstreamError
+from app.gateway.upstream.client import PrometheusClient, UpstreamError
 from app.vrops.settings import VropsSettings
 
 SECRET = "pw-S3CRET-value"

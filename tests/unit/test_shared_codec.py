@@ -7,10 +7,7 @@ import math
 
 import pytest
 
-from app.gateway.catalog.loader import load_catalog
-from app.gateway.result import Fetched, Sample, UpstreamFailure
-from app.gateway.settings import GatewaySettings
-from app.gateway.shared import (
+from app.gateway.caching.shared import (
     FORMAT_VERSION,
     Codec,
     CodecError,
@@ -18,6 +15,9 @@ from app.gateway.shared import (
     catalog_fingerprint,
     grid_expiry,
 )
+from app.gateway.catalog.loader import load_catalog
+from app.gateway.result import Fetched, Sample, UpstreamFailure
+from app.gateway.settings import GatewaySettings
 
 ANSWER = Fetched(
     (Sample((("provider", "openai"), ("model", "gpt-4o")), 12.5),

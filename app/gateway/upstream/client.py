@@ -27,8 +27,8 @@ import httpx
 from app.common.episodes import FailureEpisode
 from app.common.secrets import SecretFile, SecretUnavailable, redact_url
 from app.gateway import metrics as gm
-from app.gateway.breaker import CircuitBreaker
 from app.gateway.settings import GatewaySettings
+from app.gateway.upstream.breaker import CircuitBreaker
 
 _T = TypeVar("_T")
 

@@ -33,7 +33,7 @@ from typing import Any
 import promql_parser as pp
 
 from app.gateway.catalog.model import Catalog, CatalogQuery
-from app.gateway.promql import (
+from app.gateway.promql.syntax import (
     PromQLError,
     Shift,
     duration,

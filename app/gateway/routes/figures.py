@@ -20,14 +20,14 @@ from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
 from app.common.tenancy import Tenant, tenant_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
-from app.gateway.engine import Shed
-from app.gateway.fastpath import kind_of, memo_key
-from app.gateway.promapi import create_promapi_router
-from app.gateway.promql import PLAIN_LABEL_VALUE
+from app.gateway.engines.figures import Shed
+from app.gateway.promql.syntax import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
 from app.gateway.render import json as json_render
 from app.gateway.render import text as text_render
 from app.gateway.result import QueryResult
+from app.gateway.routes.fastpath import kind_of, memo_key
+from app.gateway.routes.promapi import create_promapi_router
 from app.gateway.service import GatewayService, Rendered
 from app.gateway.settings import GatewaySettings
 

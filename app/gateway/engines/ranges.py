@@ -49,11 +49,11 @@ from typing import Any, Protocol, TypeVar
 import promql_parser as pp
 
 from app.gateway import metrics as gm
-from app.gateway.engine import SingleFlight
+from app.gateway.caching.shared import ALONE, SharedAnswer, SharedFlights
+from app.gateway.engines.figures import SingleFlight
 from app.gateway.result import Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import ALONE, SharedAnswer, SharedFlights
-from app.gateway.upstream import UpstreamError
+from app.gateway.upstream.client import UpstreamError
 
 log = logging.getLogger("gateway.ranges")
 

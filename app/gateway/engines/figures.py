@@ -38,13 +38,13 @@ from typing import Any, Generic, TypeVar
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
-from app.gateway.cache import CacheClass, QueryCache
+from app.gateway.caching.figures import CacheClass, QueryCache
+from app.gateway.caching.shared import ALONE, LEAD, SharedTier, grid_expiry
 from app.gateway.catalog.model import CatalogQuery
-from app.gateway.promql import apply_filters, enforce
+from app.gateway.promql.syntax import apply_filters, enforce
 from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import ALONE, LEAD, SharedTier, grid_expiry
-from app.gateway.upstream import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
+from app.gateway.upstream.client import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
 
 log = logging.getLogger("gateway.aggregator")
 

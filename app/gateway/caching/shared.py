@@ -57,10 +57,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.common.episodes import FailureEpisode
 from app.common.redis import AsyncRedis, make_redis_client
 from app.gateway import metrics as gm
-from app.gateway.breaker import CircuitBreaker
 from app.gateway.catalog.model import Catalog
 from app.gateway.result import Fetched, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
+from app.gateway.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger("gateway.shared")
 

@@ -38,11 +38,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
 from app.common.tenancy import tenant_of
-from app.gateway.names import FigureNames, merge_metadata
-from app.gateway.promql import PromQLError, enforce, enforce_match, parse, tenant_selector
+from app.gateway.catalog.names import FigureNames, merge_metadata
+from app.gateway.promql.syntax import PromQLError, enforce, enforce_match, parse, tenant_selector
 from app.gateway.result import Lookup
 from app.gateway.service import GatewayService
-from app.gateway.upstream import ApiAnswer, UpstreamError
+from app.gateway.upstream.client import ApiAnswer, UpstreamError
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"

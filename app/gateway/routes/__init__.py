@@ -1,0 +1,1 @@
+"""The HTTP edge: parses and picks; may import service, engines, promql, catalog, render, result, settings, metrics."""

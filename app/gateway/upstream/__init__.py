@@ -1,0 +1,1 @@
+"""The one upstream client: answers, breaker; may import settings and metrics only."""
