@@ -18,12 +18,15 @@ import httpx
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
-from app.gateway.caching.figures import QueryCache, ResponseMemo
-from app.gateway.caching.shared import SharedExtentStore, SharedFlights, SharedTier
+from app.gateway.caching.figures import QueryCache
+from app.gateway.caching.memo import ResponseMemo
+from app.gateway.caching.shared import SharedTier
+from app.gateway.caching.shared_ranges import SharedExtentStore, SharedFlights
+from app.gateway.caching.stores import MemoryExtentStore, TieredExtentStore
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
 from app.gateway.engines.figures import Engine, Filters
-from app.gateway.engines.ranges import MemoryExtentStore, RangeCache, TieredExtentStore
+from app.gateway.engines.ranges import RangeCache
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.client import PrometheusClient

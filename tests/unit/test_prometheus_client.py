@@ -19,7 +19,8 @@ import pytest
 import respx
 
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream.client import PrometheusClient, QueryAnswer, UpstreamError, parse_answer
+from app.gateway.upstream.answers import QueryAnswer, UpstreamError, parse_answer
+from app.gateway.upstream.client import PrometheusClient
 from tests.support.files import rotate
 
 PROM = "http://prom.test:9090"

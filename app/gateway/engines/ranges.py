@@ -33,27 +33,25 @@ flight are coalesced with the engine's ``SingleFlight``.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hashlib
 import json
 import logging
-import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
-from functools import lru_cache
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import promql_parser as pp
-
 from app.gateway import metrics as gm
-from app.gateway.caching.shared import ALONE, SharedAnswer, SharedFlights
-from app.gateway.engines.figures import SingleFlight
-from app.gateway.result import Lookup, UpstreamFailure
+from app.gateway.caching.extents import Extent, Interval, _assembled_body, extent_of, normalise, storable, subtract
+from app.gateway.caching.flight import SingleFlight
+from app.gateway.caching.shared import ALONE
+from app.gateway.caching.shared_ranges import SharedAnswer, SharedFlights
+from app.gateway.caching.stores import ExtentStore
+from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, instant_reach, range_reach
+from app.gateway.promql.timing import fmt_ms, ms_of, repr_time, step_ms_of
+from app.gateway.result import ApiResult, Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream.client import UpstreamError
+from app.gateway.upstream.answers import UpstreamError
 
 log = logging.getLogger("gateway.ranges")
 
@@ -70,8 +68,6 @@ MEMO_MAX_SECONDS = 600.0
 # Assembling more points than this runs in a worker thread, off the event loop.
 THREAD_POINTS = 20_000
 
-Interval = tuple[int, int]  # [first, last] grid instants in ms, both included
-LabelKey = tuple[tuple[str, str], ...]
 _T = TypeVar("_T")
 
 
@@ -96,515 +92,17 @@ class ApiClient(Protocol):
                   headers: Mapping[str, str] | None = None) -> Answer: ...
 
 
-class ApiResult:
-    """An answer for the query API: the envelope to send and how it was had.
-
-    `raw` is the body to send as is when there is one (upstream's own bytes, or a
-    remembered answer); `doc` is then decoded only if someone asks for it.
-    """
-
-    __slots__ = ("_doc", "evaluated_at", "lookup", "raw", "status_code")
-
-    def __init__(self, status_code: int, doc: dict[str, Any] | None, lookup: Lookup,
-                 evaluated_at: float | None = None, raw: bytes | None = None) -> None:
-        if doc is None and raw is None:
-            raise ValueError("an ApiResult needs a doc or a raw body")
-        self.status_code = status_code
-        self._doc = doc
-        self.lookup = lookup  # hit / partial / miss / coalesced: the X-Gateway-Cache header
-        self.evaluated_at = evaluated_at  # an instant query's evaluation time (unix s)
-        self.raw = raw
-
-    @property
-    def doc(self) -> dict[str, Any]:
-        """The envelope (status, data, warnings, infos, errorType, error)."""
-        if self._doc is None:
-            assert self.raw is not None
-            self._doc = json.loads(self.raw)
-        return self._doc
-
 
 # -- time as Prometheus reads it -----------------------------------------------------------
-
-def _go_round(x: float) -> int:
-    """Go's math.Round: half away from zero (Python's round() is half to even)."""
-    return math.floor(abs(x) + 0.5) * (1 if x >= 0 else -1)
-
-
-def ms_of(seconds: float) -> int:
-    """Unix seconds to whole milliseconds exactly as Prometheus' parseTime does.
-
-    (Modf; the fraction rounded to ms; time.Unix normalisation; FromTime.) The
-    evaluation grid must be Prometheus' own, to the millisecond.
-    """
-    frac, whole = math.modf(seconds)
-    frac = _go_round(frac * 1000) / 1000
-    total_ns = int(whole) * 1_000_000_000 + int(frac * 1e9)
-    sec, ns = divmod(total_ns, 1_000_000_000)
-    return sec * 1000 + ns // 1_000_000
-
-
-def step_ms_of(step: float) -> int:
-    """A float step in seconds to Prometheus' interval: Duration(step*1e9), then whole ms."""
-    return int(step * 1e9) // 1_000_000
-
-
-def fmt_ms(ms: int) -> str:
-    """Milliseconds as decimal seconds that every parser reads back to the same ms."""
-    sign = "-" if ms < 0 else ""
-    sec, frac = divmod(abs(ms), 1000)
-    return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}".rstrip("0")
-
-
-def _json_ts(ms: int) -> int | float:
-    """A timestamp as Prometheus writes it (seconds; a fraction only when there is one)."""
-    return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
 
 # -- what a query reads: freshness from the syntax tree -----------------------------------
 
-class Uncacheable(Exception):
-    """The query's per-instant values depend on more than the instant (``@ start()``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reach:
-    """The latest sample time a query reads when evaluated at t (ms):
-    ``max(t + relative, fixed)``; both None: it reads no data (``42``, ``time()``)."""
-
-    relative: int | None = None
-    fixed: int | None = None
-
-    def union(self, other: Reach) -> Reach:
-        return Reach(_max(self.relative, other.relative), _max(self.fixed, other.fixed))
-
-    def latest(self, t: int) -> int | None:
-        rel = None if self.relative is None else t + self.relative
-        return _max(rel, self.fixed)
-
-    def first_live(self, first: int, step: int, cutoff: int) -> int:
-        """The first grid instant (``first + k*step``) whose latest read is after `cutoff`.
-
-        Instants before it read only data at least a live window old. Returns an
-        instant after any range when no instant is live.
-        """
-        if self.fixed is not None and self.fixed > cutoff:
-            return first
-        if self.relative is None:
-            return 2**62
-        # t + relative > cutoff  <=>  t > cutoff - relative
-        k = (cutoff - self.relative - first) // step + 1
-        return first + max(k, 0) * step
-
-
-def _max(a: int | None, b: int | None) -> int | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
-
-
-def _offset_ms(offset: timedelta | None) -> int:
-    return 0 if offset is None else _go_round(offset.total_seconds() * 1000)
-
-
-def _at_ms(at: Any, preprocess_time: int | None) -> int | None:
-    """The absolute evaluation time of an ``@`` modifier (None when there is none)."""
-    if at is None:
-        return None
-    kind = str(at.type).rsplit(".", 1)[-1]
-    if kind == "At":
-        # The text form ("@ 1700000000.000"): reading .at panics for negative times, and
-        # a negative time prints as 0, still an upper bound of what is read.
-        return ms_of(float(str(at).split()[-1]))
-    if preprocess_time is None:
-        raise Uncacheable(f"@ {kind.lower()}() depends on the range")
-    return preprocess_time
-
-
-def reach(node: Any, preprocess_time: int | None = None) -> Reach:
-    """What `node` reads, as a Reach. `preprocess_time` is what ``start()``/``end()``
-    mean (an instant query's time); None for a range query, where they make the
-    query uncacheable."""
-    if isinstance(node, pp.VectorSelector):
-        off = _offset_ms(node.offset)
-        at = _at_ms(node.at, preprocess_time)
-        return Reach(fixed=at - off) if at is not None else Reach(relative=-off)
-    if isinstance(node, pp.MatrixSelector):
-        return reach(node.vector_selector, preprocess_time)
-    if isinstance(node, pp.SubqueryExpr):
-        inner = reach(node.expr, preprocess_time)
-        off = _offset_ms(node.offset)
-        at = _at_ms(node.at, preprocess_time)
-        # Inner evaluation times are at most (t or @) - offset.
-        if at is not None:
-            shifted = None if inner.relative is None else at - off + inner.relative
-            return Reach(fixed=_max(inner.fixed, shifted))
-        rel = None if inner.relative is None else inner.relative - off
-        return Reach(relative=rel, fixed=inner.fixed)
-    if isinstance(node, pp.NumberLiteral | pp.StringLiteral):
-        return Reach()
-    children: list[Any]
-    if isinstance(node, pp.Call):
-        children = list(node.args)
-    elif isinstance(node, pp.AggregateExpr):
-        children = [node.expr] + ([node.param] if node.param is not None else [])
-    elif isinstance(node, pp.BinaryExpr):
-        children = [node.lhs, node.rhs]
-    elif isinstance(node, pp.ParenExpr | pp.UnaryExpr):
-        children = [node.expr]
-    else:
-        raise Uncacheable(f"unknown syntax node {type(node).__name__}")
-    out = Reach()
-    for child in children:
-        out = out.union(reach(child, preprocess_time))
-    return out
-
-
-@lru_cache(maxsize=2048)
-def range_reach(expr: str) -> Reach:
-    """The Reach of a range query (raises Uncacheable; ValueError when it does not parse)."""
-    return reach(pp.parse(expr))
-
-
-# Every instant within the live window of now is live, whatever the query reads: some
-# upstreams answer an instant near now differently depending on the range asked
-# (VictoriaMetrics adjusts the last points of a range ending near or after now).
-AT_LEAST_NOW = Reach(relative=0)
-
-
-def instant_reach(expr: str, t: int) -> Reach:
-    return reach(pp.parse(expr), preprocess_time=t)
-
 
 # -- extents: covered instants and their points --------------------------------------------
 
-def normalise(intervals: Iterable[Interval], step: int) -> list[Interval]:
-    """Sorted, disjoint intervals; touching ones (b + step == a') joined."""
-    out: list[Interval] = []
-    for a, b in sorted(intervals):
-        if a > b:
-            continue
-        if out and a <= out[-1][1] + step:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def subtract(a: int, b: int, covered: Sequence[Interval], step: int) -> list[Interval]:
-    """The parts of [a, b] not in `covered` (normalised, on the same grid)."""
-    out: list[Interval] = []
-    cur = a
-    for ca, cb in covered:
-        if cb < cur:
-            continue
-        if ca > b:
-            break
-        if ca > cur:
-            out.append((cur, min(ca - step, b)))
-        cur = max(cur, cb + step)
-        if cur > b:
-            break
-    if cur <= b:
-        out.append((cur, b))
-    return out
-
-
-def intersect(covered: Sequence[Interval], a: int, b: int) -> list[Interval]:
-    return [(max(ca, a), min(cb, b)) for ca, cb in covered if cb >= a and ca <= b]
-
-
-def steps_in(intervals: Iterable[Interval], step: int) -> int:
-    return sum((b - a) // step + 1 for a, b in intervals)
-
-
-def _inside(ts: int, covered: Sequence[Interval]) -> bool:
-    i = bisect.bisect_right(covered, (ts, 2**63)) - 1
-    return i >= 0 and covered[i][0] <= ts <= covered[i][1]
-
-
-@dataclass(slots=True)
-class SeriesPoints:
-    metric: dict[str, str]
-    floats: list[tuple[int, Any]] = field(default_factory=list)  # (ms, value string)
-    hists: list[tuple[int, Any]] = field(default_factory=list)  # (ms, native histogram object)
-
-    def points(self) -> int:
-        return len(self.floats) + len(self.hists)
-
-
-@dataclass(slots=True)
-class Extent:
-    """Exact upstream points for every instant in `covered` (series absent: no point)."""
-
-    covered: list[Interval]
-    series: dict[LabelKey, SeriesPoints]
-
-    def clip(self, a: int, b: int) -> Extent:
-        covered = intersect(self.covered, a, b)
-        out: dict[LabelKey, SeriesPoints] = {}
-        for key, s in self.series.items():
-            floats = [p for p in s.floats if a <= p[0] <= b]
-            hists = [p for p in s.hists if a <= p[0] <= b]
-            if floats or hists:
-                out[key] = SeriesPoints(s.metric, floats, hists)
-        return Extent(covered, out)
-
-    def merge(self, newer: Extent, step: int) -> Extent:
-        """Both extents' instants; where both cover an instant, `newer`'s points."""
-        out: dict[LabelKey, SeriesPoints] = {}
-        for key, s in self.series.items():
-            floats = [p for p in s.floats if not _inside(p[0], newer.covered)]
-            hists = [p for p in s.hists if not _inside(p[0], newer.covered)]
-            if floats or hists:
-                out[key] = SeriesPoints(s.metric, floats, hists)
-        for key, s in newer.series.items():
-            have = out.get(key)
-            if have is None:
-                out[key] = SeriesPoints(s.metric, list(s.floats), list(s.hists))
-            else:
-                have.floats = sorted(have.floats + s.floats, key=_ts)
-                have.hists = sorted(have.hists + s.hists, key=_ts)
-        return Extent(normalise(self.covered + newer.covered, step), out)
-
-    def points(self) -> int:
-        return sum(s.points() for s in self.series.values())
-
-    def encode(self) -> bytes:
-        doc = {"c": self.covered,
-               "s": [[s.metric, s.floats, s.hists] for s in self.series.values()]}
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Extent:
-        doc = json.loads(data)
-        series: dict[LabelKey, SeriesPoints] = {}
-        for metric, floats, hists in doc["s"]:
-            series[label_key(metric)] = SeriesPoints(
-                metric, [(int(t), v) for t, v in floats], [(int(t), h) for t, h in hists])
-        return cls([(int(a), int(b)) for a, b in doc["c"]], series)
-
-
-def _ts(p: tuple[int, Any]) -> int:
-    return p[0]
-
-
-def label_key(metric: Mapping[str, str]) -> LabelKey:
-    """A label set in Prometheus' order: pairs sorted by name. Comparing these tuples is
-    labels.Compare (name, then value, then length; code point order = UTF-8 byte order)."""
-    return tuple(sorted(metric.items()))
-
-
-_ENVELOPE_KEYS = frozenset({"status", "data"})
-_DATA_KEYS = frozenset({"resultType", "result"})
-_SERIES_KEYS = frozenset({"metric", "values", "histograms"})
-
-
-def storable(doc: Mapping[str, Any]) -> bool:
-    """A plain success: nothing but status and data (no warnings, infos, stats)."""
-    data = doc.get("data")
-    return (doc.get("status") == "success" and set(doc) <= _ENVELOPE_KEYS
-            and isinstance(data, dict) and set(data) <= _DATA_KEYS and "result" in data)
-
-
-def extent_of(doc: Mapping[str, Any], a: int, b: int, step: int) -> Extent | None:
-    """The fetched answer for [a, b] as an Extent, or None when it cannot be trusted
-    per instant: not a plain success, not a matrix, a point off the grid or outside
-    [a, b] (an upstream that aligns or extends ranges), a repeated series or point."""
-    if not storable(doc) or doc["data"].get("resultType") != "matrix":
-        return None
-    result = doc["data"]["result"]
-    if not isinstance(result, list):
-        return None
-    series: dict[LabelKey, SeriesPoints] = {}
-    try:
-        for s in result:
-            if not isinstance(s, dict) or not set(s) <= _SERIES_KEYS:
-                return None
-            metric = s.get("metric")
-            if not isinstance(metric, dict) or not all(isinstance(v, str) for v in metric.values()):
-                return None
-            key = label_key(metric)
-            if key in series:
-                return None
-            floats = _grid_points(s.get("values") or [], a, b, step)
-            hists = _grid_points(s.get("histograms") or [], a, b, step)
-            if floats is None or hists is None:
-                return None
-            series[key] = SeriesPoints(dict(metric), floats, hists)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return Extent([(a, b)], series)
-
-
-def _grid_points(points: Sequence[Any], a: int, b: int, step: int) -> list[tuple[int, Any]] | None:
-    out: list[tuple[int, Any]] = []
-    last = a - step
-    for ts, value in points:
-        ms = _go_round(float(ts) * 1000)
-        if ms <= last or ms > b or (ms - a) % step:
-            return None
-        out.append((ms, value))
-        last = ms
-    return out
-
-
-def assemble(segments: Sequence[tuple[Interval, Extent]]) -> list[dict[str, Any]]:
-    """A matrix result from per-instant sources, sorted as Prometheus sorts a matrix."""
-    merged: dict[LabelKey, SeriesPoints] = {}
-    for (a, b), extent in segments:
-        for key, s in extent.series.items():
-            floats = [p for p in s.floats if a <= p[0] <= b]
-            hists = [p for p in s.hists if a <= p[0] <= b]
-            if not floats and not hists:
-                continue
-            have = merged.get(key)
-            if have is None:
-                merged[key] = SeriesPoints(s.metric, floats, hists)
-            else:
-                have.floats.extend(floats)
-                have.hists.extend(hists)
-    out: list[dict[str, Any]] = []
-    for key in sorted(merged):
-        s = merged[key]
-        item: dict[str, Any] = {"metric": dict(key)}
-        if s.floats:
-            item["values"] = [[_json_ts(t), v] for t, v in sorted(s.floats, key=_ts)]
-        if s.hists:
-            item["histograms"] = [[_json_ts(t), h] for t, h in sorted(s.hists, key=_ts)]
-        out.append(item)
-    return out
-
-
-def prom_ts(t: int | float) -> str:
-    """A timestamp (seconds) written as Prometheus writes it (jsonutil.MarshalTimestamp):
-    whole seconds, and the milliseconds as three digits when there are any ("…34.770",
-    where json.dumps would write "…34.77"), so assembled bodies equal upstream's bytes."""
-    ms = t * 1000 if isinstance(t, int) else round(t * 1000)
-    sign = "-" if ms < 0 else ""
-    sec, frac = divmod(abs(ms), 1000)
-    return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}"
-
-
-def _assembled_body(segments: Sequence[tuple[Interval, Extent]]) -> bytes:
-    def dumps(x: Any) -> str:
-        return json.dumps(x, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-    items = []
-    for item in assemble(segments):
-        fields = [f'"metric":{dumps(item["metric"])}']
-        for name in ("values", "histograms"):
-            if name in item:
-                points = ",".join(f"[{prom_ts(t)},{dumps(v)}]" for t, v in item[name])
-                fields.append(f'"{name}":[{points}]')
-        items.append("{" + ",".join(fields) + "}")
-    return ('{"status":"success","data":{"resultType":"matrix","result":[' + ",".join(items) + "]}}").encode()
-
 
 # -- the store (store only) ----------------------------------------------------------------
-
-class ExtentStore(Protocol):
-    """Bytes by key with a time to live, nothing more: what is in them and who fetches
-    is the range cache's business. A shared tier (Redis) can implement this."""
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
-
-    async def put_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
-        """Store (key, value, ttl seconds) items; a ttl <= 0 stores nothing."""
-        ...
-
-
-class MemoryExtentStore:
-    """The in-process ExtentStore: an LRU bounded in bytes, entries expiring on their TTL."""
-
-    OVERHEAD = 96  # per entry: key, tuple, dict slot; a rough but bounded estimate
-
-    def __init__(self, max_bytes: int, timer: Callable[[], float] = time.monotonic) -> None:
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._timer = timer
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-
-    def _cost(self, key: str, value: bytes) -> int:
-        return len(key) + len(value) + self.OVERHEAD
-
-    def _drop(self, key: str) -> None:
-        value, _ = self._entries.pop(key)
-        self.size -= self._cost(key, value)
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        now = self._timer()
-        out: list[bytes | None] = []
-        for key in keys:
-            entry = self._entries.get(key)
-            if entry is None:
-                out.append(None)
-            elif entry[1] <= now:
-                self._drop(key)
-                out.append(None)
-            else:
-                self._entries.move_to_end(key)
-                out.append(entry[0])
-        gm.range_cache_bytes(self.size)
-        return out
-
-    async def put_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
-        now = self._timer()
-        for key, value, ttl in items:
-            if key in self._entries:
-                self._drop(key)
-            cost = self._cost(key, value)
-            if ttl <= 0 or cost > self.max_bytes:
-                continue
-            self._entries[key] = (value, now + ttl)
-            self.size += cost
-            while self.size > self.max_bytes and self._entries:
-                self._drop(next(iter(self._entries)))
-        gm.range_cache_bytes(self.size)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-class RemoteExtentStore(ExtentStore, Protocol):
-    """An ExtentStore that can say how long each value has left (the shared tier's)."""
-
-    async def get_many_ttl(self, keys: Sequence[str]) -> list[tuple[bytes | None, float]]: ...
-
-
-class TieredExtentStore:
-    """A small local store in front of a remote one (local -> shared -> upstream).
-
-    Reads try the local tier first and copy what the remote one had into it for no
-    longer than the remote keeps it (a live extent lives seconds there too); writes go
-    to both, so another process of the fleet finds them. Stores only store.
-    """
-
-    def __init__(self, local: ExtentStore, remote: RemoteExtentStore) -> None:
-        self.local = local
-        self.remote = remote
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        out = await self.local.get_many(keys)
-        missing = [i for i, v in enumerate(out) if v is None]
-        if not missing:
-            return out
-        got = await self.remote.get_many_ttl([keys[i] for i in missing])
-        fill: list[tuple[str, bytes, float]] = []
-        for i, (value, ttl) in zip(missing, got, strict=True):
-            if value is not None:
-                out[i] = value
-                fill.append((keys[i], value, ttl))
-        if fill:
-            await self.local.put_many(fill)
-        return out
-
-    async def put_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
-        await self.local.put_many(items)
-        await self.remote.put_many(items)
 
 
 # -- the cache -----------------------------------------------------------------------------
@@ -1060,11 +558,6 @@ class RangeCache:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-
-def repr_time(seconds: float) -> str:
-    """A float time or step as a decimal string Prometheus parses to the same value."""
-    text = repr(float(seconds))
-    return text[:-2] if text.endswith(".0") else text
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:

@@ -26,42 +26,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
-from fastapi.routing import APIRoute
 
-from app.common.tenancy import tenant_of
 from app.gateway.catalog.names import FigureNames, merge_metadata
 from app.gateway.promql.syntax import PromQLError, enforce, enforce_match, parse, tenant_selector
 from app.gateway.result import Lookup
+from app.gateway.routes.confine import Caller, caller_of, confine_alerts, confine_rules, families_of
+from app.gateway.routes.envelope import JSON, ApiError, bad_data, error_response, from_upstream, invalid_param
+from app.gateway.routes.openapi import document
+from app.gateway.routes.params import _INT, Params, _ns, duration_param, read_params, required_time, time_param
 from app.gateway.service import GatewayService
-from app.gateway.upstream.client import ApiAnswer, UpstreamError
-
-JSON = "application/json"
-FORM = "application/x-www-form-urlencoded"
-
-# Prometheus' errorType -> HTTP status (web/api/v1 respondError), for the errors
-# this router makes itself; upstream error envelopes keep the upstream's status.
-ERROR_STATUS: dict[str, int] = {
-    "bad_data": 400,
-    "execution": 422,
-    "canceled": 503,
-    "timeout": 503,
-    "internal": 500,
-    "unavailable": 503,
-    "not_found": 404,
-    "not_acceptable": 406,
-}
-
-# Our upstream failure vocabulary -> Prometheus errorType.
-_UPSTREAM_ERROR_TYPE = {"timeout": "timeout", "too_large": "execution"}
+from app.gateway.upstream.answers import ApiAnswer, UpstreamError
 
 # Prometheus refuses ranges with more points than this per series.
 MAX_POINTS = 11000
@@ -72,266 +52,12 @@ SYNTHETIC_BUILDINFO = {"version": "2.24.0", "revision": "", "branch": "", "build
                        "buildDate": "", "goVersion": "", "application": "metrics-gateway"}
 
 
-class ApiError(Exception):
-    """An answer in Prometheus' error envelope."""
-
-    def __init__(self, error_type: str, message: str, headers: Mapping[str, str] | None = None, *,
-                 upstream: bool = False) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-        self.headers = dict(headers or {})
-        self.upstream = upstream  # the upstream failed (not the request)
-
-
-def bad_data(message: str) -> ApiError:
-    return ApiError("bad_data", message)
-
-
-def invalid_param(name: str, message: str) -> ApiError:
-    return ApiError("bad_data", f'invalid parameter "{name}": {message}')
-
-
-def error_response(exc: ApiError, cache_header: bool = False) -> Response:
-    """Prometheus' error envelope; on the query routes an upstream failure says `X-Gateway-Cache: failed`."""
-    body = json.dumps({"status": "error", "errorType": exc.error_type, "error": exc.message})
-    headers = dict(exc.headers)
-    if cache_header and exc.upstream:
-        headers["X-Gateway-Cache"] = str(Lookup.FAILED)
-    return Response(body, status_code=ERROR_STATUS.get(exc.error_type, 500), media_type=JSON, headers=headers)
-
-
-def from_upstream(exc: UpstreamError) -> ApiError:
-    """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours."""
-    if exc.error_type == "circuit_open":
-        return ApiError("unavailable", f"upstream Prometheus: {exc.message}",
-                        {"Retry-After": "1"}, upstream=True)
-    etype = _UPSTREAM_ERROR_TYPE.get(exc.error_type, "unavailable")
-    return ApiError(etype, f"upstream Prometheus: {exc.error_type}: {exc.message}", upstream=True)
-
 
 # --- parameters ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Params:
-    """The request's parameters in order, URL and form body merged (body first, as Go's r.Form)."""
-
-    items: tuple[tuple[str, str], ...]
-
-    def get(self, name: str) -> str:
-        """The first value, or "" (Go's FormValue)."""
-        for k, v in self.items:
-            if k == name:
-                return v
-        return ""
-
-    def all(self, name: str) -> list[str]:
-        return [v for k, v in self.items if k == name]
-
-    def without(self, *names: str) -> list[tuple[str, str]]:
-        return [(k, v) for k, v in self.items if k not in names]
-
-    def replaced(self, name: str, value: str) -> list[tuple[str, str]]:
-        """The items with the first `name` set to value (appended when absent), later copies dropped."""
-        out: list[tuple[str, str]] = []
-        done = False
-        for k, v in self.items:
-            if k == name:
-                if not done:
-                    out.append((k, value))
-                    done = True
-                continue
-            out.append((k, v))
-        if not done:
-            out.append((name, value))
-        return out
-
-
-def _decode_pairs(raw: bytes | str, where: str) -> list[tuple[str, str]]:
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return parse_qsl(text, keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad_data(f"error parsing form values: {where}: {exc}") from None
-
-
-async def read_params(request: Request) -> Params:
-    url = _decode_pairs(request.url.query, "query string")
-    body: list[tuple[str, str]] = []
-    if request.method == "POST":
-        raw = await request.body()
-        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype == FORM:
-            body = _decode_pairs(raw, "body")
-        elif raw.strip():
-            raise bad_data(f"unsupported Content-Type {ctype or '(none)'!r} for a POST with a body; "
-                           f"send parameters as {FORM}")
-    if body:
-        in_body: dict[str, list[str]] = {}
-        for k, v in body:
-            in_body.setdefault(k, []).append(v)
-        in_url: dict[str, list[str]] = {}
-        for k, v in url:
-            in_url.setdefault(k, []).append(v)
-        for k in in_body.keys() & in_url.keys():
-            if in_body[k] != in_url[k]:
-                raise bad_data(f'parameter "{k}" is given in both the URL and the body with different values')
-        return Params(tuple(body) + tuple((k, v) for k, v in url if k not in in_body))
-    return Params(tuple(url))
-
-
-# Go's strconv.ParseFloat syntax (decimal; no spaces or underscores, unlike Python's float()).
-_FLOAT = re.compile(r"\A[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)\Z",
-                    re.IGNORECASE | re.ASCII)
-_INT = re.compile(r"\A[+-]?[0-9]+\Z")
-_RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z", re.ASCII)
-_DURATION = re.compile(r"\A(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z",
-                       re.ASCII)
-_UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
-_MIN_TIME_FORMATTED = "-292273086-05-16T16:47:06Z"
-_MAX_TIME_FORMATTED = "292277025-08-18T07:12:54.999999999Z"
-
-
-def parse_time(text: str) -> float:
-    """Seconds since the epoch, as Prometheus' parseTime reads them (raises ValueError)."""
-    if _FLOAT.match(text):
-        t = float(text)
-        if not math.isfinite(t):
-            raise ValueError(text)
-        whole = math.trunc(t)
-        return whole + round((t - whole) * 1000) / 1000
-    if _RFC3339.match(text):
-        frac = ""
-        if "." in text:
-            head, rest = text.split(".", 1)
-            digits = re.match(r"\d+", rest)
-            assert digits is not None
-            frac = digits.group(0)
-            text = head + rest[len(frac):]
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return dt.timestamp() + (float("0." + frac) if frac else 0.0)
-    if text == _MIN_TIME_FORMATTED:
-        return -9.2e15
-    if text == _MAX_TIME_FORMATTED:
-        return 9.2e15
-    raise ValueError(text)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds, as Prometheus' parseDuration reads them: a float, or 1h30m-style (raises ValueError)."""
-    if _FLOAT.match(text):
-        d = float(text)
-        if not math.isfinite(d) or abs(d) * 1e9 > 2**63 - 1:
-            raise ValueError(f"cannot parse {text!r} to a valid duration. It overflows int64")
-        return d
-    m = _DURATION.match(text)
-    if m and text:
-        return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_SECONDS, strict=True) if g)
-    raise ValueError(f"cannot parse {text!r} to a valid duration")
-
-
-def _go_quote(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-def time_param(p: Params, name: str, default: float | None) -> float | None:
-    text = p.get(name)
-    if text == "":
-        return default
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise invalid_param(name, f"Invalid time value for '{name}': cannot parse {_go_quote(text)} "
-                                  "to a valid timestamp") from None
-
-
-def required_time(p: Params, name: str) -> float:
-    text = p.get(name)
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise invalid_param(name, f"cannot parse {_go_quote(text)} to a valid timestamp") from None
-
-
-def duration_param(p: Params, name: str) -> float:
-    text = p.get(name)
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        msg = str(exc).replace(repr(text), _go_quote(text))
-        raise invalid_param(name, msg) from None
-
-
-def _ns(t: float) -> int:
-    return round(t * 1e9)
 
 
 # --- the caller's scope (tenants, issue 15) ---------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who asks: the tenant's scope id (cache scope), its upstream headers and label matchers."""
-
-    scope: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    confined: bool = False
-    matchers: tuple[tuple[str, str], ...] = ()
-
-
-def caller_of(request: Request) -> Caller:
-    """The caller's tenant, as the security middleware resolved its token (app.common.tenancy)."""
-    tenant = tenant_of(request)
-    return Caller(tenant.id, tenant.headers() or {}, tenant.confined, tenant.matchers)
-
-
-# Suffixes under which a metric family's series are named (histograms, summaries,
-# counters in OpenMetrics, info metrics): metadata is kept per family name.
-_SERIES_SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created", "_info", "_gcount", "_gsum")
-
-
-def families_of(metric_names: Sequence[str]) -> set[str]:
-    """Every family name a series name may belong to (the name itself, and without a suffix)."""
-    out: set[str] = set()
-    for name in metric_names:
-        out.add(name)
-        for suffix in _SERIES_SUFFIXES:
-            if name.endswith(suffix) and len(name) > len(suffix):
-                out.add(name[: -len(suffix)])
-    return out
-
-
-def _carries(labels: Any, matchers: Sequence[tuple[str, str]]) -> bool:
-    return isinstance(labels, Mapping) and all(labels.get(k) == v for k, v in matchers)
-
-
-def confine_alerts(data: Any, matchers: Sequence[tuple[str, str]]) -> Any:
-    """/api/v1/alerts data with only the alerts whose labels carry the tenant's."""
-    if not isinstance(data, Mapping):
-        return data
-    alerts = [a for a in data.get("alerts") or [] if isinstance(a, Mapping) and _carries(a.get("labels"), matchers)]
-    return {**data, "alerts": alerts}
-
-
-def confine_rules(data: Any, matchers: Sequence[tuple[str, str]]) -> Any:
-    """/api/v1/rules data with only the rules whose own labels carry the tenant's (as
-    prom-label-proxy does: a rule's query may name any tenant), their alerts filtered too;
-    groups left without rules are dropped."""
-    if not isinstance(data, Mapping):
-        return data
-    groups = []
-    for group in data.get("groups") or []:
-        if not isinstance(group, Mapping):
-            continue
-        rules = []
-        for rule in group.get("rules") or []:
-            if isinstance(rule, Mapping) and _carries(rule.get("labels"), matchers):
-                if "alerts" in rule:
-                    rule = {**rule, "alerts": [a for a in rule.get("alerts") or []
-                                               if isinstance(a, Mapping) and _carries(a.get("labels"), matchers)]}
-                rules.append(rule)
-        if rules:
-            groups.append({**group, "rules": rules})
-    return {**data, "groups": groups}
 
 
 Handler = Callable[[Params, Caller], Awaitable[Response]]
@@ -642,65 +368,4 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
 
 # --- OpenAPI: the parameters as Prometheus reads them ---------------------------------------------
 
-# An empty value is an absent one (Go's FormValue), so the patterns accept "".
-_TIME = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])"
-         r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$")
-_DURATION_PATTERN = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?)"
-                     r"|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$")
-_STR = {"type": "string"}
-# A form field given once is a string, several times an array: the wire cannot tell them apart.
-_MATCH: dict[str, Any] = {"anyOf": [_STR, {"type": "array", "items": _STR}]}
-_PARAMS: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {
-    "query": [("query", False, _STR), ("time", False, {**_STR, "pattern": _TIME}),
-              ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
-    "query_range": [("query", False, _STR), ("start", True, {**_STR, "pattern": _TIME}),
-                    ("end", True, {**_STR, "pattern": _TIME}), ("step", True, {**_STR, "pattern": _DURATION_PATTERN}),
-                    ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
-    "query_exemplars": [("query", False, _STR), ("start", False, {**_STR, "pattern": _TIME}),
-                        ("end", False, {**_STR, "pattern": _TIME})],
-    "series": [("match[]", True, _MATCH),
-               ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
-               ("limit", False, _STR)],
-    "labels": [("match[]", False, _MATCH), ("start", False, {**_STR, "pattern": _TIME}),
-               ("end", False, {**_STR, "pattern": _TIME}), ("limit", False, _STR)],
-    "label/{name}/values": [("match[]", False, _MATCH),
-                            ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
-                            ("limit", False, _STR)],
-    "metadata": [("metric", False, _STR), ("limit", False, {"type": "string", "pattern": r"^([+-]?[0-9]+)?$"}),
-                 ("limit_per_metric", False, _STR)],
-}
-_ENVELOPE = {"type": "object", "required": ["status"], "properties": {
-    "status": {"type": "string", "enum": ["success", "error"]}, "data": {},
-    "errorType": {"type": "string"}, "error": {"type": "string"},
-    "warnings": {"type": "array", "items": {"type": "string"}},
-    "infos": {"type": "array", "items": {"type": "string"}}}}
-_ERROR = {"description": "Prometheus' error envelope", "content": {JSON: {"schema": _ENVELOPE}}}
-API_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Prometheus' success envelope (the upstream's, passed through)",
-          "content": {JSON: {"schema": _ENVELOPE}}},
-    400: _ERROR, 404: _ERROR, 422: _ERROR, 500: _ERROR, 503: _ERROR,
-}
 
-
-def document(router: APIRouter) -> None:
-    """Describe each API route's parameters (query string for GET, form body for POST) and
-    its answers in OpenAPI, so /docs shows them and schema-driven clients can call them."""
-    for route in router.routes:
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
-            continue
-        params = _PARAMS.get(route.path_format.lstrip("/"), [])
-        route.responses = {**API_RESPONSES, **route.responses}
-        if "POST" in (route.methods or set()):
-            props = {name: schema for name, _, schema in params}
-            required = [name for name, req, _ in params if req]
-            body: dict[str, Any] = {"type": "object", "properties": props}
-            if required:
-                body["required"] = required
-            route.openapi_extra = {"requestBody": {"required": bool(required), "content": {FORM: {
-                "schema": body, "encoding": {n: {"style": "form", "explode": True}
-                                             for n, _, sc in params if sc is _MATCH}}}}}
-        elif params:
-            route.openapi_extra = {"parameters": [
-                {"name": name, "in": "query", "required": req, "schema": schema,
-                 **({"style": "form", "explode": True} if schema is _MATCH else {})}
-                for name, req, schema in params]}
