@@ -325,8 +325,7 @@ def make_cache(now: float, **overrides: Any) -> tuple[RangeCache, GridUpstream, 
     settings = GatewaySettings(range_cache_live_window_seconds=60, **overrides)
     upstream = GridUpstream()
     clock = Clock(now)
-    cache = RangeCache(settings, upstream, MemoryExtentStore(10_000_000, timer=clock))
-    cache.clock = clock
+    cache = RangeCache(settings, upstream, MemoryExtentStore(10_000_000, timer=clock), clock=clock)
     return cache, upstream, clock
 
 

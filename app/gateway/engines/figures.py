@@ -29,13 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
 from app.gateway.caching.figures import CacheClass, QueryCache
-from app.gateway.caching.flight import SingleFlight
+from app.gateway.caching.flight import Background, SingleFlight
 from app.gateway.caching.shared import ALONE, LEAD, SharedTier, grid_expiry
 from app.gateway.catalog.model import CatalogQuery
 from app.gateway.engines.batch import BATCH_LABEL, Outcome, Settled, _Job, _split_and_project, _split_and_project_big
@@ -47,9 +47,7 @@ from app.gateway.upstream.client import PrometheusClient
 
 log = logging.getLogger("gateway.aggregator")
 
-READY_QUERY = "vector(1)"
 Filters = Mapping[str, Sequence[str]]
-Readiness = tuple[bool, str]
 
 class Shed(Exception):
     """A request for filtered variants refused: the rate of filtered fetches is spent.
@@ -120,15 +118,8 @@ class Engine:
         self.shared = shared
         self.flights: SingleFlight[Settled] = SingleFlight()
         self.filtered_fetches = TokenBucket(settings.filtered_fetches_per_second, settings.filtered_fetch_burst)
-        self._ready_flight: SingleFlight[Readiness] = SingleFlight()
-        self._ready: tuple[float, Readiness] | None = None  # (valid until, loop time; outcome)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def _spawn(self, work: Coroutine[object, object, None]) -> None:
-        """Run work shared with other requests: it must outlive the request that started it."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Work shared with other requests: it must outlive the request that started it.
+        self.background = Background()
 
     async def run(self, queries: Sequence[CatalogQuery], category: str,
                   filters: Filters | None = None, tenant: Tenant = UNCONFINED) -> list[QueryResult]:
@@ -174,7 +165,7 @@ class Engine:
                 coalesced.add(i)
             waiting[i] = fut
         if to_fetch:
-            self._spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
+            self.background.spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
 
         if waiting:
             remaining = max(0.0, deadline - loop.time())
@@ -369,41 +360,5 @@ class Engine:
         gm.cache_usage({str(c): u for c, u in self.cache.usage().items()}, evicted)
         return outcomes
 
-    # -- readiness ----------------------------------------------------------------------
-
-    async def ready(self) -> Readiness:
-        """Can the upstream evaluate a query? One probe answers every caller.
-
-        /ready is open to anyone: asked directly, each call would be an upstream
-        request outside cache, coalescing and breaker, so a crowd of callers could
-        take the pool from the figures. Here concurrent callers share one probe in
-        flight, its outcome is reused for READY_CACHE_SECONDS, and the probe goes
-        through the client's breaker (while the circuit is open: not ready, at once).
-        """
-        loop = asyncio.get_running_loop()
-        if self._ready is not None and loop.time() < self._ready[0]:
-            return self._ready[1]
-        fut, leader = self._ready_flight.join("ready")
-        if leader:
-            self._spawn(self._probe(fut))
-        # Shielded: a caller giving up (its own readiness budget) must not cancel the shared probe.
-        return await asyncio.shield(fut)
-
-    async def _probe(self, fut: asyncio.Future[Readiness]) -> None:
-        outcome: Readiness = (False, "internal")
-        try:
-            await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds,
-                                    category="ready")
-            outcome = (True, "ready")
-        except UpstreamError as exc:
-            outcome = (False, exc.error_type)
-        finally:
-            until = asyncio.get_running_loop().time() + self.settings.ready_cache_seconds
-            self._ready = (until, outcome)
-            self._ready_flight.settle("ready", fut, outcome)
-
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.background.aclose()

@@ -33,21 +33,32 @@ flight are coalesced with the engine's ``SingleFlight``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from app.gateway import metrics as gm
-from app.gateway.caching.extents import Extent, Interval, _assembled_body, extent_of, normalise, storable, subtract
-from app.gateway.caching.flight import SingleFlight
+from app.gateway.caching.extents import Extent, Interval, _assembled_body, extent_of, normalise, subtract
+from app.gateway.caching.flight import Background, SingleFlight
 from app.gateway.caching.shared import ALONE
 from app.gateway.caching.shared_ranges import SharedAnswer, SharedFlights
 from app.gateway.caching.stores import ExtentStore
-from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, instant_reach, range_reach
+from app.gateway.engines.instants import Instants
+from app.gateway.engines.passthrough import (
+    BYPASS_PARAMS,
+    Answer,
+    ApiClient,
+    Passthrough,
+    _key,
+    _params_key,
+    count,
+    settled,
+    unfinished,
+)
+from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, range_reach
 from app.gateway.promql.timing import fmt_ms, ms_of, repr_time, step_ms_of
 from app.gateway.result import ApiResult, Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
@@ -59,9 +70,6 @@ log = logging.getLogger("gateway.ranges")
 MAX_STEPS = 11_000
 BLOCK_STEPS = 240  # grid instants per stored block (1 h at a 15 s step)
 MAX_PIECES = 3  # more missing pieces than this: fetch one span instead
-KEY_VERSION = "rc1"
-# Parameters that make an answer uncacheable (Prometheus' per-query statistics).
-BYPASS_PARAMS = frozenset({"stats"})
 # A whole answer is remembered at most this long (its extents stay longer): a window
 # moves with every refresh, so old bodies should leave room for extents.
 MEMO_MAX_SECONDS = 600.0
@@ -70,42 +78,6 @@ THREAD_POINTS = 20_000
 
 _T = TypeVar("_T")
 
-
-# -- the upstream seam ---------------------------------------------------------------------
-
-class Answer(Protocol):
-    """What the upstream client's ``api()`` returns (``app.gateway.upstream.ApiAnswer``)."""
-
-    @property
-    def status_code(self) -> int: ...
-
-    @property
-    def doc(self) -> dict[str, Any]: ...
-
-    @property
-    def raw(self) -> bytes: ...
-
-
-class ApiClient(Protocol):
-    async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
-                  timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None) -> Answer: ...
-
-
-
-# -- time as Prometheus reads it -----------------------------------------------------------
-
-
-# -- what a query reads: freshness from the syntax tree -----------------------------------
-
-
-# -- extents: covered instants and their points --------------------------------------------
-
-
-# -- the store (store only) ----------------------------------------------------------------
-
-
-# -- the cache -----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
@@ -123,45 +95,32 @@ class _Fetched:
     extent: Extent | None  # None: not storable per instant (warnings, error, off grid)
 
 
-@dataclass(frozen=True, slots=True)
-class _Evaluated:
-    answer: Answer
-    t: int  # the evaluation time sent upstream (ms)
-
-
 _Flight = _Fetched | UpstreamError
 _Request = ApiResult | UpstreamError
-_Passed = Answer | UpstreamError
-_Instant = _Evaluated | UpstreamError
-
-
-def _key(*parts: object) -> str:
-    raw = json.dumps(parts, separators=(",", ":"), ensure_ascii=False)
-    return f"{KEY_VERSION}:{hashlib.sha256(raw.encode()).hexdigest()[:40]}"
-
-
-def _params_key(params: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The parameters that change an answer, for keys: all but `timeout`, stable by name
-    (repeated names keep their order: Prometheus reads the first)."""
-    return sorted((p for p in params if p[0] != "timeout"), key=lambda p: p[0])
 
 
 class RangeCache:
     """query_range and query through the extent store; see the module docstring."""
 
     def __init__(self, settings: GatewaySettings, client: ApiClient, store: ExtentStore,
-                 fleet: SharedFlights | None = None) -> None:
+                 fleet: SharedFlights | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.client = client
         self.store = store
         self.fleet = fleet  # fleet-wide single flight through the shared tier, when on
+        self.clock = clock
         self.live_window_ms = int(settings.range_cache_live_window_seconds * 1000)
+        self.background = Background()
+        self.upstream = Passthrough(client, self.background)
+        self.instants = Instants(settings, self.upstream, store, clock)
         self.pieces: SingleFlight[_Flight] = SingleFlight()
-        self.passed: SingleFlight[_Passed] = SingleFlight()
-        self.instants: SingleFlight[_Instant] = SingleFlight()
         self.requests: SingleFlight[_Request] = SingleFlight()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.clock: Callable[[], float] = time.time
+
+    async def query(self, *, scope: str, expr: str, time: float | None,
+                    params: Sequence[tuple[str, str]], deadline: float,
+                    headers: Mapping[str, str] | None = None) -> ApiResult:
+        """An instant query (``Instants.query``), beside the range queries it shares a store with."""
+        return await self.instants.query(scope=scope, expr=expr, time=time, params=params,
+                                         deadline=deadline, headers=headers)
 
     # -- range queries ---------------------------------------------------------------------
 
@@ -178,13 +137,13 @@ class RangeCache:
                        ("step", repr_time(step)), *params]
         if (any(name in BYPASS_PARAMS for name, _ in params) or step_ms <= 0 or end_ms < first
                 or (end_ms - first) // step_ms > MAX_STEPS or self.settings.range_cache_max_bytes <= 0):
-            return await self._pass("/api/v1/query_range", base_params, deadline, headers, None)
+            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, None)
         full_key = _key("range-pass", scope, expr, first, end_ms, step_ms, _params_key(params))
         try:
             rch = range_reach(expr).union(AT_LEAST_NOW)
         except (Uncacheable, ValueError, RuntimeError):
             # @ start()/end(), or a query upstream will refuse: coalesce, never store.
-            return await self._pass("/api/v1/query_range", base_params, deadline, headers, full_key)
+            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, full_key)
         last = first + (end_ms - first) // step_ms * step_ms
         base = _key("range", scope, expr, step_ms, first % step_ms, _params_key(params))
 
@@ -198,33 +157,24 @@ class RangeCache:
                     else min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS))
         remembered = (await self.store.get_many([memo_key]))[0]
         if remembered is not None:
-            self._count("range", Lookup.HIT, total, 0, 0)
+            count("range", Lookup.HIT, total, 0, 0)
             return ApiResult(200, None, Lookup.HIT, raw=remembered)
         # Identical requests in flight wait for the first one's answer (a dashboard opened
         # by many viewers at once): assembled once, sent to all.
-        fut, leader = self.requests.join(memo_key)
-        if leader:
-            self._spawn(self._lead(memo_key, fut, self._fleet(memo_key, deadline, total, lambda: self._range_answer(
-                scope=scope, expr=expr, start=start, end=end, step=step, params=params,
-                deadline=deadline, headers=headers, rch=rch, first=first, last=last,
-                step_ms=step_ms, base=base, live_from=live_from, memo_key=memo_key,
-                memo_ttl=memo_ttl, base_params=base_params, full_key=full_key))))
-        result: ApiResult = (await self._wait([fut], deadline))[0]
+        answer = functools.partial(
+            self._range_answer,
+            scope=scope, expr=expr, start=start, end=end, step=step, params=params,
+            deadline=deadline, headers=headers, rch=rch, first=first, last=last,
+            step_ms=step_ms, base=base, live_from=live_from, memo_key=memo_key,
+            memo_ttl=memo_ttl, base_params=base_params, full_key=full_key)
+        fut, leader = self.requests.lead(memo_key, lambda: self._fleet(memo_key, deadline, total, answer),
+                                         self.background, catch=UpstreamError, unfinished=unfinished)
+        result: ApiResult = (await settled([fut], deadline))[0]
         if leader:
             return result
-        self._count("range", Lookup.COALESCED, 0, 0, total)
+        count("range", Lookup.COALESCED, 0, 0, total)
         return ApiResult(result.status_code, None if result.raw is not None else result.doc,
                          Lookup.COALESCED, raw=result.raw)
-
-    async def _lead(self, key: str, fut: asyncio.Future[_Request],
-                    work: Coroutine[Any, Any, ApiResult]) -> None:
-        outcome: _Request = UpstreamError("internal", "range answer ended without a result")
-        try:
-            outcome = await work
-        except UpstreamError as exc:
-            outcome = exc
-        finally:
-            self.requests.settle(key, fut, outcome)
 
     async def _fleet(self, key: str, deadline: float, total: int,
                      make: Callable[[], Coroutine[Any, Any, ApiResult]]) -> ApiResult:
@@ -242,12 +192,12 @@ class RangeCache:
         if claim is None:
             return await make()
         if claim.body is not None:
-            self._count("range", Lookup.HIT, total, 0, 0)
+            count("range", Lookup.HIT, total, 0, 0)
             return ApiResult(200, None, Lookup.HIT, raw=claim.body)
         if claim.holder is not None:
             got = await fleet.wait(key, claim.token, claim.holder, deadline)
             if isinstance(got, SharedAnswer):
-                self._count("range", Lookup.COALESCED, 0, 0, total)
+                count("range", Lookup.COALESCED, 0, 0, total)
                 return ApiResult(got.status_code, None, Lookup.COALESCED, raw=got.body)
             if isinstance(got, UpstreamFailure):
                 raise UpstreamError(got.error_type, got.message)
@@ -292,13 +242,13 @@ class RangeCache:
         leads: list[bool] = []
         for piece in pieces:
             fkey = f"{base}|{piece.a}|{piece.b}|{piece.start}|{piece.end}"
-            fut, leader = self.pieces.join(fkey)
+            fut, leader = self.pieces.lead(
+                fkey, functools.partial(self._fetch_piece, piece, expr, step_ms, params, rch, base,
+                                        live_key, deadline, headers),
+                self.background, catch=UpstreamError, unfinished=unfinished)
             leads.append(leader)
-            if leader:
-                self._spawn(self._fetch_piece(fkey, fut, piece, expr, step_ms, params, rch, base,
-                                              live_key, deadline, headers))
             futures.append(fut)
-        fetched = await self._wait(futures, deadline)
+        fetched = await settled(futures, deadline)
 
         fetched_steps = min(total, sum((p.b - p.a) // step_ms + 1 for p in pieces))
         cached_steps = total - fetched_steps
@@ -307,7 +257,7 @@ class RangeCache:
         if not covered and len(pieces) == 1 and (pieces[0].a, pieces[0].b) == (first, last):
             # The whole answer is one upstream answer: pass it on as it came.
             lookup = Lookup.MISS if led else Lookup.COALESCED
-            self._count("range", lookup, 0, led_steps, total - led_steps)
+            count("range", lookup, 0, led_steps, total - led_steps)
             answer = fetched[0].answer
             if fetched[0].extent is not None:
                 await self.store.put_many([(memo_key, answer.raw, memo_ttl)])
@@ -315,8 +265,8 @@ class RangeCache:
         if any(f.extent is None for f in fetched):
             # A piece carried warnings, an error or points off the grid: not assembled;
             # the caller gets upstream's own answer for the whole range.
-            self._count("range", Lookup.MISS, 0, led_steps, 0)
-            return await self._pass("/api/v1/query_range", base_params, deadline, headers, full_key)
+            count("range", Lookup.MISS, 0, led_steps, 0)
+            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, full_key)
 
         segments: list[tuple[Interval, Extent]] = []
         taken: list[Interval] = []
@@ -340,7 +290,7 @@ class RangeCache:
             lookup = Lookup.PARTIAL
         else:
             lookup = Lookup.MISS if led else Lookup.COALESCED
-        self._count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
+        count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
         return ApiResult(200, None, lookup, raw=body)
 
     def _blocks(self, a: int, b: int, step: int) -> list[int]:
@@ -369,31 +319,23 @@ class RangeCache:
                 a = chunk_end + step
         return out
 
-    async def _fetch_piece(self, fkey: str, fut: asyncio.Future[_Flight], piece: _Piece, expr: str,
-                           step_ms: int, params: Sequence[tuple[str, str]], rch: Reach, base: str,
-                           live_key: str, deadline: float, headers: Mapping[str, str] | None) -> None:
-        outcome: _Flight = UpstreamError("internal", "range fetch ended without an answer")
-        try:
-            cutoff = int(self.clock() * 1000) - self.live_window_ms
-            query = [("query", expr), ("start", piece.start), ("end", piece.end),
-                     ("step", fmt_ms(step_ms)), *list(params)]
-            try:
-                answer = await self._ask("/api/v1/query_range", query, "range", deadline, headers)
-            except UpstreamError as exc:
-                outcome = exc
-                return
-            extent = None
-            if answer.status_code == 200:
-                data = answer.doc.get("data")
-                result = data.get("result") if isinstance(data, dict) else None
-                size = len(result) if isinstance(result, list) else 0
-                heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
-                extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
-            outcome = _Fetched(answer, extent)
-            if extent is not None:
-                await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
-        finally:
-            self.pieces.settle(fkey, fut, outcome)
+    async def _fetch_piece(self, piece: _Piece, expr: str, step_ms: int, params: Sequence[tuple[str, str]],
+                           rch: Reach, base: str, live_key: str, deadline: float,
+                           headers: Mapping[str, str] | None) -> _Flight:
+        cutoff = int(self.clock() * 1000) - self.live_window_ms
+        query = [("query", expr), ("start", piece.start), ("end", piece.end),
+                 ("step", fmt_ms(step_ms)), *list(params)]
+        answer = await self.upstream.ask("/api/v1/query_range", query, "range", deadline, headers)
+        extent = None
+        if answer.status_code == 200:
+            data = answer.doc.get("data")
+            result = data.get("result") if isinstance(data, dict) else None
+            size = len(result) if isinstance(result, list) else 0
+            heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
+            extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
+        if extent is not None:
+            await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
+        return _Fetched(answer, extent)
 
     async def _keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,
                     rch: Reach, cutoff: int) -> None:
@@ -423,141 +365,8 @@ class RangeCache:
         items = await _cpu(build, heavy=extent.points() > THREAD_POINTS)
         await self.store.put_many(items)
 
-    # -- instant queries -------------------------------------------------------------------
-
-    async def query(self, *, scope: str, expr: str, time: float | None,
-                    params: Sequence[tuple[str, str]], deadline: float,
-                    headers: Mapping[str, str] | None = None) -> ApiResult:
-        """An instant query. Without `time` it is evaluated at a now the gateway picks,
-        sent upstream explicitly and reported (``evaluated_at``; Prometheus' ``value[0]``
-        carries it too), and reused for at most the figure TTL. With `time`, an answer
-        that reads only settled data is kept like a settled extent."""
-        if any(name in BYPASS_PARAMS for name, _ in params) or self.settings.range_cache_max_bytes <= 0:
-            query = [("query", expr), *([("time", repr_time(time))] if time is not None else []), *params]
-            return await self._pass("/api/v1/query", query, deadline, headers, None)
-        base = _key("instant", scope, expr, _params_key(params))
-        if time is None:
-            key, ttl, t_ms = f"{base}:now", self.settings.ttl_for("api"), None
-        else:
-            t_ms = ms_of(time)
-            try:
-                rch = instant_reach(expr, t_ms).union(AT_LEAST_NOW)
-                latest = rch.latest(t_ms)
-                settled = latest is None or latest <= int(self.clock() * 1000) - self.live_window_ms
-            except (Uncacheable, ValueError, RuntimeError):
-                query = [("query", expr), ("time", repr_time(time)), *params]
-                return await self._pass("/api/v1/query", query, deadline, headers,
-                                        _key("instant-pass", scope, expr, t_ms, _params_key(params)))
-            ttl = (self.settings.range_cache_ttl_seconds if settled
-                   else self.settings.range_cache_live_ttl_seconds)
-            key = f"{base}:t{t_ms}"
-        data = (await self.store.get_many([key]))[0]
-        if data is not None:
-            # "<evaluation time ms>\n" then upstream's own bytes: sent as they came.
-            t_text, _, body = data.partition(b"\n")
-            self._count("instant", Lookup.HIT)
-            return ApiResult(200, None, Lookup.HIT, int(t_text) / 1000, raw=body)
-        fut, leader = self.instants.join(key)
-        if leader:
-            self._spawn(self._fetch_instant(key, fut, expr, t_ms, params, ttl, deadline, headers))
-        outcome: _Evaluated = (await self._wait([fut], deadline))[0]
-        lookup = Lookup.MISS if leader else Lookup.COALESCED
-        self._count("instant", lookup)
-        return ApiResult(outcome.answer.status_code, outcome.answer.doc, lookup, outcome.t / 1000,
-                         raw=outcome.answer.raw)
-
-    async def _fetch_instant(self, key: str, fut: asyncio.Future[_Instant], expr: str, t_ms: int | None,
-                             params: Sequence[tuple[str, str]], ttl: float, deadline: float,
-                             headers: Mapping[str, str] | None) -> None:
-        outcome: _Instant = UpstreamError("internal", "instant fetch ended without an answer")
-        try:
-            t = t_ms if t_ms is not None else int(self.clock() * 1000)
-            query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
-            try:
-                answer = await self._ask("/api/v1/query", query, "instant", deadline, headers)
-            except UpstreamError as exc:
-                outcome = exc
-                return
-            outcome = _Evaluated(answer, t)
-            if answer.status_code == 200 and storable(answer.doc):
-                await self.store.put_many([(key, b"%d\n" % t + answer.raw, ttl)])
-        finally:
-            self.instants.settle(key, fut, outcome)
-
-    async def _ask(self, path: str, params: Sequence[tuple[str, str]], category: str, deadline: float,
-                   headers: Mapping[str, str] | None) -> Answer:
-        """One upstream API request with what is left of the caller's deadline (event-loop time)."""
-        return await self.client.api("POST", path, list(params), category=category, headers=headers,
-                                     timeout=deadline - asyncio.get_running_loop().time())
-
-    # -- pass-through ----------------------------------------------------------------------
-
-    async def _pass(self, path: str, params: Sequence[tuple[str, str]], deadline: float,
-                    headers: Mapping[str, str] | None, key: str | None) -> ApiResult:
-        """Upstream's own answer, never stored; coalesced with identical requests when keyed."""
-        category = "range" if path.endswith("range") else "instant"
-        params = list(params)
-        if key is None:
-            answer = await self._ask(path, params, category, deadline, headers)
-            gm.cache_outcome(category, Lookup.MISS)
-            return ApiResult(answer.status_code, answer.doc, Lookup.MISS, raw=answer.raw)
-        fut, leader = self.passed.join(key)
-        if leader:
-            self._spawn(self._fetch_pass(key, fut, path, params, category, deadline, headers))
-        outcome = (await self._wait([fut], deadline))[0]
-        lookup = Lookup.MISS if leader else Lookup.COALESCED
-        gm.cache_outcome(category, lookup)
-        return ApiResult(outcome.status_code, outcome.doc, lookup, raw=outcome.raw)
-
-    async def _fetch_pass(self, key: str, fut: asyncio.Future[_Passed], path: str,
-                          params: Sequence[tuple[str, str]], category: str, deadline: float,
-                          headers: Mapping[str, str] | None) -> None:
-        outcome: _Passed = UpstreamError("internal", "fetch ended without an answer")
-        try:
-            outcome = await self._ask(path, params, category, deadline, headers)
-        except UpstreamError as exc:
-            outcome = exc
-        finally:
-            self.passed.settle(key, fut, outcome)
-
-    # -- plumbing --------------------------------------------------------------------------
-
-    def _spawn(self, coro: Any) -> None:
-        """A fetch shared with other requests must outlive the one that started it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _wait(futures: Sequence[asyncio.Future[_T]], deadline: float) -> list[Any]:
-        """Every outcome, or the first upstream error; a timeout past the deadline."""
-        if futures:
-            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            await asyncio.wait(futures, timeout=remaining)
-        out: list[Any] = []
-        for fut in futures:
-            if not fut.done():
-                raise UpstreamError("timeout", "request deadline reached before the upstream answered")
-            outcome = fut.result()
-            if isinstance(outcome, UpstreamError):
-                raise outcome
-            out.append(outcome)
-        return out
-
-    @staticmethod
-    def _count(category: str, lookup: Lookup, cached: int = 0, fetched: int = 0,
-               coalesced: int = 0) -> None:
-        """One lookup; evaluation steps served from the store, fetched by this request,
-        or fetched by another request it waited on."""
-        gm.cache_outcome(category, lookup)
-        gm.range_steps(cached, fetched, coalesced)
-
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
+        await self.background.aclose()
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:

@@ -251,11 +251,3 @@ class PrometheusClient:
             self.up = False
             self.episode.failure(f"{exc.error_type}: {exc.message}")
         gm.observe_upstream(category, seconds, None if exc is None else exc.error_type, answered)
-
-    async def ready(self) -> tuple[bool, str]:
-        """Readiness: can the query API evaluate `vector(1)`? Works under any API prefix."""
-        try:
-            await self._post("vector(1)", 1.5)
-        except UpstreamError as exc:
-            return False, exc.error_type
-        return True, "ready"
