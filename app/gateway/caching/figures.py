@@ -22,12 +22,12 @@ who waits is the engine's business, not the store's.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
+from app.gateway.caching.clock import grid_expiry
 from app.gateway.result import Fetched
 
 # What CPython 3.11 spends (sys.getsizeof, 64-bit) on the parts of a cached answer.
@@ -132,19 +132,10 @@ class QueryCache:
         return good
 
     @staticmethod
-    def expiry(ttl: float) -> float:
-        """The expiry for answers fetched now, on a grid of TTL steps (as Trickster aligns).
-
-        Every figure with the same TTL expires at the same instant, whichever route
-        fetched it and when, so routes that share figures refetch them in step: at
-        most one fetch per route per window instead of several small ones. An answer
-        fetched in the last tenth of a step is kept to the end of the next one.
-        """
-        now = time.monotonic()
-        if ttl <= 0:
-            return now
-        boundary = (math.floor(now / ttl) + 1) * ttl
-        return boundary + ttl if boundary - now < ttl / 10 else boundary
+    def expiry(ttl: float, now: float | None = None) -> float:
+        """The local expiry for answers fetched `now` (monotonic; this instant when
+        left out), on the TTL grid (``caching.clock.grid_expiry``)."""
+        return grid_expiry(ttl, time.monotonic() if now is None else now)
 
     def keep(self, key: str, cls: CacheClass, fetched: Fetched, *, good: bool) -> dict[CacheClass, int]:
         """Keep `fetched` as the key's fresh answer (while its expiry lies ahead) and, when

@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -56,6 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.common.episodes import FailureEpisode
 from app.common.redis import AsyncRedis, make_redis_client
 from app.gateway import metrics as gm
+from app.gateway.caching.clock import to_monotonic, to_wall
 from app.gateway.caching.codec import _BIG, Codec, CodecError
 from app.gateway.catalog.model import Catalog
 from app.gateway.result import Fetched, UpstreamFailure
@@ -113,21 +113,6 @@ class KeySpace:
 
 
 # -- codec --------------------------------------------------------------------------------
-
-
-def grid_expiry(ttl: float, now: float | None = None) -> float:
-    """Wall-clock expiry (unix time) of an answer fetched `now`, on the TTL grid.
-
-    The same arithmetic as the local tier's grid but on ``time.time()``: clocks of
-    different hosts agree (NTP) where monotonic clocks never do, so every process
-    of every replica expires a figure at one instant. An answer fetched in the
-    last tenth of a step is kept to the end of the next one.
-    """
-    now = time.time() if now is None else now
-    if ttl <= 0:
-        return now
-    boundary = (math.floor(now / ttl) + 1) * ttl
-    return boundary + ttl if boundary - now < ttl / 10 else boundary
 
 
 # -- scripts: one call (one round trip, one command) per batch of figures ------------------
@@ -243,11 +228,7 @@ class Claim:
 
 def _local(fetched: Fetched, wall_expiry: float) -> Fetched:
     """The answer as this process keeps it: fresh until the wall-clock expiry, on its own clock."""
-    return dataclasses.replace(fetched, expires_at=time.monotonic() + (wall_expiry - time.time()))
-
-
-def _wall(monotonic_expiry: float) -> float:
-    return time.time() + (monotonic_expiry - time.monotonic())
+    return dataclasses.replace(fetched, expires_at=to_monotonic(wall_expiry))
 
 
 def _text(value: bytes | str) -> str:
@@ -459,7 +440,7 @@ class SharedTier:
                 continue
             # Back to the wall clock; rounded to the millisecond the grid is made of
             # (the two clocks were read microseconds apart).
-            fresh_at = round(_wall(outcome.expires_at) * 1000)
+            fresh_at = round(to_wall(outcome.expires_at) * 1000)
             expires_at = fresh_at / 1000
             encoded = self.codec.encode(outcome, expires_at)
             if encoded is None:

@@ -34,9 +34,10 @@ from functools import lru_cache
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
+from app.gateway.caching.clock import grid_expiry, to_monotonic
 from app.gateway.caching.figures import CacheClass, QueryCache
 from app.gateway.caching.flight import Background, SingleFlight
-from app.gateway.caching.shared import ALONE, LEAD, SharedTier, grid_expiry
+from app.gateway.caching.shared import ALONE, LEAD, SharedTier
 from app.gateway.catalog.model import CatalogQuery
 from app.gateway.engines.batch import BATCH_LABEL, Outcome, Settled, _Job, _split_and_project, _split_and_project_big
 from app.gateway.promql.syntax import apply_filters, enforce
@@ -102,11 +103,6 @@ def _scoped(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...],
     """The final PromQL: the caller's filters, then the tenant's matchers (which only narrow)."""
     return enforce(_filtered(expr, filters), matchers)
 
-
-
-def _local_expiry(wall: float) -> float:
-    """A wall-clock expiry as this process's monotonic one."""
-    return time.monotonic() + (wall - time.time())
 
 
 class Engine:
@@ -327,7 +323,7 @@ class Engine:
         the wall-clock grid, so every process of the fleet expires them in step."""
         if self.shared is None:
             return self.cache.expiry(ttl)
-        return _local_expiry(grid_expiry(ttl, now))
+        return to_monotonic(grid_expiry(ttl, now))
 
     async def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> dict[str, Outcome]:
         now = time.time()
