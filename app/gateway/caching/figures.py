@@ -23,11 +23,11 @@ who waits is the engine's business, not the store's.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
 from app.gateway.caching.clock import grid_expiry
+from app.gateway.caching.lru import SizedLRU
 from app.gateway.result import Fetched
 
 # What CPython 3.11 spends (sys.getsizeof, 64-bit) on the parts of a cached answer.
@@ -55,52 +55,6 @@ class CacheClass(StrEnum):
 class Entry:
     fresh: Fetched | None  # reusable until fresh.expires_at
     good: Fetched | None  # the last good answer (never one that carried warnings)
-    size: int
-
-
-class FigureStore:
-    """key -> Entry in least-recently-used order, at most `max_entries` of them.
-
-    Keeps a running byte total so its owner can bound bytes across stores.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self.bytes = 0
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: Entry) -> int:
-        """Insert or replace; returns how many entries were evicted to stay within max_entries."""
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.bytes -= old.size
-        self._entries[key] = entry
-        self.bytes += entry.size
-        evicted = 0
-        while len(self._entries) > self.max_entries:
-            self.pop_oldest()
-            evicted += 1
-        return evicted
-
-    def pop_oldest(self) -> bool:
-        if not self._entries:
-            return False
-        _, entry = self._entries.popitem(last=False)
-        self.bytes -= entry.size
-        return True
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
 
 
 class QueryCache:
@@ -110,8 +64,8 @@ class QueryCache:
         self.stale_max_age = stale_max_age
         self.max_bytes = max_bytes
         self._stores = {
-            CacheClass.CATALOG: FigureStore(catalog_entries or max_entries),
-            CacheClass.FILTERED: FigureStore(max_entries),
+            CacheClass.CATALOG: SizedLRU[str, Entry](catalog_entries or max_entries),
+            CacheClass.FILTERED: SizedLRU[str, Entry](max_entries),
         }
 
     def fresh(self, key: str, cls: CacheClass, now: float | None = None) -> Fetched | None:
@@ -149,7 +103,7 @@ class QueryCache:
         size = _ENTRY + len(key)
         size += estimate_bytes(fresh) if fresh is not None else 0
         size += estimate_bytes(last) if last is not None and last is not fresh else 0
-        evicted = {cls: store.put(key, Entry(fresh, last, size))}
+        evicted = {cls: store.put(key, Entry(fresh, last), size)}
         # The byte bound: filtered variants give way, the catalog's figures never do.
         filtered = self._stores[CacheClass.FILTERED]
         while self.bytes > self.max_bytes and filtered.pop_oldest():

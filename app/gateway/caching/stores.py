@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from app.gateway import metrics as gm
+from app.gateway.caching.lru import SizedLRU
 
 
 class ExtentStore(Protocol):
@@ -28,29 +28,25 @@ class MemoryExtentStore:
 
     def __init__(self, max_bytes: int, timer: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
-        self.size = 0
         self._timer = timer
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._entries: SizedLRU[str, tuple[bytes, float]] = SizedLRU(max_bytes=max_bytes)
 
-    def _cost(self, key: str, value: bytes) -> int:
-        return len(key) + len(value) + self.OVERHEAD
-
-    def _drop(self, key: str) -> None:
-        value, _ = self._entries.pop(key)
-        self.size -= self._cost(key, value)
+    @property
+    def size(self) -> int:
+        return self._entries.bytes
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         now = self._timer()
         out: list[bytes | None] = []
         for key in keys:
-            entry = self._entries.get(key)
+            entry = self._entries.peek(key)
             if entry is None:
                 out.append(None)
             elif entry[1] <= now:
-                self._drop(key)
+                self._entries.pop(key)
                 out.append(None)
             else:
-                self._entries.move_to_end(key)
+                self._entries.get(key)  # most recently used now
                 out.append(entry[0])
         gm.range_cache_bytes(self.size)
         return out
@@ -58,15 +54,9 @@ class MemoryExtentStore:
     async def put_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
         now = self._timer()
         for key, value, ttl in items:
-            if key in self._entries:
-                self._drop(key)
-            cost = self._cost(key, value)
-            if ttl <= 0 or cost > self.max_bytes:
-                continue
-            self._entries[key] = (value, now + ttl)
-            self.size += cost
-            while self.size > self.max_bytes and self._entries:
-                self._drop(next(iter(self._entries)))
+            self._entries.pop(key)
+            if ttl > 0:
+                self._entries.put(key, (value, now + ttl), len(key) + len(value) + self.OVERHEAD)
         gm.range_cache_bytes(self.size)
 
     def __len__(self) -> int:
