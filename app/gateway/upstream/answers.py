@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,14 @@ class ApiAnswer:
     def error_type(self) -> str | None:
         if self.doc.get("status") == "success":
             return None
-        return str(self.doc.get("errorType") or ("server_error" if self.status_code >= 500 else "bad_response"))
+        return error_type_of(self.doc, self.status_code)
+
+
+def error_type_of(doc: Mapping[str, Any] | None, status: int) -> str:
+    """The one error typing of an upstream answer that is not a success: its own
+    errorType, else the server's failure for a 5xx and a bad response otherwise."""
+    given = doc.get("errorType") if doc is not None else None
+    return str(given or ("server_error" if status >= 500 else "bad_response"))
 
 
 def _api_answer(body: bytes, status: int) -> ApiAnswer:
@@ -66,8 +74,7 @@ def _api_answer(body: bytes, status: int) -> ApiAnswer:
         raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
     if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
         # JSON, but no envelope: what parse_answer calls it (a 5xx is the server's failure).
-        etype = "server_error" if status >= 500 else "bad_response"
-        raise UpstreamError(etype, f"HTTP {status}, not a Prometheus envelope", status)
+        raise UpstreamError(error_type_of(None, status), f"HTTP {status}, not a Prometheus envelope", status)
     return ApiAnswer(status, doc, body)
 
 
@@ -106,8 +113,7 @@ def parse_answer(body: bytes, status: int, *, in_steps: bool = False) -> QueryAn
     if not isinstance(doc, dict):
         raise UpstreamError("bad_response", f"HTTP {status}, JSON is not an object", status)
     if doc.get("status") != "success":
-        etype = str(doc.get("errorType") or ("server_error" if status >= 500 else "bad_response"))
-        raise UpstreamError(etype, str(doc.get("error") or f"HTTP {status}"), status)
+        raise UpstreamError(error_type_of(doc, status), str(doc.get("error") or f"HTTP {status}"), status)
     warnings = tuple(str(w) for w in (doc.get("warnings") or ()))
     warnings += tuple(f"info: {i}" for i in (doc.get("infos") or ()))
     try:

@@ -27,7 +27,6 @@ from app.gateway.upstream.answers import (
     QueryAnswer,
     UpstreamError,
     _api_answer,
-    parse_answer,
     parse_off_loop,
 )
 from app.gateway.upstream.breaker import CircuitBreaker
@@ -95,8 +94,7 @@ class PrometheusClient:
         `headers`: extra upstream headers for this request (a tenant's X-Scope-OrgID).
         """
         async def exchange() -> tuple[int, bytes]:
-            body, status = await self._read(expr, timeout, headers)
-            return status, body
+            return await self._read(expr, timeout, headers)
 
         async def decode(status: int, body: bytes) -> QueryAnswer:
             # Parsed outside the timeout: the upstream has answered in time, and what a
@@ -142,19 +140,15 @@ class PrometheusClient:
         self._record(category, started, verdict(result))
         return result
 
-    async def _post(self, expr: str, timeout: float, headers: Mapping[str, str] | None = None) -> QueryAnswer:
-        return parse_answer(*await self._read(expr, timeout, headers))
-
     async def _read(self, expr: str, timeout: float,
-                    headers: Mapping[str, str] | None = None) -> tuple[bytes, int]:
-        """POST one query; the raw answer body (within the byte cap) and its HTTP status."""
+                    headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+        """POST one query: (HTTP status, the raw answer body within the byte cap)."""
         timeout = max(timeout, 0.001)
         # Ask Prometheus to give up slightly before we do, so it reports its own timeout.
         upstream_timeout = max(timeout * 0.9, 0.001)
         # Prometheus durations take no fractions: whole milliseconds.
         form = [("query", expr), ("timeout", f"{max(1, int(upstream_timeout * 1000))}ms")]
-        status, body = await self._exchange("POST", self.query_url, form, timeout, headers)
-        return body, status
+        return await self._exchange("POST", self.query_url, form, timeout, headers)
 
     async def _exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],
                         timeout: float, headers: Mapping[str, str] | None) -> tuple[int, bytes]:
