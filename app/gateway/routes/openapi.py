@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter
@@ -10,40 +11,25 @@ from fastapi.routing import APIRoute
 from app.gateway.routes.envelope import FORM, JSON
 
 # An empty value is an absent one (Go's FormValue), so the patterns accept "".
-_TIME = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])"
+TIME = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[iI][nN][fF]|[nN][aA][nN])"
          r"|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$")
 
 
-_DURATION_PATTERN = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?)"
+DURATION = (r"^(|[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?)"
                      r"|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$")
 
 
-_STR = {"type": "string"}
+STR = {"type": "string"}
 
 
 # A form field given once is a string, several times an array: the wire cannot tell them apart.
-_MATCH: dict[str, Any] = {"anyOf": [_STR, {"type": "array", "items": _STR}]}
+MATCH: dict[str, Any] = {"anyOf": [STR, {"type": "array", "items": STR}]}
 
 
-_PARAMS: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {
-    "query": [("query", False, _STR), ("time", False, {**_STR, "pattern": _TIME}),
-              ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
-    "query_range": [("query", False, _STR), ("start", True, {**_STR, "pattern": _TIME}),
-                    ("end", True, {**_STR, "pattern": _TIME}), ("step", True, {**_STR, "pattern": _DURATION_PATTERN}),
-                    ("timeout", False, {**_STR, "pattern": _DURATION_PATTERN}), ("stats", False, _STR)],
-    "query_exemplars": [("query", False, _STR), ("start", False, {**_STR, "pattern": _TIME}),
-                        ("end", False, {**_STR, "pattern": _TIME})],
-    "series": [("match[]", True, _MATCH),
-               ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
-               ("limit", False, _STR)],
-    "labels": [("match[]", False, _MATCH), ("start", False, {**_STR, "pattern": _TIME}),
-               ("end", False, {**_STR, "pattern": _TIME}), ("limit", False, _STR)],
-    "label/{name}/values": [("match[]", False, _MATCH),
-                            ("start", False, {**_STR, "pattern": _TIME}), ("end", False, {**_STR, "pattern": _TIME}),
-                            ("limit", False, _STR)],
-    "metadata": [("metric", False, _STR), ("limit", False, {"type": "string", "pattern": r"^([+-]?[0-9]+)?$"}),
-                 ("limit_per_metric", False, _STR)],
-}
+LIMIT = {"type": "string", "pattern": r"^([+-]?[0-9]+)?$"}
+
+# (name, required, schema) of one parameter
+Param = tuple[str, bool, dict[str, Any]]
 
 
 _ENVELOPE = {"type": "object", "required": ["status"], "properties": {
@@ -63,13 +49,13 @@ API_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def document(router: APIRouter) -> None:
+def document(router: APIRouter, params_of: Mapping[str, Sequence[Param]]) -> None:
     """Describe each API route's parameters (query string for GET, form body for POST) and
     its answers in OpenAPI, so /docs shows them and schema-driven clients can call them."""
     for route in router.routes:
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
-        params = _PARAMS.get(route.path_format.lstrip("/"), [])
+        params = params_of.get(route.path_format, ())
         route.responses = {**API_RESPONSES, **route.responses}
         if "POST" in (route.methods or set()):
             props = {name: schema for name, _, schema in params}
@@ -79,9 +65,9 @@ def document(router: APIRouter) -> None:
                 body["required"] = required
             route.openapi_extra = {"requestBody": {"required": bool(required), "content": {FORM: {
                 "schema": body, "encoding": {n: {"style": "form", "explode": True}
-                                             for n, _, sc in params if sc is _MATCH}}}}}
+                                             for n, _, sc in params if sc is MATCH}}}}}
         elif params:
             route.openapi_extra = {"parameters": [
                 {"name": name, "in": "query", "required": req, "schema": schema,
-                 **({"style": "form", "explode": True} if schema is _MATCH else {})}
+                 **({"style": "form", "explode": True} if schema is MATCH else {})}
                 for name, req, schema in params]}
