@@ -109,7 +109,7 @@ class GatewayService:
 
     @property
     def ranges(self) -> RangeCache:
-        """The exact range cache of the query API (app/gateway/ranges.py)."""
+        """The exact range cache of the query API (app/gateway/engines/ranges.py)."""
         if self._ranges is None:
             raise RuntimeError("gateway not started")
         return self._ranges

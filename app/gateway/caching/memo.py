@@ -22,7 +22,7 @@ class ResponseMemo:
     bodies are kept and for how long is the service's call; the memo is bounded
     in entries and in bytes (bodies of big answers weigh megabytes), evicting
     the least recently used. A dict read: it is asked on every warm request,
-    before routing (app/gateway/fastpath.py).
+    before routing (app/gateway/routes/fastpath.py).
     """
 
     def __init__(self, seconds: float, max_entries: int = 256, max_bytes: int = 64 * 1024 * 1024) -> None:

@@ -16,7 +16,7 @@ only), the series cap per figure, and readiness (one probe shared by every
 caller, reused for READY_CACHE_SECONDS, through the breaker). Big answers are
 split and projected in a worker thread, so the event loop keeps serving.
 
-With a shared tier (app/gateway/shared.py) a figure is looked up local tier ->
+With a shared tier (app/gateway/caching/shared.py) a figure is looked up local tier ->
 shared tier -> fleet-wide single flight -> upstream: a process's local misses
 go to Redis in one round trip, which answers them, hands this process the fetch
 (a lock), or names the process already fetching, whose outcome is then awaited.
