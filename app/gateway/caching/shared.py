@@ -266,10 +266,10 @@ class SharedTier:
                                       settings.gateway_cache_breaker_reset_seconds,
                                       on_change=gm.set_shared_breaker_state)
         self.episode = FailureEpisode("shared cache tier (Redis)", log)
-        self._claim = client.register_script(_CLAIM)
-        self._poll = client.register_script(_POLL)
-        self._publish = client.register_script(_PUBLISH)
-        self._renew = client.register_script(_RENEW)
+        self.claim_script = client.register_script(_CLAIM)
+        self.poll_script = client.register_script(_POLL)
+        self.publish_script = client.register_script(_PUBLISH)
+        self.renew_script = client.register_script(_RENEW)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, catalog: Catalog) -> SharedTier | None:
@@ -296,7 +296,7 @@ class SharedTier:
         """May the tier be asked now? False while its breaker is open."""
         return self.breaker.allow()
 
-    async def _guarded(self, op: Callable[[], Awaitable[_T]], budget: float | None = None) -> _T | None:
+    async def guarded(self, op: Callable[[], Awaitable[_T]], budget: float | None = None) -> _T | None:
         """Run one Redis operation within min(timeout, budget); None on any failure
         (counted, fed to the breaker, logged once per episode)."""
         limit = self.timeout if budget is None else min(self.timeout, budget)
@@ -319,9 +319,9 @@ class SharedTier:
         gm.shared_ok()
         return result
 
-    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[str | bytes | int],
+    async def script(self, script: Any, keys: Sequence[str], args: Sequence[str | bytes | int],
                       budget: float | None) -> Any:
-        return await self._guarded(lambda: script(keys=keys, args=args), budget)
+        return await self.guarded(lambda: script(keys=keys, args=args), budget)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -334,7 +334,7 @@ class SharedTier:
             k = self.keys.of(key)
             rkeys += (k.fresh, k.lock, k.good)
         args = [token, self.lease_ms, *("1" if g else "0" for g in want_good)]
-        replies = await self._script(self._claim, rkeys, args, budget)
+        replies = await self.script(self.claim_script, rkeys, args, budget)
         if replies is None:
             return None
         claim = Claim(token)
@@ -367,60 +367,73 @@ class SharedTier:
             log.debug("undecodable shared entry ignored: %s", exc)
             return None
 
-    async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
-        """Poll the flights other processes lead (backoff 1 ms .. 25 ms) until each
-        has an outcome, its holder vanished (then the lock is taken with `token` and
-        the key comes back as LEAD), or `deadline` (event-loop time) passes."""
+    async def poll(self, awaited: Mapping[str, str], token: str,
+                   deadline: float) -> tuple[dict[str, tuple[int, bytes]], bool]:
+        """The one poll loop of the fleet's flights (figures and ranges): poll the flights
+        other processes lead (backoff 1 ms .. 25 ms) until each has a final reply (1: an
+        outcome, 2: a fresh entry, 4: its holder vanished and the lock is now `token`'s),
+        or `deadline` (event-loop time) passes. Returns the final replies by key and
+        whether the tier failed (then the keys without a reply were left pending)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         pending = dict(awaited)
-        out: dict[str, WaitOutcome] = {}
+        final: dict[str, tuple[int, bytes]] = {}
+        failed = False
         delay = self.POLL_FIRST
-        while pending:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
-            order = list(pending)
-            rkeys: list[str] = []
-            for key in order:
-                k = self.keys.of(key)
-                rkeys += (k.res, k.lock, k.fresh)
-            replies = await self._script(self._poll, rkeys, [token, self.lease_ms, *(pending[k] for k in order)],
-                                         deadline - loop.time())
-            if replies is None:
-                out.update(dict.fromkeys(pending, ALONE))
-                pending.clear()
-                break
-            for key, reply in zip(order, replies, strict=True):
-                code = int(reply[0])
-                if code == 0:
-                    continue
-                if code == 3:
-                    pending[key] = _text(reply[1])
-                    continue
-                del pending[key]
-                if code == 4:
-                    out[key] = LEAD
-                elif code == 2:
-                    fresh = self._decode(reply[1])
-                    out[key] = _local(*fresh) if fresh is not None else ALONE
+        try:
+            while pending and (remaining := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
+                order = list(pending)
+                rkeys: list[str] = []
+                for key in order:
+                    k = self.keys.of(key)
+                    rkeys += (k.res, k.lock, k.fresh)
+                replies = await self.script(self.poll_script, rkeys,
+                                            [token, self.lease_ms, *(pending[k] for k in order)],
+                                            deadline - loop.time())
+                if replies is None:
+                    failed = True
+                    break
+                for key, reply in zip(order, replies, strict=True):
+                    code = int(reply[0])
+                    if code == 3:  # another process holds it now: wait for that one
+                        pending[key] = _text(reply[1])
+                    elif code != 0:
+                        del pending[key]
+                        final[key] = (code, bytes(reply[1]) if code != 4 else b"")
+        finally:
+            gm.shared_lock_wait(loop.time() - started)
+        return final, failed
+
+    async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
+        """The figures' outcomes of flights other processes lead (``poll``): answers,
+        failures, LEAD (taken over), ALONE (tier failed or corrupt), or a timeout."""
+        final, failed = await self.poll(awaited, token, deadline)
+        out: dict[str, WaitOutcome] = {}
+        for key in awaited:
+            if key not in final:
+                out[key] = ALONE if failed else UpstreamFailure(
+                    "timeout", "request deadline reached while another process fetched")
+                continue
+            code, data = final[key]
+            if code == 4:
+                out[key] = LEAD
+            elif code == 2:
+                fresh = self._decode(data)
+                out[key] = _local(*fresh) if fresh is not None else ALONE
+            else:
+                try:
+                    outcome = self.codec.decode_outcome(data)
+                except CodecError:
+                    gm.shared_error("corrupt")
+                    outcome = None
+                if outcome is None:
+                    out[key] = ALONE
+                elif isinstance(outcome, tuple):
+                    out[key] = _local(*outcome)
                 else:
-                    try:
-                        outcome = self.codec.decode_outcome(reply[1])
-                    except CodecError:
-                        gm.shared_error("corrupt")
-                        outcome = None
-                    if outcome is None:
-                        out[key] = ALONE
-                    elif isinstance(outcome, tuple):
-                        out[key] = _local(*outcome)
-                    else:
-                        out[key] = outcome
-        for key in pending:
-            out[key] = UpstreamFailure("timeout", "request deadline reached while another process fetched")
-        gm.shared_lock_wait(loop.time() - started)
+                    out[key] = outcome
         return out
 
     async def publish(self, token: str, outcomes: Mapping[str, Fetched | UpstreamFailure]) -> None:
@@ -448,7 +461,7 @@ class SharedTier:
                 continue
             args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "0" if outcome.warnings else "1", b"")
         if rkeys:
-            await self._script(self._publish, rkeys, args, None)
+            await self.script(self.publish_script, rkeys, args, None)
 
     @contextlib.asynccontextmanager
     async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
@@ -463,7 +476,7 @@ class SharedTier:
         async def renew() -> None:
             while True:
                 await asyncio.sleep(interval)
-                await self._script(self._renew, locks, [token, self.lease_ms], None)
+                await self.script(self.renew_script, locks, [token, self.lease_ms], None)
 
         task = asyncio.get_running_loop().create_task(renew())
         try:
@@ -474,7 +487,7 @@ class SharedTier:
                 await task
 
     async def ping(self) -> bool:
-        return bool(await self._guarded(self.client.ping))
+        return bool(await self.guarded(self.client.ping))
 
 
 # -- the range cache's shared tier --------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ class SharedExtentStore:
                 pipe.pttl(k)
             return list(await pipe.execute())
 
-        replies = await self.tier._guarded(read)
+        replies = await self.tier.guarded(read)
         if replies is None:
             gm.shared_event(self.category, "error", len(keys))
             return empty
@@ -81,7 +80,7 @@ class SharedExtentStore:
                 pipe.set(k, v, px=px)
             await pipe.execute()
 
-        await self.tier._guarded(write)
+        await self.tier.guarded(write)
 
 
 _ANSWER: Final = b"R"  # a range-cache answer handed to waiters: status (3 digits), then the body
@@ -125,7 +124,7 @@ class SharedFlights:
         """The stored answer, the lock, or the holder to wait for; None when the tier failed."""
         k = self.tier.keys.of(key)
         token = secrets.token_hex(8)
-        replies = await self.tier._script(self.tier._claim, [k.fresh, k.lock, k.good],
+        replies = await self.tier.script(self.tier.claim_script, [k.fresh, k.lock, k.good],
                                           [token, self.tier.lease_ms, "0"], budget)
         if replies is None:
             gm.shared_event(self.category, "error")
@@ -143,37 +142,14 @@ class SharedFlights:
                    deadline: float) -> SharedAnswer | UpstreamFailure | Lead | Alone:
         """Poll the holder's flight until its outcome, its takeover by this process (LEAD),
         a tier failure (ALONE) or `deadline` (event-loop time: a timeout failure)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        k = self.tier.keys.of(key)
-        delay = SharedTier.POLL_FIRST
-        result: SharedAnswer | UpstreamFailure | Lead | Alone = UpstreamFailure(
-            "timeout", "request deadline reached while another process fetched")
-        try:
-            while (remaining := deadline - loop.time()) > 0:
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * SharedTier.POLL_GROWTH, SharedTier.POLL_MAX)
-                replies = await self.tier._script(self.tier._poll, [k.res, k.lock, k.fresh],
-                                                  [token, self.tier.lease_ms, holder], deadline - loop.time())
-                if replies is None:
-                    result = ALONE
-                    break
-                reply = replies[0]
-                code = int(reply[0])
-                if code == 0:
-                    continue
-                if code == 3:
-                    holder = _text(reply[1])
-                    continue
-                if code == 4:
-                    result = LEAD
-                elif code == 2:
-                    result = SharedAnswer(200, bytes(reply[1]))
-                else:
-                    result = self._outcome(bytes(reply[1]))
-                break
-        finally:
-            gm.shared_lock_wait(loop.time() - started)
+        final, failed = await self.tier.poll({key: holder}, token, deadline)
+        result: SharedAnswer | UpstreamFailure | Lead | Alone
+        if key in final:
+            code, data = final[key]
+            result = LEAD if code == 4 else SharedAnswer(200, data) if code == 2 else self._outcome(data)
+        else:
+            result = ALONE if failed else UpstreamFailure(
+                "timeout", "request deadline reached while another process fetched")
         gm.shared_event(self.category, {Lead: "takeover", Alone: "error"}.get(type(result), "coalesced"))
         return result
 
@@ -201,5 +177,5 @@ class SharedFlights:
             body = _ANSWER + b"%03d" % outcome.status_code + outcome.body
             if len(body) > self.tier.codec.max_bytes:
                 body = _BIG
-        await self.tier._script(self.tier._publish, [k.fresh, k.good, k.res, k.lock],
+        await self.tier.script(self.tier.publish_script, [k.fresh, k.good, k.res, k.lock],
                                 [token, 2 * self.tier.lease_ms, "0", b"", "0", "0", body], None)
