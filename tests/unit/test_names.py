@@ -1,4 +1,4 @@
-"""Catalog figures as metric names (app/gateway/names.py) and the printer that expands them."""
+"""Catalog figures as metric names (app/gateway/catalog/names.py) and the printer that expands them."""
 
 from __future__ import annotations
 

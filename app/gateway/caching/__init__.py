@@ -1,1 +1,4 @@
-"""Stores and single flights, no policy: may import upstream (answers, breaker), catalog, result, settings, metrics."""
+"""Stores and single flights, no policy.
+
+May import upstream (answers, breaker), result, catalog, promql (timing), settings, metrics.
+"""

@@ -1,1 +1,4 @@
-"""The HTTP edge: parses and picks; may import service, engines, promql, catalog, render, result, settings, metrics."""
+"""The HTTP edge, parse and pick.
+
+May import service, engines, upstream (answers), render, result, catalog, promql, settings.
+"""

@@ -95,7 +95,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     """The /prometheus/metrics routes and the Prometheus API, with their own lifespan.
 
     One router, one GatewayService (one upstream client, one engine): the figure
-    routes under `prefix`, the Prometheus HTTP API (app/gateway/promapi.py) under
+    routes under `prefix`, the Prometheus HTTP API (app/gateway/routes/promapi.py) under
     each of `api_prefixes` (an empty tuple serves no API). Without a lifespan
     (``TestClient(app)`` without ``with``) the service starts on first use.
     """

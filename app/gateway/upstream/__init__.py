@@ -1,1 +1,1 @@
-"""The one upstream client: answers, breaker; may import settings and metrics only."""
+"""The one upstream client (answers, breaker, big JSON in steps): may import settings and metrics only."""
