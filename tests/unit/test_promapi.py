@@ -255,7 +255,7 @@ def test_no_api_when_no_prefixes() -> None:
     ("1700000000000", 1.7e12),
 ])
 def test_times_read_like_prometheus(text: str, seconds: float) -> None:
-    assert parse_time(text) == pytest.approx(seconds, abs=1e-6)
+    assert parse_time(text).seconds == pytest.approx(seconds, abs=1e-6)
 
 
 @pytest.mark.parametrize("text", ["", " 1", "1_000", "yesterday", "2015-07-01", "2015-07-01 20:10:51Z", "inf"])
@@ -267,7 +267,7 @@ def test_times_prometheus_refuses(text: str) -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("15", 15.0), ("0.5", 0.5), ("1m", 60.0), ("1h30m", 5400.0),
                                                ("1d", 86400.0), ("1w", 604800.0), ("250ms", 0.25)])
 def test_durations_read_like_prometheus(text: str, seconds: float) -> None:
-    assert parse_duration(text) == seconds
+    assert parse_duration(text).seconds == seconds
 
 
 @pytest.mark.parametrize("text", ["", "1x", "m", "1m1h", "1.5m", " 1"])

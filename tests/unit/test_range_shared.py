@@ -18,6 +18,7 @@ from app.gateway.caching.shared import SharedTier
 from app.gateway.caching.shared_ranges import SharedExtentStore, SharedFlights
 from app.gateway.caching.stores import MemoryExtentStore, TieredExtentStore
 from app.gateway.engines.ranges import RangeCache, _key, _params_key
+from app.gateway.promql.request import Origin, range_query
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
@@ -57,8 +58,8 @@ def process(tier: SharedTier, upstream: GridUpstream | None = None) -> tuple[Ran
 
 async def ask(cache: RangeCache, scope: str = "") -> tuple[bytes | None, Lookup]:
     deadline = asyncio.get_running_loop().time() + 3
-    r = await cache.query_range(scope=scope, expr="x", start=START, end=END, step=15, params=[],
-                                deadline=deadline)
+    r = await cache.query_range(range_query("x", repr(START), repr(END), "15",
+                                            origin=Origin(scope=scope, deadline=deadline)))
     return r.raw, r.lookup
 
 

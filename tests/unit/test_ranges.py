@@ -28,7 +28,8 @@ from app.gateway.caching.extents import (
 from app.gateway.caching.stores import MemoryExtentStore
 from app.gateway.engines.ranges import BLOCK_STEPS, RangeCache
 from app.gateway.promql.reach import Reach, Uncacheable, instant_reach, range_reach
-from app.gateway.promql.timing import fmt_ms, ms_of, prom_ts, step_ms_of
+from app.gateway.promql.request import Origin, instant_query, range_query
+from app.gateway.promql.timing import fmt_ms, parse_duration, parse_time, prom_ts
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
@@ -38,32 +39,46 @@ S = 1000  # ms per second
 
 # -- Prometheus' time grid ------------------------------------------------------------------
 
-@pytest.mark.parametrize(("seconds", "ms"), [
-    (1700000000, 1700000000000),
-    (1700000000.29, 1700000000290),  # float 1700000000.2899999619 still reads as .290
-    (1700000000.1234, 1700000000123),
-    (1700000000.1235, 1700000000124),  # Go rounds the fraction half away from zero
-    (-1.5, -1500),
-    (0.0005, 1),
+@pytest.mark.parametrize(("text", "ms"), [
+    ("1700000000", 1700000000000),
+    ("1700000000.29", 1700000000290),  # float 1700000000.2899999619 still reads as .290
+    ("1700000000.1234", 1700000000123),
+    ("1700000000.1235", 1700000000124),  # Go rounds the fraction half away from zero
+    ("1.0625", 1063),  # exactly half a millisecond: away from zero (Python's round() gives 1062)
+    ("-1.0625", -1063),
+    ("1.0005", 1000),  # the float is 1.000499999...: below the half
+    ("-1.5", -1500),
+    ("0.0005", 1),
+    ("1e3", 1_000_000),
+    ("2015-07-01T20:10:51.781Z", 1435781451781),
+    ("2015-07-01T22:10:51.781+02:00", 1435781451781),
+    ("2015-07-01T18:40:51.781-01:30", 1435781451781),
+    ("2015-07-01T20:10:51.7819999Z", 1435781451781),  # nanoseconds truncated to the millisecond
+    ("2015-07-01T20:10:51.1234567891Z", 1435781451123),  # digits past the ninth ignored
+    ("1969-12-31T23:59:59.9995Z", -1),  # before the epoch: still truncated toward the past
+    ("2015-07-01T20:10:51Z", 1435781451000),
 ])
-def test_ms_of_reads_times_as_prometheus(seconds: float, ms: int) -> None:
-    assert ms_of(seconds) == ms
+def test_parse_time_reads_times_as_prometheus(text: str, ms: int) -> None:
+    assert parse_time(text).ms == ms
+    assert parse_time(text).text == text
 
 
 def test_fmt_ms_round_trips_every_millisecond_fraction() -> None:
     for frac in range(1000):
         ms = 1_700_000_000_000 + frac
-        assert ms_of(float(fmt_ms(ms))) == ms
+        assert parse_time(fmt_ms(ms)).ms == ms
     assert fmt_ms(1_700_000_000_000) == "1700000000"
     assert fmt_ms(1_700_000_000_500) == "1700000000.5"
     assert fmt_ms(-1500) == "-1.5"
 
 
-def test_step_is_truncated_to_whole_milliseconds() -> None:
-    assert step_ms_of(15) == 15_000
-    assert step_ms_of(0.0015) == 1
-    assert step_ms_of(86400) == 86_400_000
-    assert step_ms_of(0.0001) == 0
+@pytest.mark.parametrize(("text", "ms"), [
+    ("15", 15_000), ("0.0015", 1), ("86400", 86_400_000), ("0.0001", 0),
+    ("1s7ms", 1007),  # exact: 1.007 s as a float would truncate to 1006 ms
+    ("1h30m", 5_400_000), ("250ms", 250),
+])
+def test_step_is_truncated_to_whole_milliseconds(text: str, ms: int) -> None:
+    assert parse_duration(text).ms == ms
 
 
 # -- intervals ------------------------------------------------------------------------------
@@ -292,10 +307,10 @@ class GridUpstream:
 
     def evaluate(self, path: str, p: Mapping[str, str]) -> FakeAnswer:
         if path.endswith("/query"):
-            t = ms_of(float(p.get("time", "0")))
+            t = parse_time(p.get("time", "0")).ms
             return FakeAnswer(200, {"status": "success", "data": {"resultType": "scalar",
                                                                   "result": [t / 1000, "1"]}})
-        start, end, step = ms_of(float(p["start"])), ms_of(float(p["end"])), step_ms_of(float(p["step"]))
+        start, end, step = parse_time(p["start"]).ms, parse_time(p["end"]).ms, parse_duration(p["step"]).ms
         a, b = [], []
         t = start
         while t <= end:
@@ -332,8 +347,8 @@ def make_cache(now: float, **overrides: Any) -> tuple[RangeCache, GridUpstream, 
 async def ask(cache: RangeCache, start: float, end: float, step: float = 15,
               expr: str = "x") -> tuple[dict[str, Any], Lookup]:
     deadline = asyncio.get_running_loop().time() + 5
-    r = await cache.query_range(scope="", expr=expr, start=start, end=end, step=step, params=[],
-                                deadline=deadline)
+    r = await cache.query_range(range_query(expr, repr(start), repr(end), repr(step),
+                                            origin=Origin(deadline=deadline)))
     return r.doc, r.lookup
 
 
@@ -359,7 +374,7 @@ def test_range_answers_are_assembled_from_extents_and_only_new_edges_are_fetched
         clock.now = now + 15
         doc, lookup = await ask(cache, start + 15, end + 15)
         assert lookup is Lookup.PARTIAL and doc == direct(start + 15, end + 15)
-        fetched = ms_of(float(upstream.calls[-1]["end"])) - ms_of(float(upstream.calls[-1]["start"]))
+        fetched = parse_time(upstream.calls[-1]["end"]).ms - parse_time(upstream.calls[-1]["start"]).ms
         assert fetched <= 90_000
         # A window entirely in the past: a hit, no upstream request.
         calls = len(upstream.calls)
@@ -403,7 +418,7 @@ def test_live_window_is_judged_on_what_the_query_reads() -> None:
         await ask(cache, start, end, expr="x offset -15m")
         await ask(cache, start, end, expr="x offset -15m")
         assert len(upstream.calls) == 3
-        assert ms_of(float(upstream.calls[-1]["start"])) >= ms_of(now - 15 * 60 - 60 - 15)
+        assert parse_time(upstream.calls[-1]["start"]).ms >= parse_time(repr(now - 15 * 60 - 60 - 15)).ms
         # @ a fixed past time: settled whatever the range, except the live window itself
         # (every instant that recent is refetched, whatever it reads).
         await ask(cache, now - 900, now - 120, expr="x @ 1000")
@@ -412,7 +427,7 @@ def test_live_window_is_judged_on_what_the_query_reads() -> None:
         await ask(cache, now - 300, now, expr="time()")
         await ask(cache, now - 300, now, expr="time()")
         assert len(upstream.calls) == 6
-        assert ms_of(float(upstream.calls[-1]["start"])) > ms_of(now - 75)
+        assert parse_time(upstream.calls[-1]["start"]).ms > parse_time(repr(now - 75)).ms
         # @ end(): every instant depends on the range, never stored.
         await ask(cache, start, end, expr="x @ end()")
         await ask(cache, start, end, expr="x @ end()")
@@ -472,15 +487,15 @@ def test_instant_query_at_now_reports_its_time_and_is_reused_for_the_ttl() -> No
 
     async def run() -> None:
         deadline = asyncio.get_running_loop().time() + 5
-        first = await cache.query(scope="", expr="x", time=None, params=[], deadline=deadline)
+        first = await cache.query(instant_query("x", origin=Origin(deadline=deadline)))
         assert first.lookup is Lookup.MISS and first.evaluated_at == 100_000.0
         assert upstream.calls[-1]["time"] == "100000"  # sent explicitly
         clock.now += 5
-        again = await cache.query(scope="", expr="x", time=None, params=[], deadline=deadline)
+        again = await cache.query(instant_query("x", origin=Origin(deadline=deadline)))
         assert again.lookup is Lookup.HIT and again.evaluated_at == 100_000.0
         assert again.doc == first.doc
         # stats bypass the cache.
-        await cache.query(scope="", expr="x", time=None, params=[("stats", "all")], deadline=deadline)
+        await cache.query(instant_query("x", params=[("stats", "all")], origin=Origin(deadline=deadline)))
         assert len(upstream.calls) == 2
 
     asyncio.run(run())

@@ -34,6 +34,7 @@ import promql_parser as pp
 
 from app.gateway.catalog.model import Catalog, CatalogQuery
 from app.gateway.promql.syntax import (
+    Inner,
     PromQLError,
     Shift,
     duration,
@@ -193,7 +194,9 @@ class FigureNames:
             added.append((m.name, op, m.value))
         return added
 
-    def _substitute(self, vs: pp.VectorSelector, rng: timedelta | None, outer: Shift) -> str | None:
+    def substitute(self, vs: pp.VectorSelector, rng: timedelta | None, outer: Shift, inner: Inner) -> str | None:
+        """A figure's selector printed as the figure's expression (see the module docstring);
+        None for any other selector. `inner` prints the figure's tree (syntax.Inner)."""
         name = self._name_of(vs)
         fig = self.figures.get(name) if name is not None else None
         if fig is None:
@@ -209,13 +212,13 @@ class FigureNames:
         shift = Shift(offset=offset or None, at=at)
         if rng is not None:
             # A range over a figure: the figure as a subquery, moved in time as a whole.
-            inner = print_expr(fig.tree, added=added)
+            body = inner(fig.tree, added, None)
             suffix = (f" {at}" if at is not None else "") + (f" offset {duration(offset)}" if offset else "")
-            return f"({inner})[{duration(rng)}:]{suffix}"
+            return f"({body})[{duration(rng)}:]{suffix}"
         if shift and fig.clock:
             raise FigureNameError(f"the figure {fig.name} reads the evaluation time (time() or a date function); "
                              "offset and @ cannot move it")
-        return f"({print_expr(fig.tree, added=added, shift=shift)})"
+        return f"({inner(fig.tree, added, shift)})"
 
     def uses(self, tree: pp.Expr) -> bool:
         """Does the query name any figure?"""
@@ -236,7 +239,7 @@ class FigureNames:
         """
         if not self.uses(tree):
             return None
-        return print_expr(tree, substitute=self._substitute)
+        return print_expr(tree, substitute=self.substitute)
 
 
 def merge_metadata(upstream: dict[str, Any], ours: dict[str, list[dict[str, str]]],

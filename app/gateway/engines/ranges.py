@@ -37,7 +37,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,8 +58,9 @@ from app.gateway.engines.passthrough import (
     settled,
     unfinished,
 )
-from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, range_reach
-from app.gateway.promql.timing import fmt_ms, ms_of, repr_time, step_ms_of
+from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, reach
+from app.gateway.promql.request import InstantQuery, RangeQuery
+from app.gateway.promql.timing import fmt_ms
 from app.gateway.result import ApiResult, Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
@@ -95,6 +96,18 @@ class _Fetched:
     extent: Extent | None  # None: not storable per instant (warnings, error, off grid)
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How the cache answers one range query: derived once from the request."""
+
+    reach: Reach  # what the query reads (the live instants follow from it)
+    base: str  # the key of the query's grid: scope, query, step, phase, parameters
+    live_from: int  # the first live instant (ms)
+    memo_key: str  # the whole answer remembered
+    memo_ttl: float
+    full_key: str  # the whole request passed through, coalesced
+
+
 _Flight = _Fetched | UpstreamError
 _Request = ApiResult | UpstreamError
 
@@ -115,41 +128,34 @@ class RangeCache:
         self.pieces: SingleFlight[_Flight] = SingleFlight()
         self.requests: SingleFlight[_Request] = SingleFlight()
 
-    async def query(self, *, scope: str, expr: str, time: float | None,
-                    params: Sequence[tuple[str, str]], deadline: float,
-                    headers: Mapping[str, str] | None = None) -> ApiResult:
+    async def query(self, request: InstantQuery) -> ApiResult:
         """An instant query (``Instants.query``), beside the range queries it shares a store with."""
-        return await self.instants.query(scope=scope, expr=expr, time=time, params=params,
-                                         deadline=deadline, headers=headers)
+        return await self.instants.query(request)
 
     # -- range queries ---------------------------------------------------------------------
 
-    async def query_range(self, *, scope: str, expr: str, start: float, end: float, step: float,
-                          params: Sequence[tuple[str, str]], deadline: float,
-                          headers: Mapping[str, str] | None = None) -> ApiResult:
-        """The answer Prometheus gives for this range query, from stored extents where exact.
-
-        `deadline` is an event-loop time (``loop.time()``) by which to answer.
-        """
-        step_ms = step_ms_of(step)
-        first, end_ms = ms_of(start), ms_of(end)
-        base_params = [("query", expr), ("start", repr_time(start)), ("end", repr_time(end)),
-                       ("step", repr_time(step)), *params]
-        if (any(name in BYPASS_PARAMS for name, _ in params) or step_ms <= 0 or end_ms < first
+    async def query_range(self, request: RangeQuery) -> ApiResult:
+        """The answer Prometheus gives for this range query, from stored extents where exact."""
+        req, deadline = request, request.origin.deadline
+        step_ms, first, end_ms = req.step.ms, req.first, req.end.ms
+        if (req.named(*BYPASS_PARAMS) or step_ms <= 0 or end_ms < first
                 or (end_ms - first) // step_ms > MAX_STEPS or self.settings.range_cache_max_bytes <= 0):
-            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, None)
-        full_key = _key("range-pass", scope, expr, first, end_ms, step_ms, _params_key(params))
+            return await self.upstream.answer("/api/v1/query_range", req.upstream(), deadline,
+                                              req.origin.headers, None)
+        expr, scope, params_key = req.query.text, req.origin.scope, _params_key(req.params)
+        full_key = _key("range-pass", scope, expr, first, end_ms, step_ms, params_key)
         try:
-            rch = range_reach(expr).union(AT_LEAST_NOW)
+            if req.query.tree is None:
+                raise ValueError("a query the gateway cannot read")
+            rch = reach(req.query.tree).union(AT_LEAST_NOW)
         except (Uncacheable, ValueError, RuntimeError):
             # @ start()/end(), or a query upstream will refuse: coalesce, never store.
-            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, full_key)
-        last = first + (end_ms - first) // step_ms * step_ms
-        base = _key("range", scope, expr, step_ms, first % step_ms, _params_key(params))
-
+            return await self.upstream.answer("/api/v1/query_range", req.upstream(), deadline,
+                                              req.origin.headers, full_key)
+        last, total = req.last, req.steps
+        base = _key("range", scope, expr, step_ms, first % step_ms, params_key)
         now_ms = int(self.clock() * 1000)
         live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
-        total = (last - first) // step_ms + 1
         # The very same request answered before: its body, for as long as its most
         # recent instant allows (seconds when it has live instants).
         memo_key = f"{base}:ans:{first}:{last}"
@@ -161,14 +167,10 @@ class RangeCache:
             return ApiResult(200, None, Lookup.HIT, raw=remembered)
         # Identical requests in flight wait for the first one's answer (a dashboard opened
         # by many viewers at once): assembled once, sent to all.
-        answer = functools.partial(
-            self._range_answer,
-            scope=scope, expr=expr, start=start, end=end, step=step, params=params,
-            deadline=deadline, headers=headers, rch=rch, first=first, last=last,
-            step_ms=step_ms, base=base, live_from=live_from, memo_key=memo_key,
-            memo_ttl=memo_ttl, base_params=base_params, full_key=full_key)
-        fut, leader = self.requests.lead(memo_key, lambda: self._fleet(memo_key, deadline, total, answer),
-                                         self.background, catch=UpstreamError, unfinished=unfinished)
+        plan = _Plan(rch, base, live_from, memo_key, memo_ttl, full_key)
+        fut, leader = self.requests.lead(
+            memo_key, lambda: self._fleet(memo_key, deadline, total, lambda: self._range_answer(req, plan)),
+            self.background, catch=UpstreamError, unfinished=unfinished)
         result: ApiResult = (await settled([fut], deadline))[0]
         if leader:
             return result
@@ -215,19 +217,15 @@ class RangeCache:
         await fleet.publish(key, claim.token, SharedAnswer(result.status_code, body))
         return result
 
-    async def _range_answer(self, *, scope: str, expr: str, start: float, end: float, step: float,
-                            params: Sequence[tuple[str, str]], deadline: float,
-                            headers: Mapping[str, str] | None, rch: Reach, first: int, last: int,
-                            step_ms: int, base: str, live_from: int, memo_key: str, memo_ttl: float,
-                            base_params: list[tuple[str, str]], full_key: str) -> ApiResult:
+    async def _range_answer(self, req: RangeQuery, plan: _Plan) -> ApiResult:
         """The answer of one range query: stored extents, the missing ones fetched."""
-        total = (last - first) // step_ms + 1
-        settled_last = min(last, live_from - step_ms)
+        first, last, step_ms, total = req.first, req.last, req.step.ms, req.steps
+        settled_last = min(last, plan.live_from - step_ms)
         blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
-        live_key = f"{base}:live:{first}:{last}"
-        raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
+        live_key = f"{plan.base}:live:{first}:{last}"
+        raw = await self.store.get_many([f"{plan.base}:b{bi}" for bi in blocks] + [live_key])
         stored: list[Extent] = []
         for data in raw[:-1]:
             if data is not None:
@@ -236,19 +234,18 @@ class RangeCache:
         covered = normalise([iv for e in stored for iv in e.covered]
                             + (live.covered if live is not None else []), step_ms)
         missing = subtract(first, last, covered, step_ms)
-        pieces = self._pieces(missing, first, last, step_ms, start, end)
+        pieces = self._pieces(missing, req)
 
         futures: list[asyncio.Future[_Flight]] = []
         leads: list[bool] = []
         for piece in pieces:
-            fkey = f"{base}|{piece.a}|{piece.b}|{piece.start}|{piece.end}"
+            fkey = f"{plan.base}|{piece.a}|{piece.b}|{piece.start}|{piece.end}"
             fut, leader = self.pieces.lead(
-                fkey, functools.partial(self._fetch_piece, piece, expr, step_ms, params, rch, base,
-                                        live_key, deadline, headers),
+                fkey, functools.partial(self._fetch_piece, piece, req, plan, live_key),
                 self.background, catch=UpstreamError, unfinished=unfinished)
             leads.append(leader)
             futures.append(fut)
-        fetched = await settled(futures, deadline)
+        fetched = await settled(futures, req.origin.deadline)
 
         fetched_steps = min(total, sum((p.b - p.a) // step_ms + 1 for p in pieces))
         cached_steps = total - fetched_steps
@@ -260,13 +257,14 @@ class RangeCache:
             count("range", lookup, 0, led_steps, total - led_steps)
             answer = fetched[0].answer
             if fetched[0].extent is not None:
-                await self.store.put_many([(memo_key, answer.raw, memo_ttl)])
+                await self.store.put_many([(plan.memo_key, answer.raw, plan.memo_ttl)])
             return ApiResult(answer.status_code, answer.doc, lookup, raw=answer.raw)
         if any(f.extent is None for f in fetched):
             # A piece carried warnings, an error or points off the grid: not assembled;
             # the caller gets upstream's own answer for the whole range.
             count("range", Lookup.MISS, 0, led_steps, 0)
-            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, full_key)
+            return await self.upstream.answer("/api/v1/query_range", req.upstream(), req.origin.deadline,
+                                              req.origin.headers, plan.full_key)
 
         segments: list[tuple[Interval, Extent]] = []
         taken: list[Interval] = []
@@ -283,7 +281,7 @@ class RangeCache:
         segments.sort(key=lambda seg: seg[0])
         points = sum(e.points() for _, e in segments)
         body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
-        await self.store.put_many([(memo_key, body, memo_ttl)])
+        await self.store.put_many([(plan.memo_key, body, plan.memo_ttl)])
         if not fetched:
             lookup = Lookup.HIT
         elif cached_steps > 0:
@@ -303,10 +301,10 @@ class RangeCache:
         return a, a + (BLOCK_STEPS - 1) * step
 
     @staticmethod
-    def _pieces(missing: list[Interval], first: int, last: int, step: int,
-                start: float, end: float) -> list[_Piece]:
+    def _pieces(missing: list[Interval], req: RangeQuery) -> list[_Piece]:
         """What to fetch: the missing intervals (one span when there are many), in chunks
-        Prometheus accepts; a piece at the request's own edge is sent with its own string."""
+        Prometheus accepts; a piece at the request's own edge is sent with the caller's text."""
+        first, last, step = req.first, req.last, req.step.ms
         if len(missing) > MAX_PIECES:
             missing = [(missing[0][0], missing[-1][1])]
         out: list[_Piece] = []
@@ -314,18 +312,18 @@ class RangeCache:
             while a <= b:
                 chunk_end = min(b, a + (MAX_STEPS - 1) * step)
                 out.append(_Piece(a, chunk_end,
-                                  repr_time(start) if a == first else fmt_ms(a),
-                                  repr_time(end) if chunk_end == last else fmt_ms(chunk_end)))
+                                  req.start.text if a == first else fmt_ms(a),
+                                  req.end.text if chunk_end == last else fmt_ms(chunk_end)))
                 a = chunk_end + step
         return out
 
-    async def _fetch_piece(self, piece: _Piece, expr: str, step_ms: int, params: Sequence[tuple[str, str]],
-                           rch: Reach, base: str, live_key: str, deadline: float,
-                           headers: Mapping[str, str] | None) -> _Flight:
+    async def _fetch_piece(self, piece: _Piece, req: RangeQuery, plan: _Plan, live_key: str) -> _Flight:
         cutoff = int(self.clock() * 1000) - self.live_window_ms
-        query = [("query", expr), ("start", piece.start), ("end", piece.end),
-                 ("step", fmt_ms(step_ms)), *list(params)]
-        answer = await self.upstream.ask("/api/v1/query_range", query, "range", deadline, headers)
+        step_ms = req.step.ms
+        query = [("query", req.query.text), ("start", piece.start), ("end", piece.end),
+                 ("step", req.step.text), *req.params]
+        answer = await self.upstream.ask("/api/v1/query_range", query, "range", req.origin.deadline,
+                                         req.origin.headers)
         extent = None
         if answer.status_code == 200:
             data = answer.doc.get("data")
@@ -334,7 +332,7 @@ class RangeCache:
             heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
             extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
         if extent is not None:
-            await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
+            await self._keep(plan.base, live_key, extent, piece, step_ms, plan.reach, cutoff)
         return _Fetched(answer, extent)
 
     async def _keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,

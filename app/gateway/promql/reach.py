@@ -9,7 +9,7 @@ from typing import Any
 
 import promql_parser as pp
 
-from app.gateway.promql.timing import _go_round, ms_of
+from app.gateway.promql.timing import _go_round, parse_time
 
 
 class Uncacheable(Exception):
@@ -66,7 +66,7 @@ def _at_ms(at: Any, preprocess_time: int | None) -> int | None:
     if kind == "At":
         # The text form ("@ 1700000000.000"): reading .at panics for negative times, and
         # a negative time prints as 0, still an upper bound of what is read.
-        return ms_of(float(str(at).split()[-1]))
+        return parse_time(str(at).split()[-1]).ms
     if preprocess_time is None:
         raise Uncacheable(f"@ {kind.lower()}() depends on the range")
     return preprocess_time

@@ -156,9 +156,12 @@ def reads_the_clock(node: pp.Expr) -> bool:
     return found
 
 
+# How a substitute prints an expression of its own (a figure's tree) with matchers added
+# and a shift: with the printer in force, so a tenant's matchers reach that tree too.
+Inner = Callable[[pp.Expr, Sequence[tuple[str, str, str]], "Shift | None"], str]
 # What a selector is replaced by: printed PromQL that stands as one operand (parenthesised
 # by the substitute), or None to print the selector as it is.
-Substitute = Callable[[pp.VectorSelector, "timedelta | None", Shift], "str | None"]
+Substitute = Callable[[pp.VectorSelector, "timedelta | None", Shift, Inner], "str | None"]
 
 
 class _Printer:
@@ -212,7 +215,11 @@ class _Printer:
         if self.substitute is None:
             return None
         shift = self.shift if self._in_subquery == 0 else Shift()
-        return self.substitute(vs, rng, shift)
+        return self.substitute(vs, rng, shift, self.inner)
+
+    def inner(self, node: pp.Expr, added: Sequence[tuple[str, str, str]], shift: Shift | None) -> str:
+        """Another tree (a substitute's) printed with `added` matchers and `shift`, and no substitution."""
+        return _Printer(added, frozenset(), shift).print(node)
 
     def print(self, n: pp.Expr) -> str:
         if isinstance(n, pp.VectorSelector):
@@ -337,12 +344,14 @@ UNENFORCEABLE_FUNCTIONS = frozenset({"info"})
 _ABSENT = frozenset({"absent", "absent_over_time"})
 
 
-def _absent_label(sel: pp.VectorSelector, name: str) -> str:
-    """The value absent() gives label `name` for the caller's own selector (Prometheus keeps
-    a label only when exactly one matcher names it and that one is an equality)."""
-    named = [m for m in sel.matchers.matchers if m.name == name]
-    if len(named) == 1 and _op(named[0]) == "=":
-        return str(named[0].value)
+def _absent_label(sel: pp.VectorSelector, extra: Sequence[tuple[str, str, str]], name: str) -> str:
+    """The value absent() gives label `name` for the selector as written before the tenant's
+    matchers (its own and `extra`, a figure's): Prometheus keeps a label only when exactly
+    one matcher names it and that one is an equality."""
+    named = [(_op(m), str(m.value)) for m in sel.matchers.matchers if m.name == name]
+    named += [(op, value) for label, op, value in extra if label == name]
+    if len(named) == 1 and named[0][0] == "=":
+        return named[0][1]
     return ""
 
 
@@ -355,9 +364,15 @@ class _TenantPrinter(_Printer):
     matches; an empty replacement removes the label).
     """
 
-    def __init__(self, matchers: TenantMatchers) -> None:
-        super().__init__([(name, "=", value) for name, value in matchers])
+    def __init__(self, matchers: TenantMatchers, substitute: Substitute | None = None,
+                 extra: Sequence[tuple[str, str, str]] = (), shift: Shift | None = None) -> None:
+        super().__init__([*extra, *((name, "=", value) for name, value in matchers)],
+                         shift=shift, substitute=substitute)
         self.tenant = tuple(matchers)
+        self.extra = tuple(extra)  # a substituted tree's own added matchers (before the tenant's)
+
+    def inner(self, node: pp.Expr, added: Sequence[tuple[str, str, str]], shift: Shift | None) -> str:
+        return _TenantPrinter(self.tenant, extra=added, shift=shift).print(node)
 
     def print(self, n: pp.Expr) -> str:
         if isinstance(n, pp.Call) and n.func.name in UNENFORCEABLE_FUNCTIONS:
@@ -365,10 +380,13 @@ class _TenantPrinter(_Printer):
         text = super().print(n)
         if isinstance(n, pp.Call) and n.func.name in _ABSENT and n.args:
             arg = n.args[0]
+            rng = arg.range if isinstance(arg, pp.MatrixSelector) else None
             sel = arg.vector_selector if isinstance(arg, pp.MatrixSelector) else arg
-            if isinstance(sel, pp.VectorSelector):
+            # A substituted selector (a figure) is an expression, not a selector, to absent().
+            if isinstance(sel, pp.VectorSelector) and self._substituted(sel, rng) is None:
                 for name, _value in self.tenant:
-                    text = f"label_replace({text}, {quote(name)}, {quote(_absent_label(sel, name))}, \"\", \"\")"
+                    label = quote(_absent_label(sel, self.extra, name))
+                    text = f"label_replace({text}, {quote(name)}, {label}, \"\", \"\")"
         return text
 
 
@@ -384,6 +402,15 @@ def enforce(expr: str, matchers: TenantMatchers) -> str:
     if not matchers:
         return expr
     return _TenantPrinter(matchers).print(parse(expr))
+
+
+def rewrite(tree: pp.Expr, *, substitute: Substitute | None = None, tenant: TenantMatchers = ()) -> str:
+    """The parsed query printed once: selectors replaced by `substitute` (figure names) and,
+    for a confined tenant, its matchers on every selector, the substituted trees' included
+    (what `enforce` of the substituted text gives, without printing and parsing twice)."""
+    if tenant:
+        return _TenantPrinter(tenant, substitute).print(tree)
+    return _Printer(substitute=substitute).print(tree)
 
 
 def tenant_selector(matchers: TenantMatchers) -> str:

@@ -1,24 +1,37 @@
-"""time as Prometheus reads and writes it: parseTime, parseDuration, ms grid, MarshalTimestamp."""
+"""Time as Prometheus reads and writes it: parseTime, parseDuration, the ms grid, MarshalTimestamp.
+
+One reading of a time parameter (`parse_time`) for the whole gateway: the validation
+at the edge, the evaluation grid of the range cache and the keys all use its
+milliseconds, so they can never disagree with each other or with Prometheus (its
+float path rounds the fraction half away from zero, RFC 3339 is exact to the
+nanosecond and truncated to whole milliseconds by the engine). The caller's own text
+travels with it, so what goes upstream is what the caller wrote.
+"""
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
+
+_NS_PER_MS = 1_000_000
+_NS_PER_S = 1_000_000_000
 
 # Go's strconv.ParseFloat syntax (decimal; no spaces or underscores, unlike Python's float()).
 _FLOAT = re.compile(r"\A[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)\Z",
                     re.IGNORECASE | re.ASCII)
 
 
-_RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z", re.ASCII)
+_RFC3339 = re.compile(r"\A(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})\Z", re.ASCII)
 
 
 _DURATION = re.compile(r"\A(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z",
                        re.ASCII)
 
 
-_UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+_UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1000, 1)
 
 
 _MIN_TIME_FORMATTED = "-292273086-05-16T16:47:06Z"
@@ -27,42 +40,43 @@ _MIN_TIME_FORMATTED = "-292273086-05-16T16:47:06Z"
 _MAX_TIME_FORMATTED = "292277025-08-18T07:12:54.999999999Z"
 
 
-def parse_time(text: str) -> float:
-    """Seconds since the epoch, as Prometheus' parseTime reads them (raises ValueError)."""
-    if _FLOAT.match(text):
-        t = float(text)
-        if not math.isfinite(t):
-            raise ValueError(text)
-        whole = math.trunc(t)
-        return whole + round((t - whole) * 1000) / 1000
-    if _RFC3339.match(text):
-        frac = ""
-        if "." in text:
-            head, rest = text.split(".", 1)
-            digits = re.match(r"\d+", rest)
-            assert digits is not None
-            frac = digits.group(0)
-            text = head + rest[len(frac):]
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return dt.timestamp() + (float("0." + frac) if frac else 0.0)
-    if text == _MIN_TIME_FORMATTED:
-        return -9.2e15
-    if text == _MAX_TIME_FORMATTED:
-        return 9.2e15
-    raise ValueError(text)
+# Prometheus' MinTime and MaxTime (v1.MinTime, v1.MaxTime), in nanoseconds.
+_MIN_TIME_NS = -9_223_309_901_257_974 * 1_000_000_000
+_MAX_TIME_NS = 9_223_309_901_257_974 * 1_000_000_000 + 999_999_999
 
 
-def parse_duration(text: str) -> float:
-    """Seconds, as Prometheus' parseDuration reads them: a float, or 1h30m-style (raises ValueError)."""
-    if _FLOAT.match(text):
-        d = float(text)
-        if not math.isfinite(d) or abs(d) * 1e9 > 2**63 - 1:
-            raise ValueError(f"cannot parse {text!r} to a valid duration. It overflows int64")
-        return d
-    m = _DURATION.match(text)
-    if m and text:
-        return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_SECONDS, strict=True) if g)
-    raise ValueError(f"cannot parse {text!r} to a valid duration")
+@dataclass(frozen=True, slots=True)
+class Time:
+    """A time parameter: the caller's text and the instant Prometheus reads from it."""
+
+    text: str  # as the caller wrote it (sent upstream unchanged)
+    ns: int  # Go's time.Time, in nanoseconds since the epoch
+
+    @property
+    def ms(self) -> int:
+        """timestamp.FromTime: the millisecond the engine evaluates at (truncated, never rounded)."""
+        return self.ns // _NS_PER_MS
+
+    @property
+    def seconds(self) -> float:
+        return self.ns / _NS_PER_S
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A duration parameter (step, timeout): the caller's text and Go's time.Duration."""
+
+    text: str
+    ns: int
+
+    @property
+    def ms(self) -> int:
+        """The engine's interval in whole milliseconds (Go's integer division, toward zero)."""
+        return self.ns // _NS_PER_MS if self.ns >= 0 else -(-self.ns // _NS_PER_MS)
+
+    @property
+    def seconds(self) -> float:
+        return self.ns / _NS_PER_S
 
 
 def _go_round(x: float) -> int:
@@ -70,22 +84,47 @@ def _go_round(x: float) -> int:
     return math.floor(abs(x) + 0.5) * (1 if x >= 0 else -1)
 
 
-def ms_of(seconds: float) -> int:
-    """Unix seconds to whole milliseconds exactly as Prometheus' parseTime does.
+def parse_time(text: str) -> Time:
+    """Prometheus' parseTime (raises ValueError).
 
-    (Modf; the fraction rounded to ms; time.Unix normalisation; FromTime.) The
-    evaluation grid must be Prometheus' own, to the millisecond.
+    A float: math.Modf, the fraction rounded to whole milliseconds half away from
+    zero, time.Unix (1.0625 -> 1.063, -1.5 -> -1.5). RFC 3339: exact to the
+    nanosecond (digits past the ninth ignored, as Go does), any offset.
     """
-    frac, whole = math.modf(seconds)
-    frac = _go_round(frac * 1000) / 1000
-    total_ns = int(whole) * 1_000_000_000 + int(frac * 1e9)
-    sec, ns = divmod(total_ns, 1_000_000_000)
-    return sec * 1000 + ns // 1_000_000
+    if _FLOAT.match(text):
+        t = float(text)
+        if not math.isfinite(t):
+            raise ValueError(text)
+        frac, whole = math.modf(t)
+        frac = _go_round(frac * 1000) / 1000
+        return Time(text, int(whole) * _NS_PER_S + int(frac * 1e9))
+    m = _RFC3339.match(text)
+    if m:
+        head, digits, zone = m.groups()
+        dt = datetime.fromisoformat(head + ("+00:00" if zone == "Z" else zone))
+        seconds = calendar.timegm(dt.utctimetuple())
+        nanos = int((digits or "0")[:9].ljust(9, "0"))
+        return Time(text, seconds * _NS_PER_S + nanos)
+    if text == _MIN_TIME_FORMATTED:
+        return Time(text, _MIN_TIME_NS)
+    if text == _MAX_TIME_FORMATTED:
+        return Time(text, _MAX_TIME_NS)
+    raise ValueError(text)
 
 
-def step_ms_of(step: float) -> int:
-    """A float step in seconds to Prometheus' interval: Duration(step*1e9), then whole ms."""
-    return int(step * 1e9) // 1_000_000
+def parse_duration(text: str) -> Duration:
+    """Prometheus' parseDuration: float seconds (truncated to ns), or 1h30m-style (raises ValueError)."""
+    if _FLOAT.match(text):
+        d = float(text)
+        ts = d * 1e9
+        if not math.isfinite(d) or ts > 2.0**63 or ts < -(2.0**63):
+            raise ValueError(f"cannot parse {text!r} to a valid duration. It overflows int64")
+        return Duration(text, int(ts))
+    m = _DURATION.match(text)
+    if m and text:
+        ms = sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_MS, strict=True) if g)
+        return Duration(text, ms * _NS_PER_MS)
+    raise ValueError(f"cannot parse {text!r} to a valid duration")
 
 
 def fmt_ms(ms: int) -> str:
@@ -108,9 +147,3 @@ def prom_ts(t: int | float) -> str:
     sign = "-" if ms < 0 else ""
     sec, frac = divmod(abs(ms), 1000)
     return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}"
-
-
-def repr_time(seconds: float) -> str:
-    """A float time or step as a decimal string Prometheus parses to the same value."""
-    text = repr(float(seconds))
-    return text[:-2] if text.endswith(".0") else text

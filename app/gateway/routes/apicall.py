@@ -1,4 +1,5 @@
-"""One Prometheus API call at the edge: the query prepared once, the budget, the upstream and the range cache."""
+"""One Prometheus API call at the edge: decoded once into a typed request (promql/request.py),
+the budget, the upstream and the range cache."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from typing import Any
 from fastapi import Response
 
 from app.gateway.catalog.names import FigureNames
-from app.gateway.promql.syntax import PromQLError, enforce, enforce_match, parse
+from app.gateway.promql.request import InstantQuery, Origin, Pairs, Query, RangeQuery, pairs
+from app.gateway.promql.syntax import PromQLError, enforce_match, parse, rewrite
 from app.gateway.result import Lookup
 from app.gateway.routes.confine import Caller
 from app.gateway.routes.envelope import JSON, bad_data, from_upstream, invalid_param
-from app.gateway.routes.params import Params, duration_param
+from app.gateway.routes.params import Params, duration_param, required_time, time_param
 from app.gateway.service import GatewayService
 from app.gateway.upstream.answers import ApiAnswer, UpstreamError
+
+# Prometheus refuses ranges with more points than this per series.
+MAX_POINTS = 11000
 
 
 class ApiContext:
@@ -27,24 +32,49 @@ class ApiContext:
         self.settings = service.settings
         self.names = FigureNames(service.catalog)
 
-    def prepare(self, expr: str, caller: Caller, *, prefixed: bool) -> str:
-        """The query to send upstream: the caller's own text unless figure names were
-        expanded or a tenant's matchers enforced (parsed once here, at the edge)."""
+    def prepare(self, expr: str, caller: Caller, *, prefixed: bool) -> Query:
+        """The query, parsed once: sent as the caller wrote it unless figure names were
+        expanded or a tenant's matchers enforced, both printed in one pass of its tree."""
         try:
             tree = parse(expr)
         except PromQLError as exc:
             if caller.confined:
                 raise (invalid_param("query", str(exc)) if prefixed else bad_data(str(exc))) from None
-            return expr  # Prometheus judges it, with its own words
+            return Query(expr, None)  # Prometheus judges it, with its own words
         try:
-            expanded = self.names.expand(tree)
-            if expanded is not None:
-                parse(expanded)  # never send what we could not read back
-            out = expr if expanded is None else expanded
-            # The tenant's matchers go on last, so figures' selectors get them too.
-            return enforce(out, caller.matchers) if caller.confined else out
+            substitute = self.names.substitute if self.names.uses(tree) else None
+            if substitute is None and not caller.confined:
+                return Query(expr, tree)
+            # The tenant's matchers reach the figures' selectors too.
+            text = rewrite(tree, substitute=substitute, tenant=caller.matchers if caller.confined else ())
+            # Never send what we could not read back; the engines read this tree.
+            return Query(text, parse(text))
         except PromQLError as exc:
             raise (invalid_param("query", str(exc)) if prefixed else bad_data(str(exc))) from None
+
+    def range_query(self, p: Params, caller: Caller) -> RangeQuery:
+        """/api/v1/query_range decoded, refused as Prometheus refuses it (in its order)."""
+        start = required_time(p, "start")
+        end = required_time(p, "end")
+        if end.ns < start.ns:
+            raise invalid_param("end", "end timestamp must not be before start time")
+        step = duration_param(p, "step")
+        if step.ns <= 0:
+            raise invalid_param("step", "zero or negative query resolution step widths are not accepted. "
+                                        "Try a positive integer")
+        if (end.ns - start.ns) // step.ns > MAX_POINTS:  # Go: end.Sub(start) / step
+            raise bad_data("exceeded maximum resolution of 11,000 points per timeseries. "
+                           "Try decreasing the query resolution (?step=XX)")
+        origin, rest = self.budget(p, caller)
+        query = self.prepare(p.get("query"), caller, prefixed=False)
+        return RangeQuery(query, start, end, step, rest, origin)
+
+    def instant_query(self, p: Params, caller: Caller) -> InstantQuery:
+        """/api/v1/query decoded."""
+        at = time_param(p, "time")
+        origin, rest = self.budget(p, caller)
+        query = self.prepare(p.get("query"), caller, prefixed=True)
+        return InstantQuery(query, at, rest, origin)
 
     @staticmethod
     def confined_matches(p: Params, caller: Caller) -> Params:
@@ -58,17 +88,17 @@ class ApiContext:
             raise invalid_param("match[]", str(exc)) from None
         return Params((*p.without("match[]"), *(("match[]", m) for m in matches)))
 
-    def budget(self, p: Params) -> tuple[float, list[tuple[str, str]]]:
-        """(our deadline, params with the caller's `timeout` capped below it so Prometheus reports
-        its own timeout first). No `timeout` is added when the caller sent none."""
+    def budget(self, p: Params, caller: Caller) -> tuple[Origin, Pairs]:
+        """Who asks and our deadline, and the parameters other than the query and its times,
+        the caller's `timeout` capped below our deadline so Prometheus reports its own
+        timeout first (none is added when the caller sent none)."""
         deadline = self.settings.request_deadline_seconds
-        if p.get("timeout") == "":
-            return deadline, list(p.items)
-        asked = duration_param(p, "timeout")
-        cap = deadline * 0.9
-        if asked <= cap:
-            return deadline, list(p.items)
-        return deadline, Params(tuple(p.items)).replaced("timeout", f"{max(1, int(cap * 1000))}ms")
+        origin = Origin(caller.scope, caller.headers, asyncio.get_running_loop().time() + deadline)
+        if p.get("timeout") != "":
+            cap = deadline * 0.9
+            if duration_param(p, "timeout").seconds > cap:
+                p = Params(tuple(p.replaced("timeout", f"{max(1, int(cap * 1000))}ms")))
+        return origin, pairs(p.without("query", "start", "end", "step", "time"))
 
     async def upstream(self, method: str, path: str, params: Sequence[tuple[str, str]], caller: Caller,
                        timeout: float | None = None) -> ApiAnswer:
@@ -80,25 +110,16 @@ class ApiContext:
         except UpstreamError as exc:
             raise from_upstream(exc) from None
 
-    async def evaluate(self, path: str, params: Sequence[tuple[str, str]], caller: Caller,
-                       deadline: float, **times: float | None) -> Response:
+    async def evaluate(self, request: RangeQuery | InstantQuery) -> Response:
         """Evaluate query / query_range through the exact range cache (engines/ranges.py):
-        the one place it plugs in. `times`: start, end, step, or time, as parsed."""
+        the one place it plugs in."""
         service = self.service
         await service.ensure_started()
-        p = Params(tuple(params))
-        until = asyncio.get_running_loop().time() + deadline
-        rest = p.without("query", "start", "end", "step", "time")
         try:
-            if path == "/api/v1/query_range":
-                result = await service.ranges.query_range(
-                    scope=caller.scope, expr=p.get("query"), start=times["start"] or 0.0,
-                    end=times["end"] or 0.0, step=times["step"] or 0.0, params=rest,
-                    deadline=until, headers=caller.headers)
+            if isinstance(request, RangeQuery):
+                result = await service.ranges.query_range(request)
             else:
-                result = await service.ranges.query(scope=caller.scope, expr=p.get("query"),
-                                                    time=times.get("time"), params=rest,
-                                                    deadline=until, headers=caller.headers)
+                result = await service.ranges.query(request)
         except UpstreamError as exc:
             raise from_upstream(exc) from None
         body = result.raw if result.raw is not None else json.dumps(

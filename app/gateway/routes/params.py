@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import Request
 
-from app.gateway.promql.timing import parse_duration, parse_time
+from app.gateway.promql.timing import Duration, Time, parse_duration, parse_time
 from app.gateway.routes.envelope import FORM, bad_data, invalid_param
 
 
@@ -88,10 +88,11 @@ def _go_quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def time_param(p: Params, name: str, default: float | None) -> float | None:
+def time_param(p: Params, name: str) -> Time | None:
+    """An optional time (None when absent), as Prometheus' parseTime reads it."""
     text = p.get(name)
     if text == "":
-        return default
+        return None
     try:
         return parse_time(text)
     except ValueError:
@@ -99,7 +100,7 @@ def time_param(p: Params, name: str, default: float | None) -> float | None:
                                   "to a valid timestamp") from None
 
 
-def required_time(p: Params, name: str) -> float:
+def required_time(p: Params, name: str) -> Time:
     text = p.get(name)
     try:
         return parse_time(text)
@@ -107,14 +108,10 @@ def required_time(p: Params, name: str) -> float:
         raise invalid_param(name, f"cannot parse {_go_quote(text)} to a valid timestamp") from None
 
 
-def duration_param(p: Params, name: str) -> float:
+def duration_param(p: Params, name: str) -> Duration:
     text = p.get(name)
     try:
         return parse_duration(text)
     except ValueError as exc:
         msg = str(exc).replace(repr(text), _go_quote(text))
         raise invalid_param(name, msg) from None
-
-
-def _ns(t: float) -> int:
-    return round(t * 1e9)

@@ -36,13 +36,10 @@ from app.gateway.catalog.names import merge_metadata
 from app.gateway.promql.syntax import PromQLError, tenant_selector
 from app.gateway.routes.apicall import ApiContext, passthrough, rebuilt
 from app.gateway.routes.confine import Caller, caller_of, confine_alerts, confine_rules, families_of
-from app.gateway.routes.envelope import JSON, ApiError, bad_data, error_response, invalid_param
+from app.gateway.routes.envelope import JSON, ApiError, bad_data, error_response
 from app.gateway.routes.openapi import DURATION, LIMIT, MATCH, STR, TIME, Param, document
-from app.gateway.routes.params import _INT, Params, _ns, duration_param, read_params, required_time, time_param
+from app.gateway.routes.params import _INT, Params, read_params, time_param
 from app.gateway.service import GatewayService
-
-# Prometheus refuses ranges with more points than this per series.
-MAX_POINTS = 11000
 
 # When the upstream has no buildinfo (404), this answer makes Grafana see a Prometheus
 # (no `features` key) new enough for the label-matcher APIs it uses.
@@ -55,54 +52,36 @@ Handler = Callable[[ApiContext, Params, Caller, Mapping[str, str]], Awaitable[Re
 # -- query / query_range ------------------------------------------------------------------------
 
 async def _query(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, str]) -> Response:
-    at = time_param(p, "time", None)
-    deadline, items = api.budget(p)
-    expr = api.prepare(p.get("query"), caller, prefixed=True)
-    items = Params(tuple(items)).replaced("query", expr)
-    return await api.evaluate("/api/v1/query", items, caller, deadline, time=at)
+    return await api.evaluate(api.instant_query(p, caller))
 
 
 async def _query_range(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, str]) -> Response:
-    start = required_time(p, "start")
-    end = required_time(p, "end")
-    if end < start:
-        raise invalid_param("end", "end timestamp must not be before start time")
-    step = duration_param(p, "step")
-    if step <= 0:
-        raise invalid_param("step", "zero or negative query resolution step widths are not accepted. "
-                                    "Try a positive integer")
-    if (_ns(end) - _ns(start)) // max(1, int(step * 1e9)) > MAX_POINTS:
-        raise bad_data("exceeded maximum resolution of 11,000 points per timeseries. "
-                       "Try decreasing the query resolution (?step=XX)")
-    deadline, items = api.budget(p)
-    expr = api.prepare(p.get("query"), caller, prefixed=False)
-    items = Params(tuple(items)).replaced("query", expr)
-    return await api.evaluate("/api/v1/query_range", items, caller, deadline, start=start, end=end, step=step)
+    return await api.evaluate(api.range_query(p, caller))
 
 
 # -- exemplars, series, labels --------------------------------------------------------------------
 
 async def _exemplars(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, str]) -> Response:
-    start = time_param(p, "start", None)
-    end = time_param(p, "end", None)
-    if start is not None and end is not None and end < start:
+    start = time_param(p, "start")
+    end = time_param(p, "end")
+    if start is not None and end is not None and end.ns < start.ns:
         raise bad_data("end timestamp must not be before start timestamp")
-    expr = api.prepare(p.get("query"), caller, prefixed=False)
-    items = Params(p.items).replaced("query", expr)
+    query = api.prepare(p.get("query"), caller, prefixed=False)
+    items = Params(p.items).replaced("query", query.text)
     return passthrough(await api.upstream("POST", "/api/v1/query_exemplars", items, caller))
 
 
 async def _series(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, str]) -> Response:
     if not p.all("match[]"):
         raise bad_data("no match[] parameter provided")
-    time_param(p, "start", None)
-    time_param(p, "end", None)
+    time_param(p, "start")
+    time_param(p, "end")
     return passthrough(await api.upstream("POST", "/api/v1/series", api.confined_matches(p, caller).items, caller))
 
 
 async def _labels(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, str]) -> Response:
-    time_param(p, "start", None)
-    time_param(p, "end", None)
+    time_param(p, "start")
+    time_param(p, "end")
     return passthrough(await api.upstream("POST", "/api/v1/labels", api.confined_matches(p, caller).items, caller))
 
 
@@ -110,8 +89,8 @@ async def _labels(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, st
 
 async def _label_values(api: ApiContext, p: Params, caller: Caller, path: Mapping[str, str]) -> Response:
     name = path["name"]
-    time_param(p, "start", None)
-    time_param(p, "end", None)
+    time_param(p, "start")
+    time_param(p, "end")
     answer = await api.upstream("GET", f"/api/v1/label/{quote(name, safe='')}/values",
                                 api.confined_matches(p, caller).items, caller)
     if name != "__name__" or answer.error_type is not None:
