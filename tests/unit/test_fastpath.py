@@ -83,7 +83,9 @@ def test_requests_with_a_query_string_or_other_formats_go_to_the_routes(
             client.get(f"{BASE}/providers?format=json")
         with pytest.raises(AssertionError):  # another format than the memoized one
             client.get(f"{BASE}/providers", headers={"Accept": OPENMETRICS})
-        assert calls == ["route"] * 4
+        # The query string: the route looks the memo up itself; the other format: the fast
+        # path has just missed that key, so the route does not ask again.
+        assert calls == ["route"] * 3
         assert client.head(f"{BASE}/summary").status_code in (200, 405)  # HEAD is never fast-pathed
 
 
@@ -118,4 +120,23 @@ def test_degraded_answers_are_never_fast_pathed(monkeypatch: pytest.MonkeyPatch)
             calls = route_calls(client, monkeypatch)
             with pytest.raises(AssertionError):
                 client.get(f"{BASE}/summary")
-            assert calls == ["route"] * 2
+            assert calls == ["route"]  # the summary itself: the memo was asked once, by the fast path
+
+
+@pytest.mark.parametrize(("path", "query"), [("summary", ""), ("providers", ""), ("providers", "?format=json")])
+def test_a_miss_asks_the_memo_once(upstream: respx.Route, monkeypatch: pytest.MonkeyPatch,
+                                   path: str, query: str) -> None:
+    with make_client() as client:
+        memo = client.app.state.gateway.memo  # type: ignore[attr-defined]
+        real = memo.get
+        asked: list[tuple[str, ...]] = []
+
+        def get(key: tuple[str, ...]) -> tuple[bytes, str] | None:
+            asked.append(key)
+            return real(key)
+
+        monkeypatch.setattr(memo, "get", get)
+        assert client.get(f"{BASE}/{path}{query}").status_code == 200
+        assert len(asked) == 1, asked  # by the fast path, or (query string) by the route
+        assert client.get(f"{BASE}/{path}{query}").status_code == 200
+        assert len(asked) == 2  # and the warm one: one lookup, a hit

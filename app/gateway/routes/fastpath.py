@@ -27,6 +27,9 @@ from app.common.tenancy import TENANT_SCOPE_KEY, UNCONFINED, Tenant
 from app.gateway.catalog.model import CATEGORIES
 
 MemoKey = tuple[str, ...]
+# The scope key under which the fast path leaves the full memo key it looked up and
+# missed, so the route does not ask the memo again for the same key (`missed`).
+MISSED_SCOPE_KEY = "gateway.memo_missed"
 
 
 def kind_of(accept: str | None, fmt: str | None) -> str:
@@ -88,4 +91,12 @@ class MemoFastPath:
                 ]})
                 await send({"type": "http.response.body", "body": body})
                 return
+            if service is not None:
+                scope[MISSED_SCOPE_KEY] = (tenant_id, *key)
         await self.app(scope, receive, send)
+
+
+def missed(scope: Scope, tenant_id: str, key: MemoKey) -> bool:
+    """Did the fast path just ask the memo for this very key, and miss? (Then the route
+    need not ask again: one lookup per miss.)"""
+    return scope.get(MISSED_SCOPE_KEY) == (tenant_id, *key)

@@ -26,7 +26,7 @@ from app.gateway.render import docs as docs_render
 from app.gateway.render import json as json_render
 from app.gateway.render import text as text_render
 from app.gateway.result import QueryResult
-from app.gateway.routes.fastpath import kind_of, memo_key
+from app.gateway.routes.fastpath import kind_of, memo_key, missed
 from app.gateway.routes.promapi import create_promapi_router
 from app.gateway.service import GatewayService, Rendered
 from app.gateway.settings import GatewaySettings
@@ -120,7 +120,10 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     def answer(r: Rendered) -> Response:
         return Response(r.body, media_type=r.media_type)
 
-    def recall(key: tuple[str, ...], tenant: Tenant) -> Response | None:
+    def recall(request: Request, key: tuple[str, ...], tenant: Tenant) -> Response | None:
+        """The memoized body, unless the fast path has just missed it (one lookup per miss)."""
+        if missed(request.scope, tenant.id, key):
+            return None
         hit = service.recall(key, tenant)
         return answer(hit) if hit is not None else None
 
@@ -141,9 +144,9 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
 
     @router.get("/summary", summary="Summary figures for widgets (JSON)",
                 responses={200: {"description": "The summary contract", "content": {JSON_TYPE: _OBJECT}}})
-    async def summary(tenant: Caller) -> Response:
+    async def summary(request: Request, tenant: Caller) -> Response:
         key = memo_key("summary", None)
-        if (hit := recall(key, tenant)) is not None:
+        if (hit := recall(request, key, tenant)) is not None:
             return hit
         results = await service.summary(tenant)
         doc = _with_scope(json_render.summary(cat, results, service.client.up), tenant)
@@ -159,7 +162,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     async def everything(request: Request, tenant: Caller, format: Fmt = None) -> Response:
         kind = kind_of(request.headers.get("accept"), format)
         key = memo_key("all", kind)
-        if (hit := recall(key, tenant)) is not None:
+        if (hit := recall(request, key, tenant)) is not None:
             return hit
         return await respond(await service.everything(tenant), "all", kind, request, {}, key, tenant)
 
@@ -173,7 +176,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         filters = _filters(settings, category, provider=provider, model=model)
         kind = kind_of(request.headers.get("accept"), format)
         key = memo_key(category, kind, filters)
-        if (hit := recall(key, tenant)) is not None:
+        if (hit := recall(request, key, tenant)) is not None:
             return hit
         try:
             results = await service.category(category, filters, tenant)
