@@ -94,6 +94,13 @@ class GatewayService:
         if shared is not None:
             await shared.aclose()
 
+    async def drain(self) -> None:
+        """Wait until the work that outlives requests is done (fetches others wait for, the
+        fleet's publishes): the seam tests use instead of sleeping."""
+        for part in (self._engine, self._ranges):
+            if part is not None:
+                await part.background.drain()
+
     async def ensure_started(self) -> Engine:
         """The engine, starting (or restarting in this event loop) when needed."""
         if self._engine is None or self._loop is not asyncio.get_running_loop():

@@ -197,7 +197,7 @@ async def test_a_restarted_process_serves_last_good_with_its_true_age(make: Make
     first = make(cache_ttl_seconds=1)
     good = await first.summary()
     fetched_at = {k: r.fetched_at for k, r in good.items()}
-    await asyncio.sleep(0.3)  # published
+    await asyncio.wait_for(first.drain(), 5)  # published
     await first.aclose()
     await asyncio.sleep(2.0)  # past the fresh entries' expiry (at most two 1 s steps)
     # A new process (nothing in memory) during an upstream outage.
@@ -213,8 +213,9 @@ async def test_a_restarted_process_serves_last_good_with_its_true_age(make: Make
 async def test_a_changed_catalog_ignores_old_entries(make: Make, prom_stack: PromStack,
                                                      redis_db: redis_sync.Redis) -> None:
     catalog = load_catalog()
-    await make(catalog).summary()
-    await asyncio.sleep(0.3)  # published
+    first = make(catalog)
+    await first.summary()
+    await asyncio.wait_for(first.drain(), 5)  # published
     before = queries(prom_stack)
     assert {r.lookup for r in (await make(catalog).summary()).values()} == {Lookup.HIT}
     assert queries(prom_stack) == before
@@ -225,10 +226,11 @@ async def test_a_changed_catalog_ignores_old_entries(make: Make, prom_stack: Pro
     bumped = dataclasses.replace(catalog, queries={**catalog.queries,
                                                    qid: dataclasses.replace(q, expr=f"({q.expr}) * 2")})
     assert catalog_fingerprint(bumped) != catalog_fingerprint(catalog)
-    got = await make(bumped).summary()
+    second = make(bumped)
+    got = await second.summary()
     assert Lookup.HIT not in {r.lookup for r in got.values()}
     assert queries(prom_stack) - before == 1
-    await asyncio.sleep(0.3)  # published
+    await asyncio.wait_for(second.drain(), 5)  # published
     namespaces = {k.split(b":")[2].strip(b"{}") for k in redis_db.scan_iter(match="*:fresh:*")}
     assert {catalog_fingerprint(catalog).encode(), catalog_fingerprint(bumped).encode()} <= namespaces
 
