@@ -34,16 +34,14 @@ from functools import lru_cache
 
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
-from app.gateway.caching.clock import grid_expiry, to_monotonic
 from app.gateway.caching.figures import CacheClass, QueryCache
 from app.gateway.caching.flight import Background, SingleFlight
 from app.gateway.caching.shared import ALONE, LEAD, SharedTier
 from app.gateway.catalog.model import CatalogQuery
-from app.gateway.engines.batch import BATCH_LABEL, Outcome, Settled, _Job, _split_and_project, _split_and_project_big
+from app.gateway.engines.batch import Batches, Settled, _Job
 from app.gateway.promql.syntax import apply_filters, enforce
 from app.gateway.result import Fetched, Lookup, QueryResult, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream.answers import QueryAnswer, UpstreamError
 from app.gateway.upstream.client import PrometheusClient
 
 log = logging.getLogger("gateway.aggregator")
@@ -113,6 +111,8 @@ class Engine:
         self.cache = cache
         self.shared = shared
         self.flights: SingleFlight[Settled] = SingleFlight()
+        self.batches = Batches(settings, client, cache, self.flights, on_grid=shared is not None)
+        self.fleet = FleetFetch(shared, cache, self.flights, self.batches) if shared is not None else None
         self.filtered_fetches = TokenBucket(settings.filtered_fetches_per_second, settings.filtered_fetch_burst)
         # Work shared with other requests: it must outlive the request that started it.
         self.background = Background()
@@ -207,36 +207,49 @@ class Engine:
 
         `headers`: the tenant's upstream headers (its keys already lead with its id)."""
         try:
-            shared = self.shared
-            if shared is None:
-                await self._fetch_upstream(jobs, category, deadline, headers)
-            elif not shared.available:
+            if self.fleet is None:
+                await self.batches.fetch(jobs, category, deadline, headers)
+            elif not self.fleet.shared.available:
                 gm.shared_event(category, "bypass", len(jobs))
-                await self._fetch_upstream(jobs, category, deadline, headers)
+                await self.batches.fetch(jobs, category, deadline, headers)
             else:
-                await self._fetch_shared(shared, jobs, category, deadline, headers)
+                await self.fleet.fetch(jobs, category, deadline, headers)
         finally:
             for j in jobs:  # never leave a waiter hanging, whatever happened above
                 self.flights.settle(j.key, j.future,
                                     (UpstreamFailure("internal", "fetch ended without an answer"), Lookup.MISS))
+
+    async def aclose(self) -> None:
+        await self.background.aclose()
+
+
+class FleetFetch:
+    """A process's local misses through the shared tier (see the module docstring)."""
+
+    def __init__(self, shared: SharedTier, cache: QueryCache, flights: SingleFlight[Settled],
+                 batches: Batches) -> None:
+        self.shared = shared
+        self.cache = cache
+        self.flights = flights
+        self.batches = batches
 
     def _keep(self, job: _Job, fetched: Fetched, lookup: Lookup) -> None:
         """An answer the shared tier had: into the local tier, then to the waiters."""
         self.cache.keep(job.key, job.cls, fetched, good=not fetched.warnings)
         self.flights.settle(job.key, job.future, (fetched, lookup))
 
-    async def _fetch_shared(self, shared: SharedTier, jobs: list[_Job], category: str, deadline: float,
-                            headers: Mapping[str, str] | None = None) -> None:
+    async def fetch(self, jobs: list[_Job], category: str, deadline: float,
+                    headers: Mapping[str, str] | None = None) -> None:
         """Local misses through the shared tier: answered there, fetched here for the
         whole fleet (holding the lock, then published), or awaited from the process
         that fetches them; alone (as without the tier) when the tier fails."""
-        loop = asyncio.get_running_loop()
+        loop, shared = asyncio.get_running_loop(), self.shared
         by_key = {j.key: j for j in jobs}
         claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
                                    deadline - loop.time())
         if claim is None:
             gm.shared_event(category, "error", len(jobs))
-            await self._fetch_upstream(jobs, category, deadline, headers)
+            await self.batches.fetch(jobs, category, deadline, headers)
             return
         for key, good in claim.good.items():  # last good values only (a restarted process)
             self.cache.keep(key, by_key[key].cls, good, good=True)
@@ -250,7 +263,7 @@ class Engine:
             if not keys:
                 return
             async with shared.holding(keys, claim.token):
-                outcomes = await self._fetch_upstream([by_key[k] for k in keys], category, deadline, headers)
+                outcomes = await self.batches.fetch([by_key[k] for k in keys], category, deadline, headers)
             await asyncio.sleep(0)  # the requests just answered go first; then the fleet's waiters
             await shared.publish(claim.token, outcomes)
 
@@ -272,89 +285,6 @@ class Engine:
             gm.shared_event(category, "coalesced", len(got) - len(takeover) - len(alone))
             gm.shared_event(category, "takeover", len(takeover))
             gm.shared_event(category, "error", len(alone))
-            await asyncio.gather(lead(takeover), self._fetch_upstream(alone, category, deadline, headers))
+            await asyncio.gather(lead(takeover), self.batches.fetch(alone, category, deadline, headers))
 
         await asyncio.gather(lead(claim.led), follow())
-
-    async def _fetch_upstream(self, jobs: list[_Job], category: str, deadline: float,
-                              headers: Mapping[str, str] | None = None) -> dict[str, Outcome]:
-        """Fetch `jobs` in as few requests as possible; settle their futures and
-        return each key's outcome."""
-        if not jobs:
-            return {}
-        batchable = [j for j in jobs if j.query.batchable]
-        solo = [j for j in jobs if not j.query.batchable]
-        size = self.settings.batch_max_queries
-        groups = [batchable[i:i + size] for i in range(0, len(batchable), size)]
-        groups += [[j] for j in solo]
-        outcomes: dict[str, Outcome] = {}
-        for part in await asyncio.gather(*(self._fetch_group(g, category, deadline, headers) for g in groups)):
-            outcomes.update(part)
-        return outcomes
-
-    async def _fetch_group(self, jobs: list[_Job], category: str, deadline: float,
-                           headers: Mapping[str, str] | None = None) -> dict[str, Outcome]:
-        loop = asyncio.get_running_loop()
-        if len(jobs) == 1:
-            expr = jobs[0].expr
-        else:
-            expr = " or ".join(
-                f'label_replace({j.expr}, "{BATCH_LABEL}", "{n}", "", "")' for n, j in enumerate(jobs)
-            )
-        try:
-            answer = await self.client.query(expr, timeout=deadline - loop.time(), category=category,
-                                             headers=headers)
-        except UpstreamError as exc:
-            if len(jobs) > 1 and exc.error_type in ("bad_data", "execution"):
-                # One query is at fault: evaluate each alone so the others still answer.
-                outcomes: dict[str, Outcome] = {}
-                for part in await asyncio.gather(*(self._fetch_group([j], category, deadline, headers)
-                                                   for j in jobs)):
-                    outcomes.update(part)
-                return outcomes
-            failure = UpstreamFailure(exc.error_type, exc.message)
-            for j in jobs:
-                self.flights.settle(j.key, j.future, (failure, Lookup.MISS))
-            return dict.fromkeys((j.key for j in jobs), failure)
-        return await self._settle(jobs, answer, category)
-
-    def _expiry(self, ttl: float, now: float) -> float:
-        """The local expiry of answers fetched `now` (unix time): with a shared tier on
-        the wall-clock grid, so every process of the fleet expires them in step."""
-        if self.shared is None:
-            return self.cache.expiry(ttl)
-        return to_monotonic(grid_expiry(ttl, now))
-
-    async def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> dict[str, Outcome]:
-        now = time.time()
-        cap = self.settings.max_series_per_figure
-        if len(answer.series) >= self.settings.offload_min_series:
-            gm.offloaded("project")
-            projected = await asyncio.to_thread(_split_and_project_big, jobs, answer.series, cap)
-        else:
-            projected = _split_and_project(jobs, answer.series, cap)
-        ttl = self.settings.ttl_for(category)
-        expires_at = self._expiry(ttl, now)
-        good = not answer.warnings
-        if not good:
-            # A partial answer is worth reusing briefly (asking again at once would mostly
-            # get the same partial answer, and load the upstream that is already struggling),
-            # but never as the last good value.
-            expires_at = min(expires_at, self._expiry(min(ttl, self.settings.warning_ttl_seconds), now))
-        truncated = 0
-        evicted: dict[str, int] = {}
-        outcomes: dict[str, Outcome] = {}
-        for j, (samples, dropped) in zip(jobs, projected, strict=True):
-            fetched = Fetched(samples, now, answer.warnings, dropped, expires_at)
-            truncated += dropped > 0
-            for cls, n in self.cache.keep(j.key, j.cls, fetched, good=good).items():
-                evicted[cls] = evicted.get(cls, 0) + n
-            self.flights.settle(j.key, j.future, (fetched, Lookup.MISS))
-            outcomes[j.key] = fetched
-        if truncated:
-            gm.truncated(category, truncated)
-        gm.cache_usage({str(c): u for c, u in self.cache.usage().items()}, evicted)
-        return outcomes
-
-    async def aclose(self) -> None:
-        await self.background.aclose()
