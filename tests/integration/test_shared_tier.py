@@ -136,6 +136,9 @@ async def test_a_failed_fetch_is_not_cached_and_the_next_request_retries(
     down = make(prometheus_url=DEAD_URL)
     failed = await down.summary()
     assert {r.lookup for r in failed.values()} == {Lookup.FAILED}
+    # Its failure is handed over (and its locks released) after the answer: let that end,
+    # or the next request would wait on this very flight and get its failure.
+    await asyncio.wait_for(down.drain(), 5)
     up = make()
     before = queries(prom_stack)
     answer = await up.summary()

@@ -247,49 +247,19 @@ def _reason(exc: BaseException) -> str:
     return "response"
 
 
-class SharedTier:
-    """Store, lock/lease and codec of the shared tier. The engine decides who fetches;
-    this class only says what Redis holds and hands outcomes between processes."""
+class RedisGuard:
+    """The one guard around the tier's Redis: every command bounded by a timeout (and
+    the request's budget), failures counted by reason, a breaker that stops asking while
+    Redis fails, one log line per episode. A failed command is None, never an error
+    (the tier's callers then work as a lone process does)."""
 
-    POLL_FIRST: Final = 0.001
-    POLL_GROWTH: Final = 1.5
-    POLL_MAX: Final = 0.025
-
-    def __init__(self, settings: GatewaySettings, client: AsyncRedis, catalog_hash: str) -> None:
-        self.settings = settings
+    def __init__(self, settings: GatewaySettings, client: AsyncRedis) -> None:
         self.client = client
-        self.keys = KeySpace(settings.gateway_cache_prefix, catalog_hash)
-        self.codec = Codec(settings.gateway_cache_max_entry_bytes, settings.gateway_cache_compress_min_bytes)
         self.timeout = settings.gateway_cache_timeout_seconds
-        self.lease_ms = max(1, round(settings.gateway_cache_lock_lease_seconds * 1000))
         self.breaker = CircuitBreaker(settings.gateway_cache_breaker_threshold,
                                       settings.gateway_cache_breaker_reset_seconds,
                                       on_change=gm.set_shared_breaker_state)
         self.episode = FailureEpisode("shared cache tier (Redis)", log)
-        self.claim_script = client.register_script(_CLAIM)
-        self.poll_script = client.register_script(_POLL)
-        self.publish_script = client.register_script(_PUBLISH)
-        self.renew_script = client.register_script(_RENEW)
-
-    @classmethod
-    def from_settings(cls, settings: GatewaySettings, catalog: Catalog) -> SharedTier | None:
-        """The tier when a URL is configured, else None (the gateway works per process)."""
-        url = settings.shared_cache_url
-        if url is None:
-            return None
-        # One retry: after a Redis restart each pooled connection fails once, and a
-        # failed publish would leave its locks to block the fleet for a lease.
-        client = make_redis_client(url, settings.gateway_cache_timeout_seconds,
-                                   max_connections=settings.gateway_cache_max_connections, retries=1)
-        tier = cls(settings, client, catalog_fingerprint(catalog))
-        log.info("shared cache tier on (namespace %s)", tier.keys.namespace)
-        return tier
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
-
-    # -- guarded execution ----------------------------------------------------------------
 
     @property
     def available(self) -> bool:
@@ -320,8 +290,137 @@ class SharedTier:
         return result
 
     async def script(self, script: Any, keys: Sequence[str], args: Sequence[str | bytes | int],
-                      budget: float | None) -> Any:
+                     budget: float | None) -> Any:
         return await self.guarded(lambda: script(keys=keys, args=args), budget)
+
+    async def ping(self) -> bool:
+        return bool(await self.guarded(self.client.ping))
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+class Leases:
+    """The fleet's flights as Redis sees them: the one poll loop of the processes that
+    wait, and the renewal of the locks a holder keeps (figures and ranges alike)."""
+
+    POLL_FIRST: Final = 0.001
+    POLL_GROWTH: Final = 1.5
+    POLL_MAX: Final = 0.025
+
+    def __init__(self, guard: RedisGuard, keys: KeySpace, lease_ms: int) -> None:
+        self.guard = guard
+        self.keys = keys
+        self.lease_ms = lease_ms
+        self.poll_script = guard.client.register_script(_POLL)
+        self.renew_script = guard.client.register_script(_RENEW)
+
+    async def poll(self, awaited: Mapping[str, str], token: str,
+                   deadline: float) -> tuple[dict[str, tuple[int, bytes]], bool]:
+        """The one poll loop of the fleet's flights (figures and ranges): poll the flights
+        other processes lead (backoff 1 ms .. 25 ms) until each has a final reply (1: an
+        outcome, 2: a fresh entry, 4: its holder vanished and the lock is now `token`'s),
+        or `deadline` (event-loop time) passes. Returns the final replies by key and
+        whether the tier failed (then the keys without a reply were left pending)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pending = dict(awaited)
+        final: dict[str, tuple[int, bytes]] = {}
+        failed = False
+        delay = self.POLL_FIRST
+        try:
+            while pending and (remaining := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
+                order = list(pending)
+                rkeys: list[str] = []
+                for key in order:
+                    k = self.keys.of(key)
+                    rkeys += (k.res, k.lock, k.fresh)
+                replies = await self.guard.script(self.poll_script, rkeys,
+                                            [token, self.lease_ms, *(pending[k] for k in order)],
+                                            deadline - loop.time())
+                if replies is None:
+                    failed = True
+                    break
+                for key, reply in zip(order, replies, strict=True):
+                    code = int(reply[0])
+                    if code == 3:  # another process holds it now: wait for that one
+                        pending[key] = _text(reply[1])
+                    elif code != 0:
+                        del pending[key]
+                        final[key] = (code, bytes(reply[1]) if code != 4 else b"")
+        finally:
+            gm.shared_lock_wait(loop.time() - started)
+        return final, failed
+
+    @contextlib.asynccontextmanager
+    async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
+        """Keep the locks on `keys` while the body runs (renewed every third of a lease),
+        so only a holder that died or hangs loses them."""
+        if not keys:
+            yield
+            return
+        locks = [self.keys.of(k).lock for k in keys]
+        interval = self.lease_ms / 3000
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await self.guard.script(self.renew_script, locks, [token, self.lease_ms], None)
+
+        task = asyncio.get_running_loop().create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+
+class SharedTier(RedisGuard):
+    """Keys, codec, scripts and the figures' operations of the shared tier, on its
+    guarded Redis. The engine decides who fetches; this class only says what Redis
+    holds and hands outcomes between processes."""
+
+    def __init__(self, settings: GatewaySettings, client: AsyncRedis, catalog_hash: str) -> None:
+        super().__init__(settings, client)
+        self.settings = settings
+        self.keys = KeySpace(settings.gateway_cache_prefix, catalog_hash)
+        self.codec = Codec(settings.gateway_cache_max_entry_bytes, settings.gateway_cache_compress_min_bytes)
+        self.lease_ms = max(1, round(settings.gateway_cache_lock_lease_seconds * 1000))
+        self.leases = Leases(self, self.keys, self.lease_ms)
+        self.claim_script = client.register_script(_CLAIM)
+        self.publish_script = client.register_script(_PUBLISH)
+
+    async def poll(self, awaited: Mapping[str, str], token: str,
+                   deadline: float) -> tuple[dict[str, tuple[int, bytes]], bool]:
+        """The one poll loop of the fleet's flights (``Leases.poll``)."""
+        return await self.leases.poll(awaited, token, deadline)
+
+    def holding(self, keys: Sequence[str], token: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The locks on `keys` kept while the body runs (``Leases.holding``)."""
+        return self.leases.holding(keys, token)
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings, catalog: Catalog) -> SharedTier | None:
+        """The tier when a URL is configured, else None (the gateway works per process)."""
+        url = settings.shared_cache_url
+        if url is None:
+            return None
+        # One retry: after a Redis restart each pooled connection fails once, and a
+        # failed publish would leave its locks to block the fleet for a lease.
+        client = make_redis_client(url, settings.gateway_cache_timeout_seconds,
+                                   max_connections=settings.gateway_cache_max_connections, retries=1)
+        tier = cls(settings, client, catalog_fingerprint(catalog))
+        log.info("shared cache tier on (namespace %s)", tier.keys.namespace)
+        return tier
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
 
     # -- operations -----------------------------------------------------------------------
 
@@ -366,45 +465,6 @@ class SharedTier:
             gm.shared_error("corrupt")
             log.debug("undecodable shared entry ignored: %s", exc)
             return None
-
-    async def poll(self, awaited: Mapping[str, str], token: str,
-                   deadline: float) -> tuple[dict[str, tuple[int, bytes]], bool]:
-        """The one poll loop of the fleet's flights (figures and ranges): poll the flights
-        other processes lead (backoff 1 ms .. 25 ms) until each has a final reply (1: an
-        outcome, 2: a fresh entry, 4: its holder vanished and the lock is now `token`'s),
-        or `deadline` (event-loop time) passes. Returns the final replies by key and
-        whether the tier failed (then the keys without a reply were left pending)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        pending = dict(awaited)
-        final: dict[str, tuple[int, bytes]] = {}
-        failed = False
-        delay = self.POLL_FIRST
-        try:
-            while pending and (remaining := deadline - loop.time()) > 0:
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
-                order = list(pending)
-                rkeys: list[str] = []
-                for key in order:
-                    k = self.keys.of(key)
-                    rkeys += (k.res, k.lock, k.fresh)
-                replies = await self.script(self.poll_script, rkeys,
-                                            [token, self.lease_ms, *(pending[k] for k in order)],
-                                            deadline - loop.time())
-                if replies is None:
-                    failed = True
-                    break
-                for key, reply in zip(order, replies, strict=True):
-                    code = int(reply[0])
-                    if code == 3:  # another process holds it now: wait for that one
-                        pending[key] = _text(reply[1])
-                    elif code != 0:
-                        del pending[key]
-                        final[key] = (code, bytes(reply[1]) if code != 4 else b"")
-        finally:
-            gm.shared_lock_wait(loop.time() - started)
-        return final, failed
 
     async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
         """The figures' outcomes of flights other processes lead (``poll``): answers,
@@ -462,32 +522,6 @@ class SharedTier:
             args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "0" if outcome.warnings else "1", b"")
         if rkeys:
             await self.script(self.publish_script, rkeys, args, None)
-
-    @contextlib.asynccontextmanager
-    async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
-        """Keep the locks on `keys` while the body runs (renewed every third of a lease),
-        so only a holder that died or hangs loses them."""
-        if not keys:
-            yield
-            return
-        locks = [self.keys.of(k).lock for k in keys]
-        interval = self.lease_ms / 3000
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                await self.script(self.renew_script, locks, [token, self.lease_ms], None)
-
-        task = asyncio.get_running_loop().create_task(renew())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def ping(self) -> bool:
-        return bool(await self.guarded(self.client.ping))
 
 
 # -- the range cache's shared tier --------------------------------------------------------
