@@ -25,23 +25,24 @@ may still change:
 
 Storage goes through ``ExtentStore`` (store only: bytes by key with a time to
 live), so the in-process store here and a shared tier later are interchangeable.
-Extents are kept in blocks of ``BLOCK_STEPS`` grid instants, so a store entry
-stays small and the byte bound evicts old time first. Identical fetches in
+Extents are bytes (``caching/fragments.py``: each series' points as the upstream
+wrote them), kept in blocks and fetched in parts cut near an interval
+(``engines/splitting.py``), so a store entry stays small, the byte bound evicts old
+time first, and a long range costs one concurrent upstream query per part. Identical fetches in
 flight are coalesced with the engine's ``SingleFlight``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar
@@ -49,7 +50,10 @@ from typing import Any, Protocol, TypeVar
 import promql_parser as pp
 
 from app.gateway import metrics as gm
+from app.gateway.caching.fragments import Extent, Interval, body_of, extent_of, normalise, subtract
+from app.gateway.caching.fragments import label_key as label_key
 from app.gateway.engine import SingleFlight
+from app.gateway.engines import splitting
 from app.gateway.result import Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.shared import ALONE, SharedAnswer, SharedFlights
@@ -59,19 +63,16 @@ log = logging.getLogger("gateway.ranges")
 
 # Prometheus refuses a range query of more than 11,000 steps ((end-start)/step > 11000).
 MAX_STEPS = 11_000
-BLOCK_STEPS = 240  # grid instants per stored block (1 h at a 15 s step)
 MAX_PIECES = 3  # more missing pieces than this: fetch one span instead
-KEY_VERSION = "rc1"
+KEY_VERSION = "rc2"
 # Parameters that make an answer uncacheable (Prometheus' per-query statistics).
 BYPASS_PARAMS = frozenset({"stats"})
 # A whole answer is remembered at most this long (its extents stay longer): a window
 # moves with every refresh, so old bodies should leave room for extents.
 MEMO_MAX_SECONDS = 600.0
-# Assembling more points than this runs in a worker thread, off the event loop.
-THREAD_POINTS = 20_000
+# Handling more bytes than this runs in a worker thread, off the event loop.
+THREAD_BYTES = 4 * 1024 * 1024
 
-Interval = tuple[int, int]  # [first, last] grid instants in ms, both included
-LabelKey = tuple[tuple[str, str], ...]
 _T = TypeVar("_T")
 
 
@@ -154,11 +155,6 @@ def fmt_ms(ms: int) -> str:
     sign = "-" if ms < 0 else ""
     sec, frac = divmod(abs(ms), 1000)
     return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}".rstrip("0")
-
-
-def _json_ts(ms: int) -> int | float:
-    """A timestamp as Prometheus writes it (seconds; a fraction only when there is one)."""
-    return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
 
 # -- what a query reads: freshness from the syntax tree -----------------------------------
@@ -278,129 +274,8 @@ def instant_reach(expr: str, t: int) -> Reach:
     return reach(pp.parse(expr), preprocess_time=t)
 
 
-# -- extents: covered instants and their points --------------------------------------------
-
-def normalise(intervals: Iterable[Interval], step: int) -> list[Interval]:
-    """Sorted, disjoint intervals; touching ones (b + step == a') joined."""
-    out: list[Interval] = []
-    for a, b in sorted(intervals):
-        if a > b:
-            continue
-        if out and a <= out[-1][1] + step:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def subtract(a: int, b: int, covered: Sequence[Interval], step: int) -> list[Interval]:
-    """The parts of [a, b] not in `covered` (normalised, on the same grid)."""
-    out: list[Interval] = []
-    cur = a
-    for ca, cb in covered:
-        if cb < cur:
-            continue
-        if ca > b:
-            break
-        if ca > cur:
-            out.append((cur, min(ca - step, b)))
-        cur = max(cur, cb + step)
-        if cur > b:
-            break
-    if cur <= b:
-        out.append((cur, b))
-    return out
-
-
-def intersect(covered: Sequence[Interval], a: int, b: int) -> list[Interval]:
-    return [(max(ca, a), min(cb, b)) for ca, cb in covered if cb >= a and ca <= b]
-
-
-def steps_in(intervals: Iterable[Interval], step: int) -> int:
-    return sum((b - a) // step + 1 for a, b in intervals)
-
-
-def _inside(ts: int, covered: Sequence[Interval]) -> bool:
-    i = bisect.bisect_right(covered, (ts, 2**63)) - 1
-    return i >= 0 and covered[i][0] <= ts <= covered[i][1]
-
-
-@dataclass(slots=True)
-class SeriesPoints:
-    metric: dict[str, str]
-    floats: list[tuple[int, Any]] = field(default_factory=list)  # (ms, value string)
-    hists: list[tuple[int, Any]] = field(default_factory=list)  # (ms, native histogram object)
-
-    def points(self) -> int:
-        return len(self.floats) + len(self.hists)
-
-
-@dataclass(slots=True)
-class Extent:
-    """Exact upstream points for every instant in `covered` (series absent: no point)."""
-
-    covered: list[Interval]
-    series: dict[LabelKey, SeriesPoints]
-
-    def clip(self, a: int, b: int) -> Extent:
-        covered = intersect(self.covered, a, b)
-        out: dict[LabelKey, SeriesPoints] = {}
-        for key, s in self.series.items():
-            floats = [p for p in s.floats if a <= p[0] <= b]
-            hists = [p for p in s.hists if a <= p[0] <= b]
-            if floats or hists:
-                out[key] = SeriesPoints(s.metric, floats, hists)
-        return Extent(covered, out)
-
-    def merge(self, newer: Extent, step: int) -> Extent:
-        """Both extents' instants; where both cover an instant, `newer`'s points."""
-        out: dict[LabelKey, SeriesPoints] = {}
-        for key, s in self.series.items():
-            floats = [p for p in s.floats if not _inside(p[0], newer.covered)]
-            hists = [p for p in s.hists if not _inside(p[0], newer.covered)]
-            if floats or hists:
-                out[key] = SeriesPoints(s.metric, floats, hists)
-        for key, s in newer.series.items():
-            have = out.get(key)
-            if have is None:
-                out[key] = SeriesPoints(s.metric, list(s.floats), list(s.hists))
-            else:
-                have.floats = sorted(have.floats + s.floats, key=_ts)
-                have.hists = sorted(have.hists + s.hists, key=_ts)
-        return Extent(normalise(self.covered + newer.covered, step), out)
-
-    def points(self) -> int:
-        return sum(s.points() for s in self.series.values())
-
-    def encode(self) -> bytes:
-        doc = {"c": self.covered,
-               "s": [[s.metric, s.floats, s.hists] for s in self.series.values()]}
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Extent:
-        doc = json.loads(data)
-        series: dict[LabelKey, SeriesPoints] = {}
-        for metric, floats, hists in doc["s"]:
-            series[label_key(metric)] = SeriesPoints(
-                metric, [(int(t), v) for t, v in floats], [(int(t), h) for t, h in hists])
-        return cls([(int(a), int(b)) for a, b in doc["c"]], series)
-
-
-def _ts(p: tuple[int, Any]) -> int:
-    return p[0]
-
-
-def label_key(metric: Mapping[str, str]) -> LabelKey:
-    """A label set in Prometheus' order: pairs sorted by name. Comparing these tuples is
-    labels.Compare (name, then value, then length; code point order = UTF-8 byte order)."""
-    return tuple(sorted(metric.items()))
-
-
 _ENVELOPE_KEYS = frozenset({"status", "data"})
 _DATA_KEYS = frozenset({"resultType", "result"})
-_SERIES_KEYS = frozenset({"metric", "values", "histograms"})
 
 
 def storable(doc: Mapping[str, Any]) -> bool:
@@ -408,100 +283,6 @@ def storable(doc: Mapping[str, Any]) -> bool:
     data = doc.get("data")
     return (doc.get("status") == "success" and set(doc) <= _ENVELOPE_KEYS
             and isinstance(data, dict) and set(data) <= _DATA_KEYS and "result" in data)
-
-
-def extent_of(doc: Mapping[str, Any], a: int, b: int, step: int) -> Extent | None:
-    """The fetched answer for [a, b] as an Extent, or None when it cannot be trusted
-    per instant: not a plain success, not a matrix, a point off the grid or outside
-    [a, b] (an upstream that aligns or extends ranges), a repeated series or point."""
-    if not storable(doc) or doc["data"].get("resultType") != "matrix":
-        return None
-    result = doc["data"]["result"]
-    if not isinstance(result, list):
-        return None
-    series: dict[LabelKey, SeriesPoints] = {}
-    try:
-        for s in result:
-            if not isinstance(s, dict) or not set(s) <= _SERIES_KEYS:
-                return None
-            metric = s.get("metric")
-            if not isinstance(metric, dict) or not all(isinstance(v, str) for v in metric.values()):
-                return None
-            key = label_key(metric)
-            if key in series:
-                return None
-            floats = _grid_points(s.get("values") or [], a, b, step)
-            hists = _grid_points(s.get("histograms") or [], a, b, step)
-            if floats is None or hists is None:
-                return None
-            series[key] = SeriesPoints(dict(metric), floats, hists)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return Extent([(a, b)], series)
-
-
-def _grid_points(points: Sequence[Any], a: int, b: int, step: int) -> list[tuple[int, Any]] | None:
-    out: list[tuple[int, Any]] = []
-    last = a - step
-    for ts, value in points:
-        ms = _go_round(float(ts) * 1000)
-        if ms <= last or ms > b or (ms - a) % step:
-            return None
-        out.append((ms, value))
-        last = ms
-    return out
-
-
-def assemble(segments: Sequence[tuple[Interval, Extent]]) -> list[dict[str, Any]]:
-    """A matrix result from per-instant sources, sorted as Prometheus sorts a matrix."""
-    merged: dict[LabelKey, SeriesPoints] = {}
-    for (a, b), extent in segments:
-        for key, s in extent.series.items():
-            floats = [p for p in s.floats if a <= p[0] <= b]
-            hists = [p for p in s.hists if a <= p[0] <= b]
-            if not floats and not hists:
-                continue
-            have = merged.get(key)
-            if have is None:
-                merged[key] = SeriesPoints(s.metric, floats, hists)
-            else:
-                have.floats.extend(floats)
-                have.hists.extend(hists)
-    out: list[dict[str, Any]] = []
-    for key in sorted(merged):
-        s = merged[key]
-        item: dict[str, Any] = {"metric": dict(key)}
-        if s.floats:
-            item["values"] = [[_json_ts(t), v] for t, v in sorted(s.floats, key=_ts)]
-        if s.hists:
-            item["histograms"] = [[_json_ts(t), h] for t, h in sorted(s.hists, key=_ts)]
-        out.append(item)
-    return out
-
-
-def prom_ts(t: int | float) -> str:
-    """A timestamp (seconds) written as Prometheus writes it (jsonutil.MarshalTimestamp):
-    whole seconds, and the milliseconds as three digits when there are any ("…34.770",
-    where json.dumps would write "…34.77"), so assembled bodies equal upstream's bytes."""
-    ms = t * 1000 if isinstance(t, int) else round(t * 1000)
-    sign = "-" if ms < 0 else ""
-    sec, frac = divmod(abs(ms), 1000)
-    return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}"
-
-
-def _assembled_body(segments: Sequence[tuple[Interval, Extent]]) -> bytes:
-    def dumps(x: Any) -> str:
-        return json.dumps(x, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-    items = []
-    for item in assemble(segments):
-        fields = [f'"metric":{dumps(item["metric"])}']
-        for name in ("values", "histograms"):
-            if name in item:
-                points = ",".join(f"[{prom_ts(t)},{dumps(v)}]" for t, v in item[name])
-                fields.append(f'"{name}":[{points}]')
-        items.append("{" + ",".join(fields) + "}")
-    return ('{"status":"success","data":{"resultType":"matrix","result":[' + ",".join(items) + "]}}").encode()
 
 
 # -- the store (store only) ----------------------------------------------------------------
@@ -658,6 +439,8 @@ class RangeCache:
         self.store = store
         self.fleet = fleet  # fleet-wide single flight through the shared tier, when on
         self.live_window_ms = int(settings.range_cache_live_window_seconds * 1000)
+        self.split_ms = max(1, int(settings.range_cache_split_seconds * 1000))
+        self.recheck_horizon_ms = int(settings.range_cache_recheck_horizon_seconds * 1000)
         self.pieces: SingleFlight[_Flight] = SingleFlight()
         self.passed: SingleFlight[_Passed] = SingleFlight()
         self.instants: SingleFlight[_Instant] = SingleFlight()
@@ -775,20 +558,22 @@ class RangeCache:
         """The answer of one range query: stored extents, the missing ones fetched."""
         total = (last - first) // step_ms + 1
         settled_last = min(last, live_from - step_ms)
-        blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
+        length = splitting.block_len(step_ms, self.split_ms)
+        blocks = splitting.blocks(first, settled_last, step_ms, length) if settled_last >= first else []
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
         live_key = f"{base}:live:{first}:{last}"
-        raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
+        raw = await self.store.get_many([self._block_key(base, length, bi) for bi in blocks] + [live_key])
         stored: list[Extent] = []
         for data in raw[:-1]:
             if data is not None:
-                stored.append(Extent.decode(data).clip(first, settled_last))
-        live = Extent.decode(raw[-1]).clip(first, last) if raw[-1] is not None else None
+                stored.append(Extent.decode(data).clip(first, settled_last, step_ms))
+        live = Extent.decode(raw[-1]).clip(first, last, step_ms) if raw[-1] is not None else None
         covered = normalise([iv for e in stored for iv in e.covered]
                             + (live.covered if live is not None else []), step_ms)
         missing = subtract(first, last, covered, step_ms)
-        pieces = self._pieces(missing, first, last, step_ms, start, end)
+        pieces = self._pieces(missing, first, last, step_ms, start, end,
+                              splitting.part_len(step_ms, self.split_ms))
 
         futures: list[asyncio.Future[_Flight]] = []
         leads: list[bool] = []
@@ -813,7 +598,7 @@ class RangeCache:
             answer = fetched[0].answer
             if fetched[0].extent is not None:
                 await self.store.put_many([(memo_key, answer.raw, memo_ttl)])
-            return ApiResult(answer.status_code, answer.doc, lookup, raw=answer.raw)
+            return ApiResult(answer.status_code, None, lookup, raw=answer.raw)
         if any(f.extent is None for f in fetched):
             # A piece carried warnings, an error or points off the grid: not assembled;
             # the caller gets upstream's own answer for the whole range.
@@ -833,8 +618,8 @@ class RangeCache:
                     segments.append((part, source))
                     taken.append(part)
         segments.sort(key=lambda seg: seg[0])
-        points = sum(e.points() for _, e in segments)
-        body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
+        size = sum(e.size() for _, e in segments)
+        body = await _cpu(body_of, segments, step_ms, heavy=size > THREAD_BYTES)
         await self.store.put_many([(memo_key, body, memo_ttl)])
         if not fetched:
             lookup = Lookup.HIT
@@ -845,24 +630,20 @@ class RangeCache:
         self._count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
         return ApiResult(200, None, lookup, raw=body)
 
-    def _blocks(self, a: int, b: int, step: int) -> list[int]:
-        phase = a % step
-        return list(range(((a - phase) // step) // BLOCK_STEPS, ((b - phase) // step) // BLOCK_STEPS + 1))
-
     @staticmethod
-    def _block_span(bi: int, phase: int, step: int) -> Interval:
-        a = phase + bi * BLOCK_STEPS * step
-        return a, a + (BLOCK_STEPS - 1) * step
+    def _block_key(base: str, length: int, index: int) -> str:
+        return f"{base}:b{length}:{index}"
 
     @staticmethod
     def _pieces(missing: list[Interval], first: int, last: int, step: int,
-                start: float, end: float) -> list[_Piece]:
-        """What to fetch: the missing intervals (one span when there are many), in chunks
-        Prometheus accepts; a piece at the request's own edge is sent with its own string."""
+                start: float, end: float, part: int) -> list[_Piece]:
+        """What to fetch: the missing intervals (one span when there are many) cut at part
+        boundaries, in chunks Prometheus accepts; a piece at the request's own edge is sent
+        with its own string. The live tail is fetched with the part it ends."""
         if len(missing) > MAX_PIECES:
             missing = [(missing[0][0], missing[-1][1])]
         out: list[_Piece] = []
-        for a, b in missing:
+        for a, b in splitting.split(missing, step, part):
             while a <= b:
                 chunk_end = min(b, a + (MAX_STEPS - 1) * step)
                 out.append(_Piece(a, chunk_end,
@@ -886,11 +667,8 @@ class RangeCache:
                 return
             extent = None
             if answer.status_code == 200:
-                data = answer.doc.get("data")
-                result = data.get("result") if isinstance(data, dict) else None
-                size = len(result) if isinstance(result, list) else 0
-                heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
-                extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
+                extent = await _cpu(extent_of, answer.raw, piece.a, piece.b, step_ms,
+                                    heavy=len(answer.raw) > THREAD_BYTES)
             outcome = _Fetched(answer, extent)
             if extent is not None:
                 await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
@@ -903,26 +681,40 @@ class RangeCache:
         the request's live record for seconds only."""
         live_from = rch.first_live(piece.a, step_ms, cutoff)
         settled_last = min(piece.b, live_from - step_ms)
-        blocks = self._blocks(piece.a, settled_last, step_ms) if settled_last >= piece.a else []
-        keys = [f"{base}:b{bi}" for bi in blocks]
+        length = splitting.block_len(step_ms, self.split_ms)
+        blocks = splitting.blocks(piece.a, settled_last, step_ms, length) if settled_last >= piece.a else []
+        keys = [self._block_key(base, length, bi) for bi in blocks]
         old = await self.store.get_many(keys) if keys else []
+        # Instants settled only recently (within the re-check horizon past the freshness
+        # window) are kept briefly: a block holding any is refetched after
+        # RANGE_CACHE_RECHECK_SECONDS, whatever is merged into it meanwhile, so a sample
+        # later than the freshness window corrects the cache within that bound.
+        now = self.clock()
+        recent_from = rch.first_live(piece.a, step_ms, cutoff - self.recheck_horizon_ms)
+        recheck_at = now + self.settings.range_cache_recheck_seconds
 
         def build() -> list[tuple[str, bytes, float]]:
             items: list[tuple[str, bytes, float]] = []
             if blocks:
-                settled = extent.clip(piece.a, settled_last)
+                settled = extent.clip(piece.a, settled_last, step_ms)
                 phase = piece.a % step_ms
                 for bi, key, data in zip(blocks, keys, old, strict=True):
-                    part = settled.clip(*self._block_span(bi, phase, step_ms))
+                    span = splitting.block_span(bi, phase, step_ms, length)
+                    part = settled.clip(*span, step_ms)
+                    if part.covered and part.covered[-1][1] >= recent_from:
+                        part.expires = recheck_at
                     if data is not None:
                         part = Extent.decode(data).merge(part, step_ms)
-                    items.append((key, part.encode(), self.settings.range_cache_ttl_seconds))
+                    ttl = self.settings.range_cache_ttl_seconds
+                    if part.expires > 0:
+                        ttl = min(ttl, part.expires - now)
+                    items.append((key, part.encode(), ttl))
             if live_from <= piece.b:
-                live = extent.clip(max(piece.a, live_from), piece.b)
+                live = extent.clip(max(piece.a, live_from), piece.b, step_ms)
                 items.append((live_key, live.encode(), self.settings.range_cache_live_ttl_seconds))
             return items
 
-        items = await _cpu(build, heavy=extent.points() > THREAD_POINTS)
+        items = await _cpu(build, heavy=extent.size() > THREAD_BYTES)
         await self.store.put_many(items)
 
     # -- instant queries -------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Stores and single flights (see docs/architecture.md); no policy here."""
