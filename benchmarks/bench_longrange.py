@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=580)
     ap.add_argument("--viewers", type=int, default=25)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--identity", action="store_true",
+                    help="the gateway asks Prometheus for uncompressed answers (PROMETHEUS_HEADERS)")
     args = ap.parse_args()
     lines: list[str] = []
 
@@ -146,6 +148,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> None:  # type: ignore[no-untyped-def]
+    env = {"PROMETHEUS_HEADERS": '{"Accept-Encoding": "identity"}'} if args.identity else {}
     now = time.time()
     windows = [grafana_window(now, span, step) for _, step in PANELS]
     direct: dict[int, list[float]] = {i: [] for i in range(len(PANELS))}
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> Non
                 truth[(i, shift)] = data_bytes(body)
             sizes[i] = len(body)
         for r in range(args.rounds):
-            app = gateway(work, prom, f"gw{r}", {})
+            app = gateway(work, prom, f"gw{r}", env)
             try:
                 for i, (q, step) in enumerate(PANELS):
                     start, end = windows[i]
@@ -198,7 +201,7 @@ def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> Non
     say(f"\nanswers equal to Prometheus' (`data` bytes): "
         f"{'all' if not mismatches else 'NOT ' + ', '.join(sorted(set(mismatches)))}")
 
-    app = gateway(work, prom, "gw-dash", {})
+    app = gateway(work, prom, "gw-dash", env)
     try:
         start, end = grafana_window(time.time(), 3600, 15)
         before = range_requests(prom.url)

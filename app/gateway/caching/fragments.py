@@ -32,6 +32,10 @@ import msgspec
 
 Interval = tuple[int, int]  # [first, last] grid instants in ms, both included
 LabelKey = tuple[tuple[str, str], ...]
+# Series are keyed by their metric object's bytes: Prometheus writes a label set one way
+# (names sorted), so equal label sets are equal bytes, and the labels are decoded only to
+# sort an answer, once per series.
+MetricText = bytes
 
 FLOAT_SEP = b'"],['  # between two float points: [t,"v"],[t,"v"]
 HIST_SEP = b"}],["  # between two histogram points: [t,{...}],[t,{...}]
@@ -163,7 +167,7 @@ class Extent:
     """
 
     covered: list[Interval]
-    series: dict[LabelKey, SeriesFrag]
+    series: dict[MetricText, SeriesFrag]
     expires: float = 0.0
 
     def clip(self, a: int, b: int, step: int) -> Extent:
@@ -189,7 +193,7 @@ class Extent:
     @classmethod
     def decode(cls, data: bytes) -> Extent:
         covered, expires, rows = msgspec.msgpack.decode(data)
-        series = {label_key(_LABELS.decode(m)): SeriesFrag(m, f, h) for m, f, h in rows}
+        series = {m: SeriesFrag(m, f, h) for m, f, h in rows}
         return cls([(int(a), int(b)) for a, b in covered], series, float(expires))
 
 
@@ -207,10 +211,9 @@ def extent_of(raw: bytes, a: int, b: int, step: int) -> Extent | None:
         env = _ENVELOPE.decode(raw)
         if env.status != "success" or env.data.resultType != "matrix":
             return None
-        series: dict[LabelKey, SeriesFrag] = {}
+        series: dict[MetricText, SeriesFrag] = {}
         for s in env.data.result:
-            metric = bytes(s.metric)
-            key = label_key(_LABELS.decode(metric))
+            key = metric = bytes(s.metric)
             floats, hists = bytes(s.values)[1:-1], bytes(s.histograms)[1:-1]
             if key in series or not (checked(floats, FLOAT_SEP, a, b, step)
                                      and checked(hists, HIST_SEP, a, b, step)):
@@ -222,12 +225,17 @@ def extent_of(raw: bytes, a: int, b: int, step: int) -> Extent | None:
     return Extent([(a, b)], series)
 
 
-def _joined(segments: Sequence[tuple[Interval, Extent]], step: int) -> dict[LabelKey, SeriesFrag]:
-    """Per series, the points of each segment's extent within its interval, in segment order."""
-    parts: dict[LabelKey, tuple[bytes, list[bytes], list[bytes]]] = {}
+def _joined(segments: Sequence[tuple[Interval, Extent]], step: int) -> dict[MetricText, SeriesFrag]:
+    """Per series, the points of each segment's extent within its interval, in segment order.
+    Only an extent reaching outside its segment (an edge) is cut, series by series."""
+    parts: dict[MetricText, tuple[bytes, list[bytes], list[bytes]]] = {}
     for (a, b), extent in segments:
+        whole = all(a <= ca and cb <= b for ca, cb in extent.covered)
         for key, s in extent.series.items():
-            f, h = cut(s.floats, FLOAT_SEP, a, b, step), cut(s.hists, HIST_SEP, a, b, step)
+            if whole:
+                f, h = s.floats, s.hists
+            else:
+                f, h = cut(s.floats, FLOAT_SEP, a, b, step), cut(s.hists, HIST_SEP, a, b, step)
             if not f and not h:
                 continue
             have = parts.get(key)
@@ -244,7 +252,8 @@ def body_of(segments: Sequence[tuple[Interval, Extent]], step: int) -> bytes:
     """A matrix answer from per-instant sources, sorted as Prometheus sorts a matrix,
     byte for byte what Prometheus writes for the same points."""
     items = []
-    for _, s in sorted(_joined(segments, step).items()):
+    joined = _joined(segments, step)
+    for s in sorted(joined.values(), key=lambda s: label_key(_LABELS.decode(s.metric))):
         item = b'{"metric":' + s.metric
         if s.floats:
             item += b',"values":[' + s.floats + b"]"
