@@ -406,16 +406,10 @@ class _Fetched:
     extent: Extent | None  # None: not storable per instant (warnings, error, off grid)
 
 
-@dataclass(frozen=True, slots=True)
-class _Evaluated:
-    answer: Answer
-    t: int  # the evaluation time sent upstream (ms)
-
-
 _Flight = _Fetched | UpstreamError
 _Request = ApiResult | UpstreamError
 _Passed = Answer | UpstreamError
-_Instant = _Evaluated | UpstreamError
+_Instant = ApiResult | UpstreamError
 
 
 def _key(*parts: object) -> str:
@@ -512,12 +506,13 @@ class RangeCache:
             self.requests.settle(key, fut, outcome)
 
     async def _fleet(self, key: str, deadline: float, total: int,
-                     make: Callable[[], Coroutine[Any, Any, ApiResult]]) -> ApiResult:
+                     make: Callable[[], Coroutine[Any, Any, ApiResult]], category: str = "range") -> ApiResult:
         """One process of the fleet answers a request; the others wait for its answer.
 
         Without the shared tier, or when it fails, this process answers alone (as a
         single process does). A holder that dies blocks the others for at most one
         lease (one of them takes over); a failure reaches that flight's waiters only.
+        An instant answer travels with its evaluation time (``<ms>\n`` before the body).
         """
         fleet = self.fleet
         if fleet is None or not fleet.available:
@@ -527,13 +522,13 @@ class RangeCache:
         if claim is None:
             return await make()
         if claim.body is not None:
-            self._count("range", Lookup.HIT, total, 0, 0)
-            return ApiResult(200, None, Lookup.HIT, raw=claim.body)
+            self._count(category, Lookup.HIT, total, 0, 0)
+            return _shared_result(200, claim.body, Lookup.HIT, category)
         if claim.holder is not None:
             got = await fleet.wait(key, claim.token, claim.holder, deadline)
             if isinstance(got, SharedAnswer):
-                self._count("range", Lookup.COALESCED, 0, 0, total)
-                return ApiResult(got.status_code, None, Lookup.COALESCED, raw=got.body)
+                self._count(category, Lookup.COALESCED, 0, 0, total)
+                return _shared_result(got.status_code, got.body, Lookup.COALESCED, category)
             if isinstance(got, UpstreamFailure):
                 raise UpstreamError(got.error_type, got.message)
             if got is ALONE:
@@ -547,6 +542,8 @@ class RangeCache:
                 raise
         body = result.raw if result.raw is not None else json.dumps(
             result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if category == "instant":
+            body = b"%d\n" % round((result.evaluated_at or 0) * 1000) + body
         await fleet.publish(key, claim.token, SharedAnswer(result.status_code, body))
         return result
 
@@ -751,30 +748,34 @@ class RangeCache:
             t_text, _, body = data.partition(b"\n")
             self._count("instant", Lookup.HIT)
             return ApiResult(200, None, Lookup.HIT, int(t_text) / 1000, raw=body)
+        # Identical instant queries are answered once: in this process (SingleFlight) and,
+        # with the shared tier, across the fleet (the range queries' lock and hand-over).
         fut, leader = self.instants.join(key)
         if leader:
             self._spawn(self._fetch_instant(key, fut, expr, t_ms, params, ttl, deadline, headers))
-        outcome: _Evaluated = (await self._wait([fut], deadline))[0]
-        lookup = Lookup.MISS if leader else Lookup.COALESCED
-        self._count("instant", lookup)
-        return ApiResult(outcome.answer.status_code, outcome.answer.doc, lookup, outcome.t / 1000,
-                         raw=outcome.answer.raw)
+        outcome: ApiResult = (await self._wait([fut], deadline))[0]
+        lookup = outcome.lookup if leader else Lookup.COALESCED
+        if not leader or lookup is Lookup.MISS:  # (a fleet hit or hand-over counted itself)
+            self._count("instant", lookup)
+        return ApiResult(outcome.status_code, None, lookup, outcome.evaluated_at, raw=outcome.raw)
 
     async def _fetch_instant(self, key: str, fut: asyncio.Future[_Instant], expr: str, t_ms: int | None,
                              params: Sequence[tuple[str, str]], ttl: float, deadline: float,
                              headers: Mapping[str, str] | None) -> None:
         outcome: _Instant = UpstreamError("internal", "instant fetch ended without an answer")
-        try:
+
+        async def evaluate() -> ApiResult:
             t = t_ms if t_ms is not None else int(self.clock() * 1000)
             query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
-            try:
-                answer = await self._ask("/api/v1/query", query, "instant", deadline, headers)
-            except UpstreamError as exc:
-                outcome = exc
-                return
-            outcome = _Evaluated(answer, t)
+            answer = await self._ask("/api/v1/query", query, "instant", deadline, headers)
             if answer.status_code == 200 and storable(answer.doc):
                 await self.store.put_many([(key, b"%d\n" % t + answer.raw, ttl)])
+            return ApiResult(answer.status_code, None, Lookup.MISS, t / 1000, raw=answer.raw)
+
+        try:
+            outcome = await self._fleet(key, deadline, 0, evaluate, category="instant")
+        except UpstreamError as exc:
+            outcome = exc
         finally:
             self.instants.settle(key, fut, outcome)
 
@@ -851,6 +852,14 @@ class RangeCache:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _shared_result(status: int, body: bytes, lookup: Lookup, category: str) -> ApiResult:
+    """An answer handed over by another process of the fleet (see RangeCache._fleet)."""
+    if category != "instant":
+        return ApiResult(status, None, lookup, raw=body)
+    t_text, _, raw = body.partition(b"\n")
+    return ApiResult(status, None, lookup, int(t_text) / 1000, raw=raw)
 
 
 def repr_time(seconds: float) -> str:
