@@ -66,7 +66,7 @@ class GatewaySettings(BaseSettings):
     range_cache_live_window_seconds: float = Field(default=600.0, ge=0, le=86400)
     range_cache_recheck_seconds: float = Field(default=120.0, gt=0, le=86400)
     range_cache_recheck_horizon_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
-    range_cache_split_seconds: float = Field(default=86400.0, ge=60, le=30 * 86400)
+    range_cache_split_seconds: float = Field(default=86400.0, ge=1, le=30 * 86400)
     range_cache_live_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
     range_cache_ttl_seconds: float = Field(default=6 * 3600.0, ge=0)
     range_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
