@@ -471,10 +471,14 @@ class RangeCache:
         live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
         total = (last - first) // step_ms + 1
         # The very same request answered before: its body, for as long as its most
-        # recent instant allows (seconds when it has live instants).
+        # recent instant allows (seconds when it has live instants, the re-check interval
+        # when it has recently settled ones).
         memo_key = f"{base}:ans:{first}:{last}"
-        memo_ttl = (self.settings.range_cache_live_ttl_seconds if live_from <= last
-                    else min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS))
+        memo_ttl = min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS)
+        if live_from <= last:
+            memo_ttl = self.settings.range_cache_live_ttl_seconds
+        elif rch.first_live(first, step_ms, now_ms - self.live_window_ms - self.recheck_horizon_ms) <= last:
+            memo_ttl = min(memo_ttl, self.settings.range_cache_recheck_seconds)
         remembered = (await self.store.get_many([memo_key]))[0]
         if remembered is not None:
             self._count("range", Lookup.HIT, total, 0, 0)

@@ -122,9 +122,12 @@ def test_samples_later_than_the_window_correct_the_cache_within_the_recheck_boun
           gateway(late_prom, range_cache_live_window_seconds=30, range_cache_recheck_seconds=3600) as unchecked,
           httpx.Client(base_url=late_prom.url, timeout=20) as direct):
         start, end = window()
-        panel(checked, start, end)
-        panel(unchecked, start, end)
+        settled_end = end - 40  # every instant older than the 30 s window: the whole answer kept
+        for gw in (checked, unchecked):
+            panel(gw, start, end)
+            panel(gw, start, settled_end)
         time.sleep(recheck + 2)
-        want = panel(direct, start, end)
-        assert panel(checked, start, end) == want  # re-fetched: the late samples are there
-        assert panel(unchecked, start, end) != want  # kept as first fetched: wrong
+        for s, e in ((start, end), (start, settled_end)):
+            want = panel(direct, s, e)
+            assert panel(checked, s, e) == want  # re-fetched: the late samples are there
+            assert panel(unchecked, s, e) != want  # kept as first fetched: wrong
