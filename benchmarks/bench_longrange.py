@@ -34,6 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.gateway.engines.splitting import part_len, split  # noqa: E402
 from benchmarks.bench_dashboard import range_requests  # noqa: E402
 from benchmarks.dataset import ensure  # noqa: E402
 from tests.support.history import start_prometheus_on  # noqa: E402
@@ -123,7 +124,8 @@ def main() -> None:
     ap.add_argument("--viewers", type=int, default=25)
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--identity", action="store_true",
-                    help="the gateway asks Prometheus for uncompressed answers (PROMETHEUS_HEADERS)")
+                    help="also measure a gateway asking Prometheus for uncompressed answers "
+                         "(PROMETHEUS_HEADERS={\"Accept-Encoding\": \"identity\"}), in the same run")
     args = ap.parse_args()
     lines: list[str] = []
 
@@ -148,7 +150,17 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> None:  # type: ignore[no-untyped-def]
-    env = {"PROMETHEUS_HEADERS": '{"Accept-Encoding": "identity"}'} if args.identity else {}
+    configs = [("gateway defaults (gzip from Prometheus, as httpx asks)", {})]
+    if args.identity:
+        configs.append(("gateway asking Prometheus for identity encoding",
+                        {"PROMETHEUS_HEADERS": '{"Accept-Encoding": "identity"}'}))
+    for title, env in configs:
+        panels(args, say, work, prom, span, title, env)
+    dashboard(args, say, work, prom, configs[-1][1])
+
+
+def panels(args: argparse.Namespace, say, work: Path, prom: Proc, span: int,  # type: ignore[no-untyped-def]
+           title: str, env: dict[str, str]) -> None:
     now = time.time()
     windows = [grafana_window(now, span, step) for _, step in PANELS]
     direct: dict[int, list[float]] = {i: [] for i in range(len(PANELS))}
@@ -167,7 +179,7 @@ def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> Non
                 truth[(i, shift)] = data_bytes(body)
             sizes[i] = len(body)
         for r in range(args.rounds):
-            app = gateway(work, prom, f"gw{r}", env)
+            app = gateway(work, prom, f"gw{r}-{len(env)}", env)
             try:
                 for i, (q, step) in enumerate(PANELS):
                     start, end = windows[i]
@@ -189,8 +201,8 @@ def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> Non
                         mismatches.append(f"panel {i} again ({how})")
             finally:
                 app.stop()
-    say(f"\n## Week-long panels ({span / 86400:g} days, Grafana-aligned), {args.rounds} rounds, medians\n")
-    say("| panel | step | answer | Prometheus | cold | next refresh | identical | cache bytes |")
+    say(f"\n## Week-long panels ({span / 86400:g} days, Grafana-aligned): {title}; {args.rounds} rounds, medians\n")
+    say("| panel | step | answer | Prometheus | cold | next refresh | identical | cache bytes after cold |")
     say("|---|---:|---:|---:|---:|---:|---:|---:|")
     for i, (q, step) in enumerate(PANELS):
         p = statistics.median(direct[i])
@@ -201,17 +213,27 @@ def run(args: argparse.Namespace, say, work: Path, prom: Proc, span: int) -> Non
     say(f"\nanswers equal to Prometheus' (`data` bytes): "
         f"{'all' if not mismatches else 'NOT ' + ', '.join(sorted(set(mismatches)))}")
 
-    app = gateway(work, prom, "gw-dash", env)
-    try:
-        start, end = grafana_window(time.time(), 3600, 15)
-        before = range_requests(prom.url)
-        lookups = asyncio.run(open_dashboard(app.url, args.viewers, start, end, 15))
-        upstream = range_requests(prom.url) - before
-        say(f"\n## Cold dashboard: {len(DASH_PANELS)} panels (1 h, step 15 s) x {args.viewers} viewers at once\n")
-        say(f"- **{upstream:.0f} upstream range queries** for {len(lookups)} requests; lookups: "
-            + ", ".join(f"{k} {lookups.count(k)}" for k in sorted(set(lookups))))
-    finally:
-        app.stop()
+
+def dashboard(args: argparse.Namespace, say, work: Path, prom: Proc,  # type: ignore[no-untyped-def]
+              env: dict[str, str]) -> None:
+    """Cold dashboards on fresh processes: 1 h panels (one part each), then week-long ones."""
+    for span, step in ((3600, 15), (WEEK, 600)):
+        app = gateway(work, prom, f"gw-dash-{span}", env)
+        try:
+            start, end = grafana_window(time.time(), span, step)
+            parts = len(split([(start * 1000, end * 1000)], step * 1000, part_len(step * 1000, 86400 * 1000)))
+            before = range_requests(prom.url)
+            t0 = time.perf_counter()
+            lookups = asyncio.run(open_dashboard(app.url, args.viewers, start, end, step))
+            took = time.perf_counter() - t0
+            upstream = range_requests(prom.url) - before
+            say(f"\n## Cold dashboard: {len(DASH_PANELS)} panels ({span / 3600:g} h, step {step} s, "
+                f"{parts} part(s) each) x {args.viewers} viewers at once\n")
+            say(f"- **{upstream:.0f} upstream range queries** for {len(lookups)} requests "
+                f"({upstream / (parts * len(DASH_PANELS)):.2f} per part), all answered in {took:.1f} s; lookups: "
+                + ", ".join(f"{k} {lookups.count(k)}" for k in sorted(set(lookups))))
+        finally:
+            app.stop()
 
 
 if __name__ == "__main__":

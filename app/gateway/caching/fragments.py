@@ -225,10 +225,11 @@ def extent_of(raw: bytes, a: int, b: int, step: int) -> Extent | None:
     return Extent([(a, b)], series)
 
 
-def _joined(segments: Sequence[tuple[Interval, Extent]], step: int) -> dict[MetricText, SeriesFrag]:
-    """Per series, the points of each segment's extent within its interval, in segment order.
-    Only an extent reaching outside its segment (an edge) is cut, series by series."""
-    parts: dict[MetricText, tuple[bytes, list[bytes], list[bytes]]] = {}
+def _gathered(segments: Sequence[tuple[Interval, Extent]],
+              step: int) -> dict[MetricText, tuple[list[bytes], list[bytes]]]:
+    """Per series, the fragments of each segment's extent within its interval, in segment
+    order. Only an extent reaching outside its segment (an edge) is cut, series by series."""
+    parts: dict[MetricText, tuple[list[bytes], list[bytes]]] = {}
     for (a, b), extent in segments:
         whole = all(a <= ca and cb <= b for ca, cb in extent.covered)
         for key, s in extent.series.items():
@@ -240,27 +241,36 @@ def _joined(segments: Sequence[tuple[Interval, Extent]], step: int) -> dict[Metr
                 continue
             have = parts.get(key)
             if have is None:
-                have = parts[key] = (s.metric, [], [])
+                have = parts[key] = ([], [])
             if f:
-                have[1].append(f)
+                have[0].append(f)
             if h:
-                have[2].append(h)
-    return {k: SeriesFrag(m, b",".join(f), b",".join(h)) for k, (m, f, h) in parts.items()}
+                have[1].append(h)
+    return parts
+
+
+def _joined(segments: Sequence[tuple[Interval, Extent]], step: int) -> dict[MetricText, SeriesFrag]:
+    return {m: SeriesFrag(m, b",".join(f), b",".join(h)) for m, (f, h) in _gathered(segments, step).items()}
 
 
 def body_of(segments: Sequence[tuple[Interval, Extent]], step: int) -> bytes:
     """A matrix answer from per-instant sources, sorted as Prometheus sorts a matrix,
-    byte for byte what Prometheus writes for the same points."""
-    items = []
-    joined = _joined(segments, step)
-    for s in sorted(joined.values(), key=lambda s: label_key(_LABELS.decode(s.metric))):
-        item = b'{"metric":' + s.metric
-        if s.floats:
-            item += b',"values":[' + s.floats + b"]"
-        if s.hists:
-            item += b',"histograms":[' + s.hists + b"]"
-        items.append(item + b"}")
-    return b'{"status":"success","data":{"resultType":"matrix","result":[' + b",".join(items) + b"]}}"
+    byte for byte what Prometheus writes for the same points. One copy of the points:
+    the answer's pieces are listed and joined once."""
+    out = [b'{"status":"success","data":{"resultType":"matrix","result":[']
+    gathered = _gathered(segments, step)
+    for n, metric in enumerate(sorted(gathered, key=lambda m: label_key(_LABELS.decode(m)))):
+        floats, hists = gathered[metric]
+        out += [b',{"metric":' if n else b'{"metric":', metric]
+        for name, frags in ((b',"values":[', floats), (b',"histograms":[', hists)):
+            if frags:
+                out.append(name)
+                for i, frag in enumerate(frags):
+                    out += [b",", frag] if i else [frag]
+                out.append(b"]")
+        out.append(b"}")
+    out.append(b"]}}")
+    return b"".join(out)
 
 
 # -- interval arithmetic on the grid -------------------------------------------------------
