@@ -15,10 +15,8 @@ arrived, and compared with Prometheus' answer to the same request:
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -27,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from app.gateway.settings import GatewaySettings
 from app.main import create_app
-from tests.support.procs import Proc, free_port, start_prometheus, wait_until
+from tests.support.procs import Proc, serve_exposition, start_prometheus, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,26 +38,12 @@ class LateExporter:
 
     def __init__(self) -> None:
         self.count = 0
-        exporter = self
+        self.server, self.port = serve_exposition(self.exposition, "text/plain; version=0.0.4")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                exporter.count += 1
-                stamp = int((time.time() - LAG) * 1000)
-                body = f"# TYPE late_total counter\nlate_total {exporter.count} {stamp}\n".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                return
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    def exposition(self) -> bytes:
+        self.count += 1
+        stamp = int((time.time() - LAG) * 1000)
+        return f"# TYPE late_total counter\nlate_total {self.count} {stamp}\n".encode()
 
     def stop(self) -> None:
         self.server.shutdown()

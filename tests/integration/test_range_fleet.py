@@ -76,6 +76,13 @@ def window(minutes_back: int) -> dict[str, str]:
             "start": str(end - 1800), "end": str(end), "step": "15"}
 
 
+async def burst(urls: list[str], path: str, form: dict[str, str], n: int) -> list[httpx.Response]:
+    """n identical requests at once, alternating between the processes."""
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        return list(await asyncio.gather(*(client.post(urls[i % len(urls)] + path, data=form)
+                                           for i in range(n))))
+
+
 def test_second_process_answers_from_the_shared_store(fleet: Fleet) -> None:
     form = window(10)
     before = range_requests(fleet.prometheus.url)
@@ -93,14 +100,8 @@ def test_second_process_answers_from_the_shared_store(fleet: Fleet) -> None:
 def test_identical_requests_at_once_across_the_fleet_cost_one_query(fleet: Fleet) -> None:
     form = window(50)
     urls = [g.url for g in fleet.gateways]
-
-    async def burst(n: int) -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-            return list(await asyncio.gather(*(client.post(urls[i % 2] + "/api/v1/query_range", data=form)
-                                               for i in range(n))))
-
     before = range_requests(fleet.prometheus.url)
-    answers = asyncio.run(burst(12))
+    answers = asyncio.run(burst(urls, "/api/v1/query_range", form, 12))
     assert range_requests(fleet.prometheus.url) - before == 1
     direct = httpx.post(f"{fleet.prometheus.url}/api/v1/query_range", data=form, timeout=10)
     assert {a.status_code for a in answers} == {200}
@@ -117,14 +118,8 @@ def test_identical_instant_queries_at_once_across_the_fleet_cost_one_query(fleet
     if settled:
         form["time"] = str(int(time.time()) - 1200)
     urls = [g.url for g in fleet.gateways]
-
-    async def burst(n: int) -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-            return list(await asyncio.gather(*(client.post(urls[i % 2] + "/api/v1/query", data=form)
-                                               for i in range(n))))
-
     before = prometheus_query_requests(fleet.prometheus.url)
-    answers = asyncio.run(burst(12))
+    answers = asyncio.run(burst(urls, "/api/v1/query", form, 12))
     assert prometheus_query_requests(fleet.prometheus.url) - before == 1
     assert {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1

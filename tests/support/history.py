@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from benchmarks.dataset import Dataset, copy_tsdb, ensure
-from tests.support.procs import PROMETHEUS_BIN, Proc, _spawn, free_port, wait_until
+from tests.support.procs import PROMETHEUS_BIN, Proc, _spawn, free_port, prometheus_ready
 
 CI_DAYS = 2
 CI_SERIES = 300
@@ -52,13 +51,7 @@ def start_prometheus_on(ds: Dataset, workdir: Path, *, extra_args: tuple[str, ..
                    "--storage.tsdb.min-block-duration=2h", "--storage.tsdb.max-block-duration=2h",
                    "--web.enable-lifecycle", "--log.level=warn", *extra_args],
                   workdir, "prometheus", port=port, url=url)
-    try:
-        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200,
-                   timeout, what="prometheus ready")
-    except TimeoutError:
-        proc.stop()
-        raise RuntimeError(f"prometheus did not start:\n{proc.log()}") from None
-    return proc
+    return prometheus_ready(proc, timeout)
 
 
 @pytest.fixture(scope="session")
