@@ -27,7 +27,7 @@ from tests.support.procs import Proc, start_prometheus, wait_until
 
 pytestmark = pytest.mark.integration
 
-SPLIT = 5  # seconds per part: a 24 s window is five or six parts
+SPLIT = 3  # seconds per part: a 15 s window is five or six parts
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def native_prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         raise
     try:
         wait_until(lambda: httpx.post(f"{prom.url}/api/v1/query", timeout=2, data={
-            "query": "count_over_time(nh_request_seconds[1m]) >= 30"}).json()["data"]["result"],
-            60, what="30 s of native histograms")
+            "query": "count_over_time(nh_request_seconds[1m]) >= 20"}).json()["data"]["result"],
+            60, what="20 s of native histograms")
         yield prom
     finally:
         prom.stop()
@@ -61,19 +61,19 @@ def test_native_histograms_are_split_cached_and_assembled_exactly(native_prom: P
     settings = GatewaySettings(prometheus_url=native_prom.url, range_cache_split_seconds=SPLIT,
                                range_cache_live_window_seconds=2, range_cache_live_ttl_seconds=0)
     end = math.floor(time.time()) - 3
-    form = {"query": query, "start": str(end - 24), "end": str(end), "step": "1"}
+    form = {"query": query, "start": str(end - 14), "end": str(end), "step": "1"}
     with TestClient(create_app(settings)) as gateway, httpx.Client(base_url=native_prom.url) as direct:
         want = direct.post("/api/v1/query_range", data=form).content
         assert b'"histograms":[' in want or "quantile" in query or "count" in query
         before = range_requests(native_prom.url)
         cold = gateway.post("/api/v1/query_range", data=form)
-        parts = split([((end - 24) * 1000, end * 1000)], 1000, part_len(1000, SPLIT * 1000))
+        parts = split([((end - 14) * 1000, end * 1000)], 1000, part_len(1000, SPLIT * 1000))
         assert range_requests(native_prom.url) - before == len(parts) >= 5  # one query per part
         assert cold.content == want
         again = gateway.post("/api/v1/query_range", data={**form, "end": str(end - 1)})
         assert again.headers["x-gateway-cache"] == "hit"
         assert again.content == direct.post("/api/v1/query_range", data={**form, "end": str(end - 1)}).content
-        inner = {**form, "start": str(end - 17), "end": str(end - 6)}
+        inner = {**form, "start": str(end - 10), "end": str(end - 4)}
         got = gateway.post("/api/v1/query_range", data=inner)
         assert got.headers["x-gateway-cache"] == "hit"
         assert got.content == direct.post("/api/v1/query_range", data=inner).content
