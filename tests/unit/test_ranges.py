@@ -16,34 +16,16 @@ from typing import Any
 
 import pytest
 
-from app.gateway.caching.fragments import (
-    FLOAT_SEP,
-    HIST_SEP,
-    Extent,
-    body_of,
-    cut,
-    extent_of,
-    label_key,
-    normalise,
-    subtract,
-    ts_text,
-)
+from app.gateway.caching.extents import label_key, normalise, storable, subtract
+from app.gateway.caching.fragments import FLOAT_SEP, HIST_SEP, Extent, body_of, cut, extent_of
+from app.gateway.caching.stores import MemoryExtentStore
+from app.gateway.engines.ranges import RangeCache
 from app.gateway.engines.splitting import BLOCK_STEPS, block_len, part_len, split
-from app.gateway.ranges import (
-    MemoryExtentStore,
-    RangeCache,
-    Reach,
-    Uncacheable,
-    fmt_ms,
-    instant_reach,
-    ms_of,
-    range_reach,
-    step_ms_of,
-    storable,
-)
+from app.gateway.promql.reach import Reach, Uncacheable, instant_reach, range_reach
+from app.gateway.promql.timing import fmt_ms, ms_of, step_ms_of, ts_text
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import UpstreamError
+from app.gateway.upstream.answers import UpstreamError
 
 S = 1000  # ms per second
 
@@ -385,8 +367,7 @@ def make_cache(now: float, **overrides: Any) -> tuple[RangeCache, GridUpstream, 
     settings = GatewaySettings(range_cache_live_window_seconds=60, **overrides)
     upstream = GridUpstream()
     clock = Clock(now)
-    cache = RangeCache(settings, upstream, MemoryExtentStore(10_000_000, timer=clock))
-    cache.clock = clock
+    cache = RangeCache(settings, upstream, MemoryExtentStore(10_000_000, timer=clock), clock=clock)
     return cache, upstream, clock
 
 

@@ -25,13 +25,14 @@ refused when a point is off the grid, repeated or outside.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
 
-Interval = tuple[int, int]  # [first, last] grid instants in ms, both included
-LabelKey = tuple[tuple[str, str], ...]
+from app.gateway.caching.extents import Interval, intersect, label_key, normalise, subtract
+from app.gateway.promql.timing import ts_ms, ts_text
+
 # Series are keyed by their metric object's bytes: Prometheus writes a label set one way
 # (names sorted), so equal label sets are equal bytes, and the labels are decoded only to
 # sort an answer, once per series.
@@ -62,26 +63,6 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _LABELS = msgspec.json.Decoder(dict[str, str])
 _POINTS = msgspec.json.Decoder(list[tuple[msgspec.Raw, msgspec.Raw]])
-
-
-# -- time as Prometheus writes it ----------------------------------------------------------
-
-def ts_text(ms: int) -> bytes:
-    """A timestamp as Prometheus writes it (jsonutil.MarshalTimestamp): whole seconds,
-    and the milliseconds as three digits when there are any."""
-    sign = "-" if ms < 0 else ""
-    sec, frac = divmod(abs(ms), 1000)
-    return (f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}").encode()
-
-
-def ts_ms(text: bytes) -> int:
-    """A written timestamp back to whole milliseconds (exact for Prometheus' own form)."""
-    whole, _, frac = text.partition(b".")
-    neg = whole.startswith(b"-")
-    ms = abs(int(whole)) * 1000 + (int((frac + b"000")[:3]) if frac else 0)
-    if len(frac) > 3:
-        raise ValueError("sub-millisecond timestamp")
-    return -ms if neg else ms
 
 
 # -- one series' points --------------------------------------------------------------------
@@ -197,12 +178,6 @@ class Extent:
         return cls([(int(a), int(b)) for a, b in covered], series, float(expires))
 
 
-def label_key(metric: dict[str, str]) -> LabelKey:
-    """A label set in Prometheus' order: pairs sorted by name. Comparing these tuples is
-    labels.Compare (name, then value, then length; code point order = UTF-8 byte order)."""
-    return tuple(sorted(metric.items()))
-
-
 def extent_of(raw: bytes, a: int, b: int, step: int) -> Extent | None:
     """The fetched answer for [a, b] as an Extent, or None when it cannot be trusted per
     instant: not a plain success, not a matrix, a point off the grid or outside [a, b]
@@ -271,46 +246,3 @@ def body_of(segments: Sequence[tuple[Interval, Extent]], step: int) -> bytes:
         out.append(b"}")
     out.append(b"]}}")
     return b"".join(out)
-
-
-# -- interval arithmetic on the grid -------------------------------------------------------
-
-def normalise(intervals: Iterable[Interval], step: int) -> list[Interval]:
-    """Sorted, disjoint intervals; touching ones (b + step == a') joined."""
-    out: list[Interval] = []
-    for a, b in sorted(intervals):
-        if a > b:
-            continue
-        if out and a <= out[-1][1] + step:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def subtract(a: int, b: int, covered: Sequence[Interval], step: int) -> list[Interval]:
-    """The parts of [a, b] not in `covered` (normalised, on the same grid)."""
-    out: list[Interval] = []
-    cur = a
-    for ca, cb in covered:
-        if cb < cur:
-            continue
-        if ca > b:
-            break
-        if ca > cur:
-            out.append((cur, min(ca - step, b)))
-        cur = max(cur, cb + step)
-        if cur > b:
-            break
-    if cur <= b:
-        out.append((cur, b))
-    return out
-
-
-def intersect(covered: Sequence[Interval], a: int, b: int) -> list[Interval]:
-    return [(max(ca, a), min(cb, b)) for ca, cb in covered if cb >= a and ca <= b]
-
-
-def steps_in(intervals: Iterable[Interval], step: int) -> int:
-    return sum((b - a) // step + 1 for a, b in intervals)

@@ -1,1 +1,1 @@
-"""Who answers a request, under which policy."""
+"""Who answers under which policy: may import caching, upstream, promql, catalog, result, settings, metrics."""
