@@ -26,7 +26,7 @@ from app.gateway.upstream.answers import UpstreamError
 
 _Instant = ApiResult | UpstreamError
 # One answer for the fleet: (key, deadline, steps, make, category) -> the answer some
-# process made (RangeCache._fleet: the shared tier's lock and hand-over).
+# process made (FleetAnswer.answer, engines/fleet.py: the shared tier's lock and hand-over).
 Share = Callable[[str, float, int, Callable[[], Coroutine[Any, Any, ApiResult]], str], Awaitable[ApiResult]]
 
 

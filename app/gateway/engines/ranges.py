@@ -36,20 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.gateway.caching.extents import Interval, intersect, normalise, subtract
 from app.gateway.caching.flight import Background, SingleFlight
 from app.gateway.caching.fragments import Extent, body_of, extent_of
-from app.gateway.caching.shared import ALONE
-from app.gateway.caching.shared_ranges import SharedAnswer, SharedFlights
+from app.gateway.caching.shared_ranges import SharedFlights
 from app.gateway.caching.stores import ExtentStore
 from app.gateway.engines import splitting
+from app.gateway.engines.fleet import FleetAnswer
 from app.gateway.engines.instants import Instants
 from app.gateway.engines.passthrough import (
     BYPASS_PARAMS,
@@ -65,7 +64,7 @@ from app.gateway.engines.passthrough import (
 from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, reach
 from app.gateway.promql.request import InstantQuery, RangeQuery
 from app.gateway.promql.timing import fmt_ms
-from app.gateway.result import ApiResult, Lookup, UpstreamFailure
+from app.gateway.result import ApiResult, Lookup
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
 
@@ -123,14 +122,14 @@ class RangeCache:
                  fleet: SharedFlights | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
-        self.fleet = fleet  # fleet-wide single flight through the shared tier, when on
         self.clock = clock
         self.live_window_ms = int(settings.range_cache_live_window_seconds * 1000)
         self.split_ms = max(1, int(settings.range_cache_split_seconds * 1000))
-        self.recheck_horizon_ms = int(settings.range_cache_recheck_horizon_seconds * 1000)
         self.background = Background()
         self.upstream = Passthrough(client, self.background)
-        self.instants = Instants(settings, self.upstream, store, clock, share=self._fleet)
+        self.one = FleetAnswer(fleet)  # one answer for the fleet (lock and hand-over)
+        self.blocks = Blocks(settings, store, clock)
+        self.instants = Instants(settings, self.upstream, store, clock, share=self.one.answer)
         self.pieces: SingleFlight[_Flight] = SingleFlight()
         self.requests: SingleFlight[_Request] = SingleFlight()
 
@@ -148,8 +147,8 @@ class RangeCache:
                 or (end_ms - first) // step_ms > MAX_STEPS or self.settings.range_cache_max_bytes <= 0):
             return await self.upstream.answer("/api/v1/query_range", req.upstream(), deadline,
                                               req.origin.headers, None)
-        expr, scope, params_key = req.query.text, req.origin.scope, _params_key(req.params)
-        full_key = _key("range-pass", scope, expr, first, end_ms, step_ms, params_key)
+        full_key = _key("range-pass", req.origin.scope, req.query.text, first, end_ms, step_ms,
+                        _params_key(req.params))
         try:
             if req.query.tree is None:
                 raise ValueError("a query the gateway cannot read")
@@ -158,28 +157,17 @@ class RangeCache:
             # @ start()/end(), or a query upstream will refuse: coalesce, never store.
             return await self.upstream.answer("/api/v1/query_range", req.upstream(), deadline,
                                               req.origin.headers, full_key)
-        last, total = req.last, req.steps
-        base = _key("range", scope, expr, step_ms, first % step_ms, params_key)
-        now_ms = int(self.clock() * 1000)
-        live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
-        # The very same request answered before: its body, for as long as its most
-        # recent instant allows (seconds when it has live instants, the re-check interval
-        # when it has recently settled ones).
-        memo_key = f"{base}:ans:{first}:{last}"
-        memo_ttl = min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS)
-        if live_from <= last:
-            memo_ttl = self.settings.range_cache_live_ttl_seconds
-        elif rch.first_live(first, step_ms, now_ms - self.live_window_ms - self.recheck_horizon_ms) <= last:
-            memo_ttl = min(memo_ttl, self.settings.range_cache_recheck_seconds)
-        remembered = (await self.store.get_many([memo_key]))[0]
+        plan = self._plan(req, rch, full_key)
+        total = req.steps
+        remembered = (await self.store.get_many([plan.memo_key]))[0]
         if remembered is not None:
             count("range", Lookup.HIT, total, 0, 0)
             return ApiResult(200, None, Lookup.HIT, raw=remembered)
         # Identical requests in flight wait for the first one's answer (a dashboard opened
         # by many viewers at once): assembled once, sent to all.
-        plan = _Plan(rch, base, live_from, memo_key, memo_ttl, full_key)
         fut, leader = self.requests.lead(
-            memo_key, lambda: self._fleet(memo_key, deadline, total, lambda: self._range_answer(req, plan)),
+            plan.memo_key,
+            lambda: self.one.answer(plan.memo_key, deadline, total, lambda: self._range_answer(req, plan)),
             self.background, catch=UpstreamError, unfinished=unfinished)
         result: ApiResult = (await settled([fut], deadline))[0]
         if leader:
@@ -188,67 +176,32 @@ class RangeCache:
         return ApiResult(result.status_code, None if result.raw is not None else result.doc,
                          Lookup.COALESCED, raw=result.raw)
 
-    async def _fleet(self, key: str, deadline: float, total: int,
-                     make: Callable[[], Coroutine[Any, Any, ApiResult]], category: str = "range") -> ApiResult:
-        """One process of the fleet answers a request; the others wait for its answer.
-
-        Without the shared tier, or when it fails, this process answers alone (as a
-        single process does). A holder that dies blocks the others for at most one
-        lease (one of them takes over); a failure reaches that flight's waiters only.
-        An instant answer travels with its evaluation time (``<ms>\n`` before the body).
-        """
-        fleet = self.fleet
-        if fleet is None or not fleet.available:
-            return await make()
-        loop = asyncio.get_running_loop()
-        claim = await fleet.claim(key, deadline - loop.time())
-        if claim is None:
-            return await make()
-        if claim.body is not None:
-            count(category, Lookup.HIT, total, 0, 0)
-            return _shared_result(200, claim.body, Lookup.HIT, category)
-        if claim.holder is not None:
-            got = await fleet.wait(key, claim.token, claim.holder, deadline)
-            if isinstance(got, SharedAnswer):
-                count(category, Lookup.COALESCED, 0, 0, total)
-                return _shared_result(got.status_code, got.body, Lookup.COALESCED, category)
-            if isinstance(got, UpstreamFailure):
-                raise UpstreamError(got.error_type, got.message)
-            if got is ALONE:
-                return await make()
-        # The lock is ours (claimed, or taken over from a holder that vanished).
-        async with fleet.holding(key, claim.token):
-            try:
-                result = await make()
-            except UpstreamError as exc:
-                await fleet.publish(key, claim.token, UpstreamFailure(exc.error_type, exc.message))
-                raise
-        body = result.raw if result.raw is not None else json.dumps(
-            result.doc, ensure_ascii=False, separators=(",", ":")).encode()
-        if category == "instant":
-            body = b"%d\n" % round((result.evaluated_at or 0) * 1000) + body
-        await fleet.publish(key, claim.token, SharedAnswer(result.status_code, body))
-        return result
+    def _plan(self, req: RangeQuery, rch: Reach, full_key: str) -> _Plan:
+        """Keys and lifetimes of a cacheable range query, from what it reads and the clock."""
+        first, last, step_ms = req.first, req.last, req.step.ms
+        base = _key("range", req.origin.scope, req.query.text, step_ms, first % step_ms, _params_key(req.params))
+        now_ms = int(self.clock() * 1000)
+        live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
+        # The very same request answered before: its body, for as long as its most
+        # recent instant allows (seconds when it has live instants, the re-check interval
+        # when it has recently settled ones).
+        memo_ttl = min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS)
+        if live_from <= last:
+            memo_ttl = self.settings.range_cache_live_ttl_seconds
+        elif rch.first_live(first, step_ms, now_ms - self.live_window_ms - self.blocks.recheck_horizon_ms) <= last:
+            memo_ttl = min(memo_ttl, self.settings.range_cache_recheck_seconds)
+        return _Plan(rch, base, live_from, f"{base}:ans:{first}:{last}", memo_ttl, full_key)
 
     async def _range_answer(self, req: RangeQuery, plan: _Plan) -> ApiResult:
         """The answer of one range query: stored extents, the missing ones fetched."""
         first, last, step_ms, total = req.first, req.last, req.step.ms, req.steps
-        settled_last = min(last, plan.live_from - step_ms)
-        length = splitting.block_len(step_ms, self.split_ms)
-        blocks = splitting.blocks(first, settled_last, step_ms, length) if settled_last >= first else []
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
         live_key = f"{plan.base}:live:{first}:{last}"
-        raw = await self.store.get_many([self._block_key(plan.base, length, bi) for bi in blocks] + [live_key])
-        # Each source with the instants it may give this request (not cut here: only the
-        # two edge blocks are cut, once, when the answer is assembled).
-        sources: list[tuple[Extent, int]] = [(Extent.decode(data), settled_last) for data in raw[:-1]
-                                             if data is not None]
-        if raw[-1] is not None:
-            sources.append((Extent.decode(raw[-1]), last))
+        sources = await self.blocks.read(req, plan, live_key, self.split_ms)
         covered = normalise([iv for e, upto in sources for iv in intersect(e.covered, first, upto)], step_ms)
         missing = subtract(first, last, covered, step_ms)
-        pieces = self._pieces(missing, req, splitting.part_len(step_ms, self.split_ms))
+        pieces = pieces_of(missing, req, splitting.part_len(step_ms, self.split_ms))
 
         futures: list[asyncio.Future[_Flight]] = []
         leads: list[bool] = []
@@ -280,19 +233,7 @@ class RangeCache:
             return await self.upstream.answer("/api/v1/query_range", req.upstream(), req.origin.deadline,
                                               req.origin.headers, plan.full_key)
 
-        segments: list[tuple[Interval, Extent]] = []
-        taken: list[Interval] = []
-        for f in fetched:
-            assert f.extent is not None
-            segments.append((f.extent.covered[0], f.extent))
-            taken.append(f.extent.covered[0])
-        for source, upto in sources:
-            free = normalise(taken, step_ms)
-            for a, b in intersect(source.covered, first, upto):
-                for part in subtract(a, b, free, step_ms):
-                    segments.append((part, source))
-                    taken.append(part)
-        segments.sort(key=lambda seg: seg[0])
+        segments = _segments([f.extent for f in fetched if f.extent is not None], sources, first, step_ms)
         size = sum(e.size() for _, e in segments)
         body = await _cpu(body_of, segments, step_ms, heavy=size > THREAD_BYTES)
         await self.store.put_many([(plan.memo_key, body, plan.memo_ttl)])
@@ -304,28 +245,6 @@ class RangeCache:
             lookup = Lookup.MISS if led else Lookup.COALESCED
         count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
         return ApiResult(200, None, lookup, raw=body)
-
-    @staticmethod
-    def _block_key(base: str, length: int, index: int) -> str:
-        return f"{base}:b{length}:{index}"
-
-    @staticmethod
-    def _pieces(missing: list[Interval], req: RangeQuery, part: int) -> list[_Piece]:
-        """What to fetch: the missing intervals (one span when there are many) cut at part
-        boundaries, in chunks Prometheus accepts; a piece at the request's own edge is sent
-        with the caller's text. The live tail is fetched with the part it ends."""
-        first, last, step = req.first, req.last, req.step.ms
-        if len(missing) > MAX_PIECES:
-            missing = [(missing[0][0], missing[-1][1])]
-        out: list[_Piece] = []
-        for a, b in splitting.split(missing, step, part):
-            while a <= b:
-                chunk_end = min(b, a + (MAX_STEPS - 1) * step)
-                out.append(_Piece(a, chunk_end,
-                                  req.start.text if a == first else fmt_ms(a),
-                                  req.end.text if chunk_end == last else fmt_ms(chunk_end)))
-                a = chunk_end + step
-        return out
 
     async def _fetch_piece(self, piece: _Piece, req: RangeQuery, plan: _Plan, live_key: str) -> _Flight:
         cutoff = int(self.clock() * 1000) - self.live_window_ms
@@ -339,18 +258,87 @@ class RangeCache:
             extent = await _cpu(extent_of, answer.raw, piece.a, piece.b, step_ms,
                                 heavy=len(answer.raw) > THREAD_BYTES)
         if extent is not None:
-            await self._keep(plan.base, live_key, extent, piece, step_ms, plan.reach, cutoff)
+            await self.blocks.keep(plan.base, live_key, extent, piece, step_ms, plan.reach, cutoff,
+                                   self.split_ms)
         return _Fetched(answer, extent)
 
-    async def _keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,
-                    rch: Reach, cutoff: int) -> None:
+    async def aclose(self) -> None:
+        await self.background.aclose()
+
+
+def pieces_of(missing: list[Interval], req: RangeQuery, part: int) -> list[_Piece]:
+    """What to fetch: the missing intervals (one span when there are many) cut at part
+    boundaries, in chunks Prometheus accepts; a piece at the request's own edge is sent
+    with the caller's text. The live tail is fetched with the part it ends."""
+    first, last, step = req.first, req.last, req.step.ms
+    if len(missing) > MAX_PIECES:
+        missing = [(missing[0][0], missing[-1][1])]
+    out: list[_Piece] = []
+    for a, b in splitting.split(missing, step, part):
+        while a <= b:
+            chunk_end = min(b, a + (MAX_STEPS - 1) * step)
+            out.append(_Piece(a, chunk_end,
+                              req.start.text if a == first else fmt_ms(a),
+                              req.end.text if chunk_end == last else fmt_ms(chunk_end)))
+            a = chunk_end + step
+    return out
+
+
+def _segments(fetched: list[Extent], sources: list[tuple[Extent, int]], first: int,
+              step: int) -> list[tuple[Interval, Extent]]:
+    """Which source gives which instants: the fetched pieces first, then the stored
+    sources for what is left, in time order."""
+    segments: list[tuple[Interval, Extent]] = []
+    taken: list[Interval] = []
+    for extent in fetched:
+        segments.append((extent.covered[0], extent))
+        taken.append(extent.covered[0])
+    for source, upto in sources:
+        free = normalise(taken, step)
+        for a, b in intersect(source.covered, first, upto):
+            for part in subtract(a, b, free, step):
+                segments.append((part, source))
+                taken.append(part)
+    segments.sort(key=lambda seg: seg[0])
+    return segments
+
+
+class Blocks:
+    """A query's settled extents in blocks of its grid (engines/splitting.py), and its
+    live instants under the request's own key: read for a request, kept from a piece."""
+
+    def __init__(self, settings: GatewaySettings, store: ExtentStore, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.recheck_horizon_ms = int(settings.range_cache_recheck_horizon_seconds * 1000)
+
+    @staticmethod
+    def key(base: str, length: int, index: int) -> str:
+        return f"{base}:b{length}:{index}"
+
+    async def read(self, req: RangeQuery, plan: _Plan, live_key: str, split_ms: int) -> list[tuple[Extent, int]]:
+        """Each stored source with the last instant it may give this request (not cut
+        here: only the two edge blocks are cut, once, when the answer is assembled)."""
+        first, last, step_ms = req.first, req.last, req.step.ms
+        settled_last = min(last, plan.live_from - step_ms)
+        length = splitting.block_len(step_ms, split_ms)
+        blocks = splitting.blocks(first, settled_last, step_ms, length) if settled_last >= first else []
+        raw = await self.store.get_many([self.key(plan.base, length, bi) for bi in blocks] + [live_key])
+        sources = [(Extent.decode(data), settled_last) for data in raw[:-1] if data is not None]
+        if raw[-1] is not None:
+            sources.append((Extent.decode(raw[-1]), last))
+        return sources
+
+    async def keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,
+                   rch: Reach, cutoff: int, split_ms: int) -> None:
         """Settled instants into their blocks (merged with what is there), live ones into
         the request's live record for seconds only."""
         live_from = rch.first_live(piece.a, step_ms, cutoff)
         settled_last = min(piece.b, live_from - step_ms)
-        length = splitting.block_len(step_ms, self.split_ms)
+        length = splitting.block_len(step_ms, split_ms)
         blocks = splitting.blocks(piece.a, settled_last, step_ms, length) if settled_last >= piece.a else []
-        keys = [self._block_key(base, length, bi) for bi in blocks]
+        keys = [self.key(base, length, bi) for bi in blocks]
         old = await self.store.get_many(keys) if keys else []
         # Instants settled only recently (within the re-check horizon past the freshness
         # window) are kept briefly: a block holding any is refetched after
@@ -382,17 +370,6 @@ class RangeCache:
 
         items = await _cpu(build, heavy=extent.size() > THREAD_BYTES)
         await self.store.put_many(items)
-
-    async def aclose(self) -> None:
-        await self.background.aclose()
-
-
-def _shared_result(status: int, body: bytes, lookup: Lookup, category: str) -> ApiResult:
-    """An answer handed over by another process of the fleet (see RangeCache._fleet)."""
-    if category != "instant":
-        return ApiResult(status, None, lookup, raw=body)
-    t_text, _, raw = body.partition(b"\n")
-    return ApiResult(status, None, lookup, int(t_text) / 1000, raw=raw)
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:
