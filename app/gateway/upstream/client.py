@@ -52,13 +52,12 @@ class BearerFileAuth(httpx.Auth):
         yield request
 
 
-class PrometheusClient:
-    """One pooled httpx.AsyncClient for the life of the app."""
+class UpstreamHttp:
+    """The pooled connections to the upstream: credentials, TLS, limits, one request
+    within its time and the size cap, transport failures in the one error vocabulary."""
 
-    def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None,
-                 breaker: CircuitBreaker | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
-        self.query_url = f"{settings.prometheus_url}/api/v1/query"
         headers = {"Accept": "application/json", **settings.prometheus_headers}
         auth: httpx.Auth | None = None
         if settings.prometheus_bearer_token is not None:
@@ -78,6 +77,59 @@ class PrometheusClient:
             timeout=httpx.Timeout(settings.request_deadline_seconds,
                                   connect=settings.connect_timeout_seconds),
         )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],
+                       timeout: float, headers: Mapping[str, str] | None) -> tuple[int, bytes]:
+        """One request within `timeout` seconds and the size cap: (HTTP status, body).
+
+        POST bodies are encoded here, not by httpx, so repeated keys (`match[]`) and
+        their order reach the upstream exactly as given.
+        """
+        timeout = max(timeout, 0.001)
+        limit = self.settings.prometheus_max_response_bytes
+        extra: dict[str, str] = dict(headers or {})
+        content: bytes | None = None
+        query: httpx.QueryParams | None = None
+        if method == "POST":
+            content = urlencode(list(params)).encode()
+            extra["Content-Type"] = "application/x-www-form-urlencoded"
+        else:
+            query = httpx.QueryParams(urlencode(list(params)))
+        try:
+            async with self._http.stream(
+                method, url, params=query, content=content, headers=extra,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, self.settings.connect_timeout_seconds)),
+            ) as resp:
+                declared = resp.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > limit:
+                    raise UpstreamError("too_large", f"answer of {declared} bytes exceeds {limit}", resp.status_code)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise UpstreamError("too_large", f"answer exceeds {limit} bytes", resp.status_code)
+                    chunks.append(chunk)
+                return resp.status_code, b"".join(chunks)
+        except httpx.ConnectError as exc:
+            raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
+        except httpx.TimeoutException:
+            raise UpstreamError("timeout", f"no answer within {timeout:.2f}s") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError("transport", f"{type(exc).__name__}: {exc}") from None
+
+
+class PrometheusClient:
+    """One pooled httpx.AsyncClient for the life of the app."""
+
+    def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None,
+                 breaker: CircuitBreaker | None = None) -> None:
+        self.settings = settings
+        self.query_url = f"{settings.prometheus_url}/api/v1/query"
+        self.http = UpstreamHttp(settings, transport)
         self.breaker = breaker or CircuitBreaker(settings.breaker_failure_threshold,
                                                  settings.breaker_reset_seconds)
         self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
@@ -85,7 +137,7 @@ class PrometheusClient:
         self.last_success: float | None = None
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self.http.aclose()
 
     async def query(self, expr: str, *, timeout: float, category: str,
                     headers: Mapping[str, str] | None = None) -> QueryAnswer:
@@ -148,47 +200,7 @@ class PrometheusClient:
         upstream_timeout = max(timeout * 0.9, 0.001)
         # Prometheus durations take no fractions: whole milliseconds.
         form = [("query", expr), ("timeout", f"{max(1, int(upstream_timeout * 1000))}ms")]
-        return await self._exchange("POST", self.query_url, form, timeout, headers)
-
-    async def _exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],
-                        timeout: float, headers: Mapping[str, str] | None) -> tuple[int, bytes]:
-        """One request within `timeout` seconds and the size cap: (HTTP status, body).
-
-        POST bodies are encoded here, not by httpx, so repeated keys (`match[]`) and
-        their order reach the upstream exactly as given.
-        """
-        timeout = max(timeout, 0.001)
-        limit = self.settings.prometheus_max_response_bytes
-        extra: dict[str, str] = dict(headers or {})
-        content: bytes | None = None
-        query: httpx.QueryParams | None = None
-        if method == "POST":
-            content = urlencode(list(params)).encode()
-            extra["Content-Type"] = "application/x-www-form-urlencoded"
-        else:
-            query = httpx.QueryParams(urlencode(list(params)))
-        try:
-            async with self._http.stream(
-                method, url, params=query, content=content, headers=extra,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, self.settings.connect_timeout_seconds)),
-            ) as resp:
-                declared = resp.headers.get("content-length")
-                if declared is not None and declared.isdigit() and int(declared) > limit:
-                    raise UpstreamError("too_large", f"answer of {declared} bytes exceeds {limit}", resp.status_code)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise UpstreamError("too_large", f"answer exceeds {limit} bytes", resp.status_code)
-                    chunks.append(chunk)
-                return resp.status_code, b"".join(chunks)
-        except httpx.ConnectError as exc:
-            raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
-        except httpx.TimeoutException:
-            raise UpstreamError("timeout", f"no answer within {timeout:.2f}s") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError("transport", f"{type(exc).__name__}: {exc}") from None
+        return await self.http.exchange("POST", self.query_url, form, timeout, headers)
 
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
@@ -206,7 +218,7 @@ class PrometheusClient:
         url = f"{self.settings.prometheus_url}{path}"
 
         async def exchange() -> tuple[int, bytes]:
-            return await self._exchange(method, url, params, timeout, headers)
+            return await self.http.exchange(method, url, params, timeout, headers)
 
         async def decode(status: int, body: bytes) -> ApiAnswer:
             return _api_answer(body, status)
