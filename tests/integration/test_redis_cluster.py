@@ -28,8 +28,9 @@ from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
 from tests.support.demo_data import generate, start_prometheus_with_history
 from tests.support.procs import Proc, start_uvicorn
 from tests.support.redis_cluster import RedisClusterProcs, start_redis_cluster, start_sentinel_group
+from tests.support.tools import needs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, needs("redis-server", "redis-cli")]
 
 SETTINGS = GatewaySettings(gateway_cache_lock_lease_seconds=0.3, gateway_cache_timeout_seconds=0.5,
                            gateway_cache_breaker_reset_seconds=0.2)

@@ -23,6 +23,7 @@ from app.settings import AppSettings
 from app.vrops.settings import VropsSettings
 from tests.support.procs import REDIS_BIN
 from tests.support.redis_cluster import RedisClusterProcs, SentinelGroup, start_sentinel_group
+from tests.support.tools import needs
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +58,7 @@ async def exercise(tier: SharedTier) -> None:
     assert outcome == {"d|w": LEAD}
 
 
+@needs("redis-cli")
 async def test_on_a_redis_cluster(redis_cluster: RedisClusterProcs) -> None:
     """The whole protocol on 3 masters: a batch's keys share its tenant's slot (one script
     call each), wherever that slot lives."""

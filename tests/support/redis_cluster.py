@@ -14,7 +14,6 @@ when starting failed half way).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,8 +24,7 @@ from pathlib import Path
 import redis as redis_sync
 
 from tests.support.procs import REDIS_BIN, Proc, _spawn, free_port, start_redis, wait_until
-
-REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+from tests.support.tools import path_of
 
 
 def cluster_port() -> int:
@@ -223,7 +221,7 @@ def start_redis_cluster(workdir: Path, *, masters: int = 3, replicas: int = 1, n
                 "--cluster-node-timeout", str(node_timeout_ms), "--cluster-replica-validity-factor", "0",
                 *extra_args)))
         out = subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p.port}" for p in nodes),
+            [path_of("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p.port}" for p in nodes),
              "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True, text=True, timeout=timeout, check=False)
         if out.returncode != 0:
