@@ -174,12 +174,15 @@ class Bench:
     started: list[Proc] = field(default_factory=list)
 
     def fleet(self, cache_url: str) -> list[Proc]:
+        return self.fleet_of(cache_url, workers=2, instances=2)
+
+    def fleet_of(self, cache_url: str, *, workers: int, instances: int) -> list[Proc]:
         env = {"PROMETHEUS_URL": self.prom.url, "VROPS_TARGETS": "[]", "LOG_LEVEL": "WARNING",
                "GATEWAY_CACHE_URL": cache_url, "GATEWAY_CACHE_PREFIX": f"c{uuid.uuid4().hex[:8]}",
                "CACHE_TTL_SECONDS": str(self.ttl), "REQUEST_DEADLINE_SECONDS": "10",
                "GATEWAY_CACHE_BREAKER_RESET_SECONDS": "1"}
-        procs = [start_gunicorn(self.work / f"g{uuid.uuid4().hex[:6]}", "app.main:app", env, workers=2)
-                 for _ in range(2)]
+        procs = [start_gunicorn(self.work / f"g{uuid.uuid4().hex[:6]}", "app.main:app", env, workers=workers)
+                 for _ in range(instances)]
         self.started += procs
         return procs
 
@@ -200,6 +203,37 @@ def summary_cost(b: Bench) -> float:
         return prometheus_query_requests(b.prom.url) - before
     finally:
         one.stop()
+
+
+def phase_sizing(b: Bench, redis_url: str) -> dict[str, Any]:
+    """Bytes Redis holds (MEMORY USAGE of the tier's keys) for one cached week-long panel and
+    for the whole figure set (every category), on an empty Redis, one gateway process."""
+    import redis as redis_sync
+
+    def used(r: redis_sync.Redis) -> int:
+        return sum(int(r.memory_usage(k) or 0) for k in r.scan_iter(count=1000))
+
+    out: dict[str, Any] = {}
+    (one,) = b.fleet_of(redis_url, workers=1, instances=1)
+    try:
+        with redis_sync.Redis.from_url(redis_url) as r, httpx.Client(timeout=60) as http:
+            r.flushall()
+            form = Load([], b.prom.url, b.days).form(PANELS[3], 0)
+            body = http.post(one.url + "/api/v1/query_range", data=form)
+            body.raise_for_status()
+            time.sleep(0.5)
+            doc = body.json()["data"]["result"]
+            out["panel_series"], out["panel_points"] = len(doc), sum(len(s["values"]) for s in doc)
+            out["panel_answer"], out["panel_redis"], out["panel_keys"] = len(body.content), used(r), r.dbsize()
+            r.flushall()
+            http.get(one.url + "/prometheus/metrics/all").raise_for_status()
+            time.sleep(0.5)
+            out["figures_redis"], out["figures_keys"] = used(r), r.dbsize()
+            r.flushall()
+    finally:
+        b.stop([one])
+    print(f"  sizing: {out}", flush=True)
+    return out
 
 
 def phase(b: Bench, name: str, cache_url: str, keys: Callable[[], tuple[dict[Any, int], dict[Any, int]]],
@@ -310,6 +344,8 @@ def main() -> None:
             with redis_sync.Redis.from_url(r.url) as c:
                 return {"one": int(c.dbsize())}, {"one": int(c.info("memory")["used_memory_dataset"])}
 
+        step("0. sizing: one cached week-long panel, the figure set")
+        sizing = phase_sizing(b, redis.url)
         step("1. fleet on one Redis")
         single = phase(b, "2 instances x 2 workers, one Redis", redis.url, one_keys, cost)
         step("2. fleet on a 3-master Redis Cluster")
@@ -348,6 +384,18 @@ def main() -> None:
             f"{_pct(ld.latencies, .99):.0f} ms | {row['fetches']:.0f} | {row['windows']} | **{row['per_figure']:.2f}** "
             f"| {row['ranges']:.0f} | {' / '.join(str(v) for v in keys.values())} "
             f"| {' / '.join(f'{v / 1e6:.1f} MB' for v in data.values())} | **{share_k:.0%} / {share_b:.0%}** |")
+    sz = sizing
+    per_point = sz["panel_redis"] / max(1, sz["panel_points"])
+    lines += [
+        "",
+        "| sizing (MEMORY USAGE of the tier's keys, one process, empty Redis) | measured |",
+        "|---|---|",
+        f"| one cached 7-day panel (step 10 min): {sz['panel_series']} series, {sz['panel_points']} points, "
+        f"answer {sz['panel_answer']} bytes | **{sz['panel_redis'] / 1e3:.0f} kB** in {sz['panel_keys']} keys "
+        f"({per_point:.0f} bytes per point; 100 series: {per_point * 100 * 1009 / 1e6:.1f} MB) |",
+        f"| the whole figure set (GET /prometheus/metrics/all) | **{sz['figures_redis'] / 1e3:.0f} kB** in "
+        f"{sz['figures_keys']} keys |",
+    ]
     ld = kill["load"]
     lines += [
         "",
