@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support.procs import (  # noqa: E402
     Proc,
     prometheus_query_requests,
+    prometheus_range_requests,
     start_gunicorn,
     start_prometheus,
     start_redis,
@@ -71,12 +72,6 @@ PANELS = [
     "sum by (status) (active_api_keys)",
     "sum by (plan_type, billing_cycle) (subscription_count)",
 ]
-
-
-def range_requests(prom: str) -> float:
-    text = httpx.get(f"{prom}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query_range"' in line)
 
 
 def gateway_counter(url: str, name: str) -> float:
@@ -245,10 +240,10 @@ def phase(b: Bench, name: str, cache_url: str, keys: Callable[[], tuple[dict[Any
         load.run(b.viewers, 3)  # warm: every panel fetched once
         time.sleep(b.ttl - time.time() % b.ttl + 0.05)  # start on a TTL window boundary
         load = Load([p.url for p in procs], b.prom.url, b.days)
-        q0, r0, t0 = prometheus_query_requests(b.prom.url), range_requests(b.prom.url), time.time()
+        q0, r0, t0 = prometheus_query_requests(b.prom.url), prometheus_range_requests(b.prom.url), time.time()
         load.run(b.viewers, b.seconds)
         t1 = time.time()
-        fetches, ranges = prometheus_query_requests(b.prom.url) - q0, range_requests(b.prom.url) - r0
+        fetches, ranges = prometheus_query_requests(b.prom.url) - q0, prometheus_range_requests(b.prom.url) - r0
         windows = math.floor(t1 / b.ttl) - math.floor(t0 / b.ttl) + 1
         per_master, bytes_per_master = keys()
         row = {"name": name, "load": load, "fetches": fetches, "windows": windows,
