@@ -319,7 +319,8 @@ def main() -> None:
     try:
         step(f"backfilling {args.days} days of history (60 s resolution)")
         backend.backfill(work / "prom" / "data", job="backend", seconds=args.days * 86400, step=60.0)
-        prom = start_prometheus(work / "prom", scrape_config(target), timeout=120)
+        prom = start_prometheus(work / "prom", scrape_config(target), timeout=120,
+                                retention=f"{args.days + 1}d")
         wait_until(lambda: httpx.post(f"{prom.url}/api/v1/query",
                                       data={"query": 'count_over_time(up{job="backend"}[1m]) >= 2'}
                                       ).json()["data"]["result"], 60, what="scrapes")
@@ -329,9 +330,7 @@ def main() -> None:
         b = Bench(work, prom, args.seconds, args.viewers, args.ttl, args.days)
         cost = summary_cost(b)
         panel = Load([], prom.url, args.days).form(PANELS[0], 0)
-        body = httpx.post(f"{prom.url}/api/v1/query_range", data=panel, timeout=30).content
-        panel_bytes = len(body)
-        print(body[:300])
+        panel_bytes = len(httpx.post(f"{prom.url}/api/v1/query_range", data=panel, timeout=30).content)
         step(f"one cold /summary costs {cost:.0f} upstream queries; one week-long panel answer {panel_bytes} bytes")
 
         def one_keys(r: Proc = redis) -> tuple[dict[Any, int], dict[Any, int]]:

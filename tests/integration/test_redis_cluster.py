@@ -26,7 +26,7 @@ from app.gateway.result import Fetched, Sample
 from app.gateway.settings import GatewaySettings
 from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
 from tests.support.demo_data import generate, start_prometheus_with_history
-from tests.support.procs import Proc, start_uvicorn
+from tests.support.procs import Proc, start_uvicorn, wait_until
 from tests.support.redis_cluster import RedisClusterProcs, start_redis_cluster, start_sentinel_group
 from tests.support.tools import needs
 
@@ -221,7 +221,10 @@ def test_master_killed_answers_keep_coming(own_cluster: RedisClusterProcs, tmp_p
             time.sleep(1.0)
             replica = own_cluster.kill_master(victim)
             own_cluster.wait_promoted(replica)
-            time.sleep(3.0)  # and on, on the new map: the episode ends after 1 s of successes
+            # And on, on the new map, until each gateway's episode has ended (after 1 s of
+            # successes on the new map).
+            wait_until(lambda: all("recovered" in g.log() for g in gateways), 20, interval=0.2,
+                       what="each gateway's episode ended")
         finally:
             stop.set()
             for t in threads:
