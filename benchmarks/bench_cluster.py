@@ -295,6 +295,63 @@ def phase_kill(b: Bench, cluster: RedisClusterProcs) -> dict[str, Any]:
         b.stop(procs)
 
 
+def report(args: argparse.Namespace, took: float, cost: float, panel_bytes: int, sizing: dict[str, Any],
+           runs: tuple[dict[str, Any], dict[str, Any]], kill: dict[str, Any]) -> str:
+    """The run's figures as the tables of docs/benchmarks.md."""
+    single, on_cluster = runs
+    lines = [
+        f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.viewers} viewers, {args.seconds:g} s "
+        f"per run, figure TTL {args.ttl:g} s, {args.days} days of history, took {took:.0f} s. "
+        f"One cold /summary costs {cost:.0f} upstream queries; one week-long panel answer is {panel_bytes} bytes.",
+        "",
+        "| fleet (2 gunicorn instances x 2 workers) | requests | failed | p50 / p99 | upstream queries "
+        "| TTL windows | per figure per TTL window | range queries upstream | keys per master | bytes per master "
+        "| largest master's share (keys / bytes) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for row in (single, on_cluster):
+        ld, keys, data = row["load"], row["keys"], row["bytes"]
+        share_k = max(keys.values()) / max(1, sum(keys.values()))
+        share_b = max(data.values()) / max(1, sum(data.values()))
+        lines.append(
+            f"| {row['name']} | {ld.requests} | {ld.failed} | {_pct(ld.latencies, .5):.0f} / "
+            f"{_pct(ld.latencies, .99):.0f} ms | {row['fetches']:.0f} | {row['windows']} | **{row['per_figure']:.2f}** "
+            f"| {row['ranges']:.0f} | {' / '.join(str(v) for v in keys.values())} "
+            f"| {' / '.join(f'{v / 1e6:.1f} MB' for v in data.values())} | **{share_k:.0%} / {share_b:.0%}** |")
+    sz = sizing
+    per_point = sz["panel_redis"] / max(1, sz["panel_points"])
+    lines += [
+        "",
+        "| sizing (MEMORY USAGE of the tier's keys, one process, empty Redis) | measured |",
+        "|---|---|",
+        f"| one cached 7-day panel (step 10 min): {sz['panel_series']} series, {sz['panel_points']} points, "
+        f"answer {sz['panel_answer']} bytes | **{sz['panel_redis'] / 1e3:.0f} kB** in {sz['panel_keys']} keys "
+        f"({per_point:.0f} bytes per point; 100 series: {per_point * 100 * 1009 / 1e6:.1f} MB) |",
+        f"| the whole figure set (GET /prometheus/metrics/all) | **{sz['figures_redis'] / 1e3:.0f} kB** in "
+        f"{sz['figures_keys']} keys |",
+    ]
+    ld = kill["load"]
+    lines += [
+        "",
+        "| Redis Cluster master (the one holding the most keys) SIGKILLed at 1/3 of a run | result |",
+        "|---|---|",
+        f"| keys on the killed master | {kill['victim_share']:.0%} |",
+        f"| requests (range panels + widgets) | {ld.requests} ({ld.panels} range panels) |",
+        f"| failed (non-200, errors) | **{ld.failed}** |",
+        f"| range answers different from Prometheus' own for the same request (all checked) | **{ld.differ}** |",
+        f"| slowest answer / p99 / p50 | {max(ld.latencies, default=0):.0f} / {_pct(ld.latencies, .99):.0f} / "
+        f"{_pct(ld.latencies, .5):.0f} ms |",
+        f"| failover: replica promoted, after | {'yes' if kill.get('promoted') else 'NO'}, "
+        f"{kill.get('failover_s', float('nan')):.1f} s (cluster-node-timeout 1 s) |",
+        f"| slot-map changes followed, per instance (metrics_gateway_shared_cache_topology_changes_total) | "
+        f"{' / '.join(f'{v:.0f}' for v in kill['topology_changes'])} |",
+        f"| log lines: episodes started / ended (4 workers) | {kill['failing_lines']} / {kill['recovered_lines']} |",
+    ]
+    if ld.errors:
+        lines += ["", "Errors: " + "; ".join(ld.errors)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30, help="length of each load run (default 30)")
@@ -359,61 +416,11 @@ def main() -> None:
         backend.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = [
-        f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.viewers} viewers, {args.seconds:g} s "
-        f"per run, figure TTL {args.ttl:g} s, {args.days} days of history, took {time.time() - started:.0f} s. "
-        f"One cold /summary costs {cost:.0f} upstream queries; one week-long panel answer is {panel_bytes} bytes.",
-        "",
-        "| fleet (2 gunicorn instances x 2 workers) | requests | failed | p50 / p99 | upstream queries "
-        "| TTL windows | per figure per TTL window | range queries upstream | keys per master | bytes per master "
-        "| largest master's share (keys / bytes) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
-    ]
-    for row in (single, on_cluster):
-        ld, keys, data = row["load"], row["keys"], row["bytes"]
-        share_k = max(keys.values()) / max(1, sum(keys.values()))
-        share_b = max(data.values()) / max(1, sum(data.values()))
-        lines.append(
-            f"| {row['name']} | {ld.requests} | {ld.failed} | {_pct(ld.latencies, .5):.0f} / "
-            f"{_pct(ld.latencies, .99):.0f} ms | {row['fetches']:.0f} | {row['windows']} | **{row['per_figure']:.2f}** "
-            f"| {row['ranges']:.0f} | {' / '.join(str(v) for v in keys.values())} "
-            f"| {' / '.join(f'{v / 1e6:.1f} MB' for v in data.values())} | **{share_k:.0%} / {share_b:.0%}** |")
-    sz = sizing
-    per_point = sz["panel_redis"] / max(1, sz["panel_points"])
-    lines += [
-        "",
-        "| sizing (MEMORY USAGE of the tier's keys, one process, empty Redis) | measured |",
-        "|---|---|",
-        f"| one cached 7-day panel (step 10 min): {sz['panel_series']} series, {sz['panel_points']} points, "
-        f"answer {sz['panel_answer']} bytes | **{sz['panel_redis'] / 1e3:.0f} kB** in {sz['panel_keys']} keys "
-        f"({per_point:.0f} bytes per point; 100 series: {per_point * 100 * 1009 / 1e6:.1f} MB) |",
-        f"| the whole figure set (GET /prometheus/metrics/all) | **{sz['figures_redis'] / 1e3:.0f} kB** in "
-        f"{sz['figures_keys']} keys |",
-    ]
-    ld = kill["load"]
-    lines += [
-        "",
-        "| Redis Cluster master (the one holding the most keys) SIGKILLed at 1/3 of a run | result |",
-        "|---|---|",
-        f"| keys on the killed master | {kill['victim_share']:.0%} |",
-        f"| requests (range panels + widgets) | {ld.requests} ({ld.panels} range panels) |",
-        f"| failed (non-200, errors) | **{ld.failed}** |",
-        f"| range answers different from Prometheus' own for the same request (all checked) | **{ld.differ}** |",
-        f"| slowest answer / p99 / p50 | {max(ld.latencies, default=0):.0f} / {_pct(ld.latencies, .99):.0f} / "
-        f"{_pct(ld.latencies, .5):.0f} ms |",
-        f"| failover: replica promoted, after | {'yes' if kill.get('promoted') else 'NO'}, "
-        f"{kill.get('failover_s', float('nan')):.1f} s (cluster-node-timeout 1 s) |",
-        f"| slot-map changes followed, per instance (metrics_gateway_shared_cache_topology_changes_total) | "
-        f"{' / '.join(f'{v:.0f}' for v in kill['topology_changes'])} |",
-        f"| log lines: episodes started / ended (4 workers) | {kill['failing_lines']} / {kill['recovered_lines']} |",
-    ]
-    if ld.errors:
-        lines += ["", "Errors: " + "; ".join(ld.errors)]
-    text = "\n".join(lines)
+    text = report(args, time.time() - started, cost, panel_bytes, sizing, (single, on_cluster), kill)
     print("\n" + text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
-    bad = ld.failed or ld.differ or single["load"].failed or on_cluster["load"].failed
+    bad = kill["load"].failed or kill["load"].differ or single["load"].failed or on_cluster["load"].failed
     sys.exit(1 if bad else 0)
 
 
