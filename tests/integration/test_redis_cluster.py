@@ -22,9 +22,10 @@ import pytest
 from redis.crc import key_slot
 
 from app.common.redis import make_redis_client
+from app.gateway.caching.shared import SharedTier
+from app.gateway.caching.shared_ranges import SharedExtentStore, SharedFlights
 from app.gateway.result import Fetched, Sample
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
 from tests.support.demo_data import generate, start_prometheus_with_history
 from tests.support.procs import Proc, start_uvicorn, wait_until
 from tests.support.redis_cluster import RedisClusterProcs, start_redis_cluster, start_sentinel_group

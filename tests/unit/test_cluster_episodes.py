@@ -12,7 +12,7 @@ from redis.asyncio.cluster import ClusterNode
 
 from app.common.episodes import FailureEpisode
 from app.common.redis_topology import SLOTS, TopologyWatch
-from app.gateway.breaker import CircuitBreaker
+from app.gateway.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger("test.cluster")
 
