@@ -102,7 +102,7 @@ def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None 
 
 def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
                      scrape_interval: str = "1s", extra_config: str = "",
-                     timeout: float = 30.0, retention: str = "1h", extra_args: tuple[str, ...] = ()) -> Proc:
+                     timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> Proc:
     """A real Prometheus on loopback with the given scrape_configs block (YAML list)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
     proc = _spawn(
         [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
-         f"--storage.tsdb.retention.time={retention}", "--log.level=warn", *extra_args],
+         "--storage.tsdb.retention.time=1h", "--log.level=warn", *extra_args],
         workdir, "prometheus", port=port, url=url,
     )
     return prometheus_ready(proc, timeout)
