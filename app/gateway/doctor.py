@@ -38,10 +38,11 @@ from typing import Any, TextIO
 import promql_parser as pp
 
 from app.common.secrets import redact_url
+from app.gateway.breaker import QUERY_ERRORS
 from app.gateway.catalog.loader import CatalogError, build_catalog, parse_query, read_catalog_data
 from app.gateway.promql import PromQLError, parse
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import QUERY_ERRORS, PrometheusClient, UpstreamError
+from app.gateway.upstream import PrometheusClient, UpstreamError
 
 COUNTER_FUNCS = frozenset({"rate", "irate", "increase", "resets"})
 GAUGE_FUNCS = frozenset({"delta", "idelta", "deriv", "predict_linear", "holt_winters",

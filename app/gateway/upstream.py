@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,15 +27,18 @@ import httpx
 from app.common.episodes import FailureEpisode
 from app.common.secrets import SecretFile, SecretUnavailable, redact_url
 from app.gateway import metrics as gm
-from app.gateway.breaker import CircuitBreaker
+from app.gateway.breaker import REFUSES_GATEWAY, CircuitBreaker, judge
 from app.gateway.settings import GatewaySettings
 
 _T = TypeVar("_T")
 
 log = logging.getLogger("gateway.prometheus")
 
-# Failures that say nothing about the upstream's health (the query was at fault).
-QUERY_ERRORS = frozenset({"bad_data", "execution", "not_found", "too_large"})
+# Categories whose expressions are a caller's (the query API), not the catalog's: what
+# their queries cause is theirs, never the upstream's (app.gateway.breaker.judge).
+CLIENT_CATEGORIES = frozenset({"api", "range", "instant"})
+# Prometheus' errorType for an HTTP status it sends without an envelope.
+_STATUS_ERROR_TYPE = {404: "not_found", 406: "not_acceptable", 422: "execution"}
 
 
 class UpstreamError(Exception):
@@ -80,16 +83,23 @@ class ApiAnswer:
 
 
 def _api_answer(body: bytes, status: int) -> ApiAnswer:
-    """Decode an API body; raise UpstreamError when it is not a Prometheus envelope."""
+    """Decode an API body; raise UpstreamError when it is not a Prometheus envelope.
+
+    A 204 (Prometheus' answer to an exemplar query without a selector) and a 4xx
+    without an envelope are the upstream's answers to the caller: passed on as they came.
+    """
+    if status == 204:
+        return ApiAnswer(204, {"status": "success", "data": None}, body)
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
-        if status == 404:
-            # An upstream without this endpoint (e.g. /status/flags on Prometheus' own
+        if 400 <= status < 500 and status not in REFUSES_GATEWAY:
+            # E.g. an upstream without this endpoint (/status/flags on Prometheus' own
             # router says "404 page not found"): a designed answer, not a failure.
-            return ApiAnswer(404, {"status": "error", "errorType": "not_found",
-                                   "error": f"upstream: {snippet}"}, body)
+            etype = _STATUS_ERROR_TYPE.get(status, "bad_data")
+            return ApiAnswer(status, {"status": "error", "errorType": etype,
+                                      "error": f"upstream: {snippet}"}, body)
         raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
     if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
         # JSON, but no envelope: what parse_answer calls it (a 5xx is the server's failure).
@@ -297,8 +307,24 @@ class PrometheusClient:
         self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
         self.up: bool | None = None  # unknown until the first request
         self.last_success: float | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    def _ask_upstream(self) -> None:
+        """A caller's query ran out of time, which says nothing about the upstream: ask it
+        `vector(1)` (one probe at a time), whose outcome the breaker does count."""
+        if self._probe is not None and not self._probe.done():
+            return
+        async def probe() -> None:
+            with suppress(UpstreamError):
+                await self.query("vector(1)", timeout=min(2.0, self.settings.request_deadline_seconds),
+                                 category="probe")
+        self._probe = asyncio.get_running_loop().create_task(probe())
 
     async def aclose(self) -> None:
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+            with suppress(asyncio.CancelledError, UpstreamError):
+                await self._probe
         await self._http.aclose()
 
     async def query(self, expr: str, *, timeout: float, category: str,
@@ -404,6 +430,10 @@ class PrometheusClient:
                 return resp.status_code, b"".join(chunks)
         except httpx.ConnectError as exc:
             raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
+        except httpx.ConnectTimeout:
+            raise UpstreamError("unreachable", f"no connection within {timeout:.2f}s") from None
+        except httpx.PoolTimeout:
+            raise UpstreamError("pool", f"no free upstream connection within {timeout:.2f}s") from None
         except httpx.TimeoutException:
             raise UpstreamError("timeout", f"no answer within {timeout:.2f}s") from None
         except httpx.HTTPError as exc:
@@ -451,19 +481,24 @@ class PrometheusClient:
         return answer.doc.get("data")
 
     def _record(self, category: str, started: float, exc: UpstreamError | None) -> None:
+        """Count one outcome, and feed the breaker what it says about the upstream
+        (app.gateway.breaker.judge): what a caller's query caused never counts against it."""
         seconds = time.perf_counter() - started
-        answered = exc is None or exc.error_type in QUERY_ERRORS
-        if answered:
+        client_query = category in CLIENT_CATEGORIES
+        verdict = judge(None if exc is None else exc.error_type, None if exc is None else exc.status,
+                        client_query=client_query)
+        self.breaker.record(verdict)
+        if verdict == "up":
             # The upstream answered: healthy, even if this query was at fault.
-            self.breaker.success()
             self.up = True
             self.last_success = time.time()
             self.episode.success()
-        elif exc is not None:
-            self.breaker.failure()
+        elif verdict == "down" and exc is not None:
             self.up = False
             self.episode.failure(f"{exc.error_type}: {exc.message}")
-        gm.observe_upstream(category, seconds, None if exc is None else exc.error_type, answered)
+        elif client_query:
+            self._ask_upstream()
+        gm.observe_upstream(category, seconds, None if exc is None else exc.error_type, verdict == "up")
 
     async def ready(self) -> tuple[bool, str]:
         """Readiness: can the query API evaluate `vector(1)`? Works under any API prefix."""
