@@ -28,6 +28,7 @@ import asyncio
 import json
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,7 +38,13 @@ from urllib.parse import parse_qsl, quote
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
+from app.common.clients import client_of
 from app.common.tenancy import tenant_of
+from app.gateway import metrics as gm
+from app.gateway.engines import limits
+from app.gateway.engines.limits import LimitExceeded
+from app.gateway.engines.scheduler import Rejected, Ticket, current, enter, leave, upstream_slot
+from app.gateway.engines.stats import QueryNote, log_if_slow, server_timing
 from app.gateway.names import FigureNames, merge_metadata
 from app.gateway.promql import PromQLError, enforce, enforce_match, parse, tenant_selector
 from app.gateway.result import Lookup
@@ -76,12 +83,13 @@ class ApiError(Exception):
     """An answer in Prometheus' error envelope."""
 
     def __init__(self, error_type: str, message: str, headers: Mapping[str, str] | None = None, *,
-                 upstream: bool = False) -> None:
+                 upstream: bool = False, status: int | None = None) -> None:
         super().__init__(f"{error_type}: {message}")
         self.error_type = error_type
         self.message = message
         self.headers = dict(headers or {})
         self.upstream = upstream  # the upstream failed (not the request)
+        self.status = status or ERROR_STATUS.get(error_type, 500)
 
 
 def bad_data(message: str) -> ApiError:
@@ -98,11 +106,15 @@ def error_response(exc: ApiError, cache_header: bool = False) -> Response:
     headers = dict(exc.headers)
     if cache_header and exc.upstream:
         headers["X-Gateway-Cache"] = str(Lookup.FAILED)
-    return Response(body, status_code=ERROR_STATUS.get(exc.error_type, 500), media_type=JSON, headers=headers)
+    return Response(body, status_code=exc.status, media_type=JSON, headers=headers)
 
 
 def from_upstream(exc: UpstreamError) -> ApiError:
-    """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours."""
+    """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours.
+    No turn for the request (its client's queue full, or its deadline passed waiting): 429."""
+    if isinstance(exc, Rejected):
+        return ApiError("unavailable", f"too many queries: {exc.message}",
+                        {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, status=429)
     if exc.error_type == "circuit_open":
         return ApiError("unavailable", f"upstream Prometheus: {exc.message}",
                         {"Retry-After": "1"}, upstream=True)
@@ -336,6 +348,28 @@ def confine_rules(data: Any, matchers: Sequence[tuple[str, str]]) -> Any:
 
 Handler = Callable[[Params, Caller], Awaitable[Response]]
 
+
+async def until_gone(request: Request, work: Awaitable[Response]) -> Response:
+    """`work`, cancelled when the caller goes away (its slot or place in the queue freed
+    at once, not at the deadline). The answer then goes nowhere: 499, as nginx logs it."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
+
 _ANY_METHOD = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE")
 _GET_AND_POST = frozenset({"query", "query_range", "query_exemplars", "series", "labels"})
 _GET_ONLY = frozenset({"metadata", "status/buildinfo", "status/flags", "rules", "alerts"})
@@ -404,10 +438,13 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
     async def upstream(method: str, path: str, params: Sequence[tuple[str, str]], caller: Caller,
                        timeout: float | None = None) -> ApiAnswer:
         await service.ensure_started()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (timeout or settings.request_deadline_seconds)
         try:
-            return await service.client.api(method, path, params,
-                                            timeout=timeout or settings.request_deadline_seconds,
-                                            headers=caller.headers)
+            async with upstream_slot("api", until) as ticket:
+                return await service.client.api(method, path, params, timeout=until - loop.time(),
+                                                headers=caller.headers,
+                                                max_bytes=ticket.limits.max_response_bytes if ticket else None)
         except UpstreamError as exc:
             raise from_upstream(exc) from None
 
@@ -433,6 +470,10 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             raise from_upstream(exc) from None
         body = result.raw if result.raw is not None else json.dumps(
             result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        ticket = ticket_of()
+        ticket.stats.bytes = len(body)
+        if result.status_code == 200:
+            ticket.stats.series = limits.check_answer(ticket, body)
         out = {"X-Gateway-Cache": str(result.lookup)}
         if result.evaluated_at is not None:
             # The instant an instant query was evaluated at (the gateway's "now" when the
@@ -451,16 +492,44 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
         return Response(json.dumps(out, ensure_ascii=False, separators=(",", ":")), media_type=JSON)
 
     async def guarded(request: Request, handler: Handler, cache_header: bool = False) -> Response:
+        """Every API route: the caller's ticket (client, limits, costs) set for all the work the
+        request causes, the work cancelled when the caller goes away, refusals in Prometheus'
+        envelope, and what it cost (Server-Timing, slow-query log)."""
+        ticket = service.scheduler.ticket(client_of(request))
+        note = QueryNote(request.url.path)
+        gm.client_request(ticket.label)
+        started = time.perf_counter()
+        token = enter(ticket)
         try:
             p = await read_params(request)
-            return await handler(p, caller_of(request))
+            note.query = p.get("query")
+            response = await until_gone(request, handler(p, caller_of(request)))
         except ApiError as exc:
-            return error_response(exc, cache_header)
+            response = error_response(exc, cache_header)
+        except LimitExceeded as exc:
+            response = error_response(ApiError(exc.error_type, exc.message, status=exc.status), cache_header)
+        finally:
+            leave(token)
+        total = time.perf_counter() - started
+        response.headers["Server-Timing"] = server_timing(ticket, total)
+        note.status = response.status_code
+        note.cache = response.headers.get("X-Gateway-Cache", "")
+        log_if_slow(ticket, note, total, settings.slow_query_seconds)
+        return response
+
+    def ticket_of() -> Ticket:
+        ticket = current()
+        assert ticket is not None, "API work outside guarded()"
+        return ticket
 
     # -- query / query_range ----------------------------------------------------------------
 
     async def _query(p: Params, caller: Caller) -> Response:
         at = time_param(p, "time", None)
+        now = time.time()
+        ticket = ticket_of()
+        ticket.stats.time = at
+        limits.check_instant(ticket, p.get("query"), now if at is None else at, now)
         deadline, items = budget(p)
         expr = prepare(p.get("query"), caller, prefixed=True)
         items = Params(tuple(items)).replaced("query", expr)
@@ -478,6 +547,9 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
         if (_ns(end) - _ns(start)) // max(1, int(step * 1e9)) > MAX_POINTS:
             raise bad_data("exceeded maximum resolution of 11,000 points per timeseries. "
                            "Try decreasing the query resolution (?step=XX)")
+        ticket = ticket_of()
+        ticket.stats.start, ticket.stats.end, ticket.stats.step = start, end, step
+        limits.check_range(ticket, p.get("query"), start, end, step, time.time())
         deadline, items = budget(p)
         expr = prepare(p.get("query"), caller, prefixed=False)
         items = Params(tuple(items)).replaced("query", expr)
@@ -506,6 +578,7 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
 
     async def _exemplars(p: Params, caller: Caller) -> Response:
         time_range(p)
+        limits.check_expression(ticket_of(), p.get("query"))
         expr = prepare(p.get("query"), caller, prefixed=False)
         items = Params(p.items).replaced("query", expr)
         return passthrough(await upstream("POST", "/api/v1/query_exemplars", items, caller))

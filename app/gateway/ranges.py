@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -50,6 +50,8 @@ import promql_parser as pp
 
 from app.gateway import metrics as gm
 from app.gateway.engine import SingleFlight
+from app.gateway.engines.scheduler import heavy as run_heavy
+from app.gateway.engines.scheduler import upstream_slot
 from app.gateway.result import Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.shared import ALONE, SharedAnswer, SharedFlights
@@ -93,7 +95,8 @@ class Answer(Protocol):
 class ApiClient(Protocol):
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None) -> Answer: ...
+                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None,
+                  heavy: Callable[..., Awaitable[Any]] | None = None) -> Answer: ...
 
 
 class ApiResult:
@@ -988,9 +991,14 @@ class RangeCache:
 
     async def _ask(self, path: str, params: Sequence[tuple[str, str]], category: str, deadline: float,
                    headers: Mapping[str, str] | None) -> Answer:
-        """One upstream API request with what is left of the caller's deadline (event-loop time)."""
-        return await self.client.api("POST", path, list(params), category=category, headers=headers,
-                                     timeout=deadline - asyncio.get_running_loop().time())
+        """One upstream API request with what is left of the caller's deadline (event-loop time),
+        in its turn (app/gateway/engines/scheduler.py: the client's slot, its byte limit)."""
+        async with upstream_slot(category, deadline) as ticket:
+            # Outside a request (no ticket): the client's own defaults.
+            extra: dict[str, Any] = {} if ticket is None else {
+                "max_bytes": ticket.limits.max_response_bytes, "heavy": run_heavy}
+            return await self.client.api("POST", path, list(params), category=category, headers=headers,
+                                         timeout=deadline - asyncio.get_running_loop().time(), **extra)
 
     # -- pass-through ----------------------------------------------------------------------
 
@@ -1068,7 +1076,8 @@ def repr_time(seconds: float) -> str:
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:
-    """Run CPU work in a worker thread when it is big enough to stall the event loop."""
+    """Run CPU work in a worker thread when it is big enough to stall the event loop (in the
+    scheduler's heavy lane: its turn, counted against the client that asked)."""
     if heavy:
-        return await asyncio.to_thread(fn, *args)
+        return await run_heavy(fn, *args)
     return fn(*args)

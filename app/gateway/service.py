@@ -22,6 +22,7 @@ from app.gateway.cache import QueryCache, ResponseMemo
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
 from app.gateway.engine import Engine, Filters
+from app.gateway.engines.scheduler import Scheduler
 from app.gateway.ranges import MemoryExtentStore, RangeCache, TieredExtentStore
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
@@ -57,6 +58,8 @@ class GatewayService:
         self.memo = ResponseMemo(settings.response_memo_seconds, max_bytes=settings.response_memo_max_bytes)
         # Extents outlive a restart of the client (a lazy start in another event loop).
         self.range_store = MemoryExtentStore(settings.range_cache_max_bytes)
+        # Who may spend the query API's share of the upstream and of the CPU next.
+        self.scheduler = Scheduler(settings)
 
     async def start(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():

@@ -108,6 +108,23 @@ def _api_answer(body: bytes, status: int) -> ApiAnswer:
     return ApiAnswer(status, doc, body)
 
 
+def _api_answer_in_steps(body: bytes, status: int) -> ApiAnswer:
+    """_api_answer for a big body in a worker thread: decoded series by series (the loop gets
+    the interpreter between any two), without the garbage collector's full passes."""
+    with paused_gc():
+        try:
+            doc = loads_in_steps(body)
+        except (ValueError, UnicodeDecodeError):
+            return _api_answer(body, status)  # not JSON: judged (and worded) as for small bodies
+        if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
+            return _api_answer(body, status)
+        return ApiAnswer(status, doc, body)
+
+
+# A runner of CPU-heavy work: `await heavy(fn, *args)` is fn(*args), somewhere off the loop.
+Offload = Callable[..., Awaitable[Any]]
+
+
 def _value(raw: Any) -> float:
     # Prometheus sends values as strings so that NaN and +Inf survive JSON.
     return float(raw[1])
@@ -396,14 +413,17 @@ class PrometheusClient:
         return body, status
 
     async def _exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],
-                        timeout: float, headers: Mapping[str, str] | None) -> tuple[int, bytes]:
-        """One request within `timeout` seconds and the size cap: (HTTP status, body).
+                        timeout: float, headers: Mapping[str, str] | None,
+                        max_bytes: int | None = None) -> tuple[int, bytes]:
+        """One request within `timeout` seconds and the size cap (`max_bytes` when smaller):
+        (HTTP status, body).
 
         POST bodies are encoded here, not by httpx, so repeated keys (`match[]`) and
         their order reach the upstream exactly as given.
         """
         timeout = max(timeout, 0.001)
         limit = self.settings.prometheus_max_response_bytes
+        limit = min(limit, max_bytes or limit)
         extra: dict[str, str] = dict(headers or {})
         content: bytes | None = None
         query: httpx.QueryParams | None = None
@@ -441,7 +461,8 @@ class PrometheusClient:
 
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None) -> ApiAnswer:
+                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None,
+                  heavy: Offload | None = None) -> ApiAnswer:
         """One request to the upstream's HTTP API (`path` relative to PROMETHEUS_URL).
 
         Same rules as the figures: breaker first (open: fail at once), `timeout` as
@@ -449,15 +470,21 @@ class PrometheusClient:
         params go upstream (a `timeout` param only when the caller includes one).
         An upstream error envelope is returned, not raised; transport failures,
         non-envelope bodies and our own missing credentials raise UpstreamError.
+        `max_bytes`: a smaller size cap (the caller's limit); `heavy`: runs the decoding of
+        answers of OFFLOAD_MIN_BYTES or more off the event loop (the scheduler's heavy lane).
         """
         if method not in ("GET", "POST"):
             raise ValueError(f"method {method!r}: GET or POST")
         url = f"{self.settings.prometheus_url}{path}"
 
         async def exchange() -> tuple[int, bytes]:
-            return await self._exchange(method, url, params, timeout, headers)
+            return await self._exchange(method, url, params, timeout, headers, max_bytes)
 
         async def decode(status: int, body: bytes) -> ApiAnswer:
+            if heavy is not None and len(body) >= self.settings.offload_min_bytes:
+                gm.offloaded("parse")
+                answer: ApiAnswer = await heavy(_api_answer_in_steps, body, status)
+                return answer
             return _api_answer(body, status)
 
         def verdict(answer: ApiAnswer) -> UpstreamError | None:
