@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -114,6 +114,7 @@ class _Waiter:
 class _Client:
     running: int = 0
     waiting: deque[_Waiter] = field(default_factory=deque)
+    served_at: int = 0  # the grant counter at its last grant: least recently served goes first
 
 
 class FairQueue:
@@ -126,7 +127,8 @@ class FairQueue:
         self.in_use = 0
         self.waiting = 0
         self._clients: dict[str, _Client] = {}
-        self._ring: OrderedDict[str, _Client] = OrderedDict()  # clients with waiters, next first
+        self._ring: dict[str, _Client] = {}  # clients with waiters
+        self._grants = 0
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket, *, cost: int = 1, deadline: float | None = None,
@@ -162,6 +164,8 @@ class FairQueue:
     def _grant(self, state: _Client, cost: int) -> None:
         state.running += 1
         self.in_use += cost
+        self._grants += 1
+        state.served_at = self._grants
 
     async def _wait(self, ticket: Ticket, state: _Client, cost: int, limit: int, deadline: float | None,
                     queue: int | None) -> None:
@@ -218,12 +222,12 @@ class FairQueue:
         return Rejected(reason, message, retry_after=1.0)
 
     def _dispatch(self) -> None:
-        """Grant slots, one per client per round, in ring order (served clients go last)."""
+        """Grant slots round-robin: the waiting client served least recently first, one grant
+        per client per round."""
         progressed = True
         while progressed and self._ring:
             progressed = False
-            for key in list(self._ring):
-                state = self._ring[key]
+            for key, state in sorted(self._ring.items(), key=lambda item: item[1].served_at):
                 while state.waiting and state.waiting[0].fut.done():
                     state.waiting.popleft()
                 if not state.waiting:
@@ -235,9 +239,7 @@ class FairQueue:
                 state.waiting.popleft()
                 self._grant(state, head.cost)
                 head.fut.set_result(None)
-                if state.waiting:
-                    self._ring.move_to_end(key)
-                else:
+                if not state.waiting:
                     del self._ring[key]
                 progressed = True
 
