@@ -43,7 +43,7 @@ class ClientConfigError(ValueError):
 class Limits:
     """What one client may ask; None: the default of the settings (or no limit there).
 
-    Durations are seconds; every count and size must be positive.
+    Durations are seconds; every count and size must be positive (a queue may be 0: no waiting).
     """
 
     max_concurrent_queries: int | None = None   # upstream queries at once
@@ -96,8 +96,9 @@ def limits_from_config(value: Any) -> Limits:
     out: dict[str, Any] = {}
     for key, v in value.items():
         if key in _INTS:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ClientConfigError(f"limit {key}: a positive integer")
+            least = 0 if key == "max_queued_queries" else 1  # 0: no waiting, refused at once
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ClientConfigError(f"limit {key}: an integer of at least {least}")
             out[key] = v
         elif key in _SECONDS:
             out[key] = seconds_of(v, f"limit {key}")

@@ -115,6 +115,10 @@ def from_upstream(exc: UpstreamError) -> ApiError:
     if isinstance(exc, Rejected):
         return ApiError("unavailable", f"too many queries: {exc.message}",
                         {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, status=429)
+    if exc.error_type == "too_large" and (ticket := current()) is not None:
+        gm.client_rejected(ticket.label, "bytes")
+        return ApiError("execution", f"{exc.message}: add label filters, aggregate (sum by ...) or increase "
+                        f"the step (limit of client {ticket.label!r} at the metrics gateway)")
     if exc.error_type == "circuit_open":
         return ApiError("unavailable", f"upstream Prometheus: {exc.message}",
                         {"Retry-After": "1"}, upstream=True)

@@ -48,7 +48,7 @@ def test_file_tokens_are_clients_too(tmp_path: pytest.TempPathFactory) -> None:
 
 @pytest.mark.parametrize(("limits", "message"), [
     ({"max_concurent_queries": 1}, "unknown limit"),
-    ({"max_concurrent_queries": 0}, "positive integer"),
+    ({"max_concurrent_queries": 0}, "an integer of at least 1"),
     ({"max_range_seconds": "a week"}, "duration"),
     ({"blocked_queries": ["(unclosed"]}, "not a regular expression"),
 ])
