@@ -459,6 +459,7 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
         await service.ensure_started()
         p = Params(tuple(params))
         until = asyncio.get_running_loop().time() + deadline
+        ticket_of().deadline = until
         rest = p.without("query", "start", "end", "step", "time")
         try:
             if path == "/api/v1/query_range":

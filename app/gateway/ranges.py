@@ -41,6 +41,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -50,8 +51,8 @@ import promql_parser as pp
 
 from app.gateway import metrics as gm
 from app.gateway.engine import SingleFlight
+from app.gateway.engines.scheduler import Rejected, upstream_slot
 from app.gateway.engines.scheduler import heavy as run_heavy
-from app.gateway.engines.scheduler import upstream_slot
 from app.gateway.result import Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.shared import ALONE, SharedAnswer, SharedFlights
@@ -884,19 +885,20 @@ class RangeCache:
                      ("step", fmt_ms(step_ms)), *list(params)]
             try:
                 answer = await self._ask("/api/v1/query_range", query, "range", deadline, headers)
-            except UpstreamError as exc:
+                extent = None
+                if answer.status_code == 200:
+                    data = answer.doc.get("data")
+                    result = data.get("result") if isinstance(data, dict) else None
+                    size = len(result) if isinstance(result, list) else 0
+                    heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
+                    extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
+            except UpstreamError as exc:  # also Rejected: no turn for the heavy work in time
                 outcome = exc
                 return
-            extent = None
-            if answer.status_code == 200:
-                data = answer.doc.get("data")
-                result = data.get("result") if isinstance(data, dict) else None
-                size = len(result) if isinstance(result, list) else 0
-                heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
-                extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
             outcome = _Fetched(answer, extent)
             if extent is not None:
-                await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
+                with suppress(Rejected):  # no turn left to store it: answered, not kept
+                    await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
         finally:
             self.pieces.settle(fkey, fut, outcome)
 
