@@ -53,6 +53,7 @@ from app.gateway import metrics as gm
 from app.gateway.engine import SingleFlight
 from app.gateway.engines.scheduler import Rejected, upstream_slot
 from app.gateway.engines.scheduler import heavy as run_heavy
+from app.gateway.promql import operands
 from app.gateway.result import Lookup, UpstreamFailure
 from app.gateway.settings import GatewaySettings
 from app.gateway.shared import ALONE, SharedAnswer, SharedFlights
@@ -247,18 +248,8 @@ def reach(node: Any, preprocess_time: int | None = None) -> Reach:
             return Reach(fixed=_max(inner.fixed, shifted))
         rel = None if inner.relative is None else inner.relative - off
         return Reach(relative=rel, fixed=inner.fixed)
-    if isinstance(node, pp.NumberLiteral | pp.StringLiteral):
-        return Reach()
-    children: list[Any]
-    if isinstance(node, pp.Call):
-        children = list(node.args)
-    elif isinstance(node, pp.AggregateExpr):
-        children = [node.expr] + ([node.param] if node.param is not None else [])
-    elif isinstance(node, pp.BinaryExpr):
-        children = [node.lhs, node.rhs]
-    elif isinstance(node, pp.ParenExpr | pp.UnaryExpr):
-        children = [node.expr]
-    else:
+    children = operands(node)
+    if children is None:
         raise Uncacheable(f"unknown syntax node {type(node).__name__}")
     out = Reach()
     for child in children:
@@ -999,8 +990,11 @@ class RangeCache:
             # Outside a request (no ticket): the client's own defaults.
             extra: dict[str, Any] = {} if ticket is None else {
                 "max_bytes": ticket.limits.max_response_bytes, "heavy": run_heavy}
-            return await self.client.api("POST", path, list(params), category=category, headers=headers,
-                                         timeout=deadline - asyncio.get_running_loop().time(), **extra)
+            answer = await self.client.api("POST", path, list(params), category=category, headers=headers,
+                                           timeout=deadline - asyncio.get_running_loop().time(), **extra)
+            if ticket is not None:
+                ticket.scheduler.upstream.sizes.add(ticket.client.key, len(answer.raw))
+            return answer
 
     # -- pass-through ----------------------------------------------------------------------
 

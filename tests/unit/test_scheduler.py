@@ -182,3 +182,42 @@ def test_the_work_stops_when_the_caller_goes_away() -> None:
 
     response, cancelled = asyncio.run(main())
     assert response.status_code == 499 and cancelled
+
+
+def test_clients_with_big_answers_get_fewer_slots_at_once() -> None:
+    async def main() -> int:
+        queue = FairQueue("upstream", capacity=8, max_waiting=100)
+        a = ticket("a")
+        queue.sizes.add(a.client.key, 7 * 1024 * 1024)  # its answers: 7 MB
+        assert queue.cost_of(a) == 4 and queue.cost_of(ticket("b")) == 1
+        peak = 0
+
+        async def one() -> None:
+            nonlocal peak
+            async with queue.slot(a, cost=queue.cost_of(a)):
+                peak = max(peak, queue._clients[a.client.key].running)
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(one() for _ in range(6)))
+        return peak
+
+    assert asyncio.run(main()) == 2
+
+
+def test_work_that_cannot_finish_before_its_deadline_is_not_started() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        queue = FairQueue("upstream", capacity=8, max_waiting=100)
+        a = ticket("a")
+        queue.held.add(a.client.key, 1.0)  # its queries hold a slot ~1 s
+
+        async def one(deadline: float) -> None:
+            async with queue.slot(a, deadline=deadline):
+                await asyncio.sleep(0.05)
+
+        far = loop.time() + 5
+        return await asyncio.gather(one(far), one(loop.time() + 0.3), return_exceptions=True)
+
+    first, second = asyncio.run(main())
+    assert first is None  # a lone query always runs (the estimate keeps learning)
+    assert isinstance(second, Rejected) and second.reason == "deadline"

@@ -19,6 +19,7 @@ import promql_parser as pp
 
 from app.gateway import metrics as gm
 from app.gateway.engines.scheduler import Ticket
+from app.gateway.promql import operands
 
 # Prometheus' default lookback for an instant vector selector (--query.lookback-delta).
 LOOKBACK_DELTA = 300.0
@@ -81,17 +82,8 @@ def _reach_back(node: Any) -> tuple[float, float | None]:
         if at is not None:
             return 0.0, min(at - back, fixed) if fixed is not None else at - back
         return back, fixed
-    children: list[Any] = []
-    if isinstance(node, pp.Call):
-        children = list(node.args)
-    elif isinstance(node, pp.AggregateExpr):
-        children = [node.expr] + ([node.param] if node.param is not None else [])
-    elif isinstance(node, pp.BinaryExpr):
-        children = [node.lhs, node.rhs]
-    elif isinstance(node, pp.ParenExpr | pp.UnaryExpr):
-        children = [node.expr]
     back, fixed = 0.0, None
-    for child in children:
+    for child in operands(node) or []:
         b, f = _reach_back(child)
         back = max(back, b)
         fixed = f if fixed is None else (fixed if f is None else min(fixed, f))

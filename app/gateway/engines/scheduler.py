@@ -122,6 +122,21 @@ class _Client:
     served_at: int = 0  # the grant counter at its last grant: least recently served goes first
 
 
+BYTES_PER_UNIT = 2 * 1024 * 1024
+
+
+class _Moving(dict[str, float]):
+    """Moving averages by client key, bounded in entries (cleared when full: they relearn)."""
+
+    MAX_KEYS = 4096
+
+    def add(self, key: str, value: float) -> None:
+        if len(self) >= self.MAX_KEYS and key not in self:
+            self.clear()
+        old = self.get(key)
+        self[key] = value if old is None else 0.7 * old + 0.3 * value
+
+
 class FairQueue:
     """`capacity` units shared by clients, handed out round-robin to the clients waiting."""
 
@@ -134,6 +149,16 @@ class FairQueue:
         self._clients: dict[str, _Client] = {}
         self._ring: dict[str, _Client] = {}  # clients with waiters
         self._grants = 0
+        # Per client: how long its slots are held (moving average), and how big its answers
+        # are: the work one of its requests costs, learned from the last ones.
+        self.held = _Moving()
+        self.sizes = _Moving()
+
+    def cost_of(self, ticket: Ticket) -> int:
+        """Units one upstream request of this client takes: 1, plus one per BYTES_PER_UNIT its
+        recent answers had (at most half the capacity). A client pulling megabyte answers gets
+        fewer of them in flight at once, leaving the upstream's CPU to the others."""
+        return 1 + int(self.sizes.get(ticket.client.key, 0.0) // BYTES_PER_UNIT)
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket, *, cost: int = 1, deadline: float | None = None,
@@ -157,14 +182,27 @@ class FairQueue:
         waited = time.perf_counter() - started
         ticket.stats.queue_seconds += waited
         gm.client_queue_wait(ticket.label, self.name, waited)
+        expected = self.held.get(key)
+        if (deadline is not None and expected is not None and state.running > 1
+                and asyncio.get_running_loop().time() + expected > deadline):
+            # Its turn came too late for what its queries take: not started only to time
+            # out (a lone query always runs, so the estimate keeps learning).
+            self._release(key, state, cost)
+            raise self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
+                               f"{expected:.1f}s and this one's deadline is nearer; retry later")
+        held_from = time.perf_counter()
         try:
             yield
         finally:
-            state.running -= 1
-            self.in_use -= cost
-            if state.running == 0 and not state.waiting:
-                self._clients.pop(key, None)
-            self._dispatch()
+            self.held.add(key, time.perf_counter() - held_from)
+            self._release(key, state, cost)
+
+    def _release(self, key: str, state: _Client, cost: int) -> None:
+        state.running -= 1
+        self.in_use -= cost
+        if state.running == 0 and not state.waiting:
+            self._clients.pop(key, None)
+        self._dispatch()
 
     def _grant(self, state: _Client, cost: int) -> None:
         state.running += 1
@@ -280,7 +318,8 @@ async def upstream_slot(category: str, deadline: float) -> AsyncIterator[Ticket 
     if ticket is None or category not in ("api", "range", "instant"):
         yield None
         return
-    async with ticket.scheduler.upstream.slot(ticket, deadline=deadline - GIVE_UP_EARLY):
+    lane = ticket.scheduler.upstream
+    async with lane.slot(ticket, cost=lane.cost_of(ticket), deadline=deadline - GIVE_UP_EARLY):
         started = time.perf_counter()
         try:
             yield ticket
