@@ -211,7 +211,7 @@ async def run_phase(url: str, seconds: float, flood: int, *, widget: bool, beare
 def gateway_env(prom_url: str, multiproc: Path) -> dict[str, str]:
     return {"PROMETHEUS_URL": prom_url, "API_TOKENS": json.dumps(TOKENS), "LOG_LEVEL": "WARNING",
             "REQUEST_DEADLINE_SECONDS": os.environ.get("BENCH_DEADLINE", "10"),
-            **{k: v for k, v in os.environ.items() if k.startswith(("CLIENT_", "API_"))},
+            **{k: v for k, v in os.environ.items() if k.startswith(("CLIENT_", "API_", "RANGE_CACHE_"))},
             "PROMETHEUS_MAX_RESPONSE_BYTES": str(64 * 1024 * 1024),
             "REDIS_URL": "redis://127.0.0.1:1/0", "GATEWAY_CACHE_URL": "off",
             "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}

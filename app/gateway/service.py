@@ -66,6 +66,7 @@ class GatewayService:
             return
         await self.aclose()
         self._loop = asyncio.get_running_loop()
+        self.scheduler.start()
         self._client = PrometheusClient(self.settings, transport=self._transport)
         # Redis clients belong to one event loop too: made here, with the engine.
         self._shared = SharedTier.from_settings(self.settings, self.catalog)

@@ -111,6 +111,9 @@ class GatewaySettings(BaseSettings):
     figure_reserved_connections: int = Field(default=8, ge=1)
     # Heavy CPU work on big API answers (decoding, assembling), at once, across all clients.
     api_heavy_workers: int = Field(default=1, ge=1, le=16)
+    # The interpreter's thread switch interval while heavy work runs in threads: the event
+    # loop waits at most this long for the interpreter each time it wakes (0: Python's 5 ms).
+    api_heavy_switch_interval_seconds: float = Field(default=0.001, ge=0, le=0.1)
     slow_query_seconds: float = Field(default=2.0, ge=0)
 
     # Catalog: the packaged default, or a TOML file of the user's.

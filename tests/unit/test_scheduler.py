@@ -185,23 +185,32 @@ def test_the_work_stops_when_the_caller_goes_away() -> None:
 
 
 def test_clients_with_big_answers_get_fewer_slots_at_once() -> None:
-    async def main() -> int:
+    async def main() -> tuple[int, float]:
         queue = FairQueue("upstream", capacity=8, max_waiting=100)
-        a = ticket("a")
+        a, b = ticket("a"), ticket("b")
         queue.sizes.add(a.client.key, 7 * 1024 * 1024)  # its answers: 7 MB
-        assert queue.cost_of(a) == 4 and queue.cost_of(ticket("b")) == 1
+        assert queue.cost_of(a) == 2 and queue.cost_of(b) == 1
         peak = 0
+        b_waited = -1.0
 
         async def one() -> None:
             nonlocal peak
             async with queue.slot(a, cost=queue.cost_of(a)):
                 peak = max(peak, queue._clients[a.client.key].running)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
 
-        await asyncio.gather(*(one() for _ in range(6)))
-        return peak
+        async def light() -> None:
+            nonlocal b_waited
+            await asyncio.sleep(0.01)  # A holds all it may by now
+            async with queue.slot(b):
+                b_waited = b.stats.queue_seconds
 
-    assert asyncio.run(main()) == 2
+        await asyncio.gather(*(one() for _ in range(6)), light())
+        return peak, b_waited
+
+    peak, b_waited = asyncio.run(main())
+    assert peak == 2  # half the capacity, two units each
+    assert 0 <= b_waited < 0.01  # another client's first request does not wait
 
 
 def test_work_that_cannot_finish_before_its_deadline_is_not_started() -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -118,6 +119,7 @@ class _Waiter:
 @dataclass(eq=False, slots=True)
 class _Client:
     running: int = 0
+    units: int = 0  # capacity held
     waiting: deque[_Waiter] = field(default_factory=deque)
     served_at: int = 0  # the grant counter at its last grant: least recently served goes first
 
@@ -158,23 +160,38 @@ class FairQueue:
         """Units one upstream request of this client takes: 1, plus one per BYTES_PER_UNIT its
         recent answers had (at most half the capacity). A client pulling megabyte answers gets
         fewer of them in flight at once, leaving the upstream's CPU to the others."""
-        return 1 + int(self.sizes.get(ticket.client.key, 0.0) // BYTES_PER_UNIT)
+        return min(1 + int(self.sizes.get(ticket.client.key, 0.0) // BYTES_PER_UNIT), self.max_cost)
+
+    @property
+    def max_cost(self) -> int:
+        return max(1, self.capacity // 4)
+
+    @property
+    def client_units(self) -> int:
+        """Capacity one client may hold: half (all of it when it is one unit), so that
+        another client's first request never waits for a turn."""
+        return max(1, self.capacity // 2)
+
+    def _fits(self, state: _Client, cost: int, limit: int) -> bool:
+        return (state.running < limit and self.in_use + cost <= self.capacity
+                and state.units + cost <= self.client_units)
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket, *, cost: int = 1, deadline: float | None = None,
                    limit: int | None = None, queue: int | None = None) -> AsyncIterator[None]:
-        """Hold `cost` units (at most half the capacity, at least one) and one of the client's
-        `limit` concurrent slots (default: its ``max_concurrent_queries``) while the body runs.
+        """Hold `cost` units (at least one, at most a quarter of the capacity) and one of the
+        client's `limit` concurrent slots (default: its ``max_concurrent_queries``) while the
+        body runs; one client holds at most half the capacity.
 
         `deadline`: event-loop time by which the slot must be granted, else Rejected;
         `queue`: how many of the client's requests may wait (default: its ``max_queued_queries``).
         """
-        cost = max(1, min(cost, self.capacity // 2 or 1))
+        cost = max(1, min(cost, self.max_cost))
         limit = limit or ticket.limits.max_concurrent_queries or self.capacity
         key = ticket.client.key
         state = self._clients.setdefault(key, _Client())
         started = time.perf_counter()
-        if not self._ring and state.running < limit and self.in_use + cost <= self.capacity:
+        if not self._ring and self._fits(state, cost, limit):
             self._grant(state, cost)
         else:
             await self._wait(ticket, state, cost, limit, deadline,
@@ -199,6 +216,7 @@ class FairQueue:
 
     def _release(self, key: str, state: _Client, cost: int) -> None:
         state.running -= 1
+        state.units -= cost
         self.in_use -= cost
         if state.running == 0 and not state.waiting:
             self._clients.pop(key, None)
@@ -206,6 +224,7 @@ class FairQueue:
 
     def _grant(self, state: _Client, cost: int) -> None:
         state.running += 1
+        state.units += cost
         self.in_use += cost
         self._grants += 1
         state.served_at = self._grants
@@ -235,6 +254,7 @@ class FairQueue:
             if waiter.fut.done() and not waiter.fut.cancelled():
                 # Granted as we gave up: hand the slot back.
                 state.running -= 1
+                state.units -= cost
                 self.in_use -= cost
             else:
                 waiter.fut.cancel()
@@ -277,7 +297,7 @@ class FairQueue:
                     del self._ring[key]
                     continue
                 head = state.waiting[0]
-                if state.running >= head.limit or self.in_use + head.cost > self.capacity:
+                if not self._fits(state, head.cost, head.limit):
                     continue
                 state.waiting.popleft()
                 self._grant(state, head.cost)
@@ -305,6 +325,14 @@ class Scheduler:
             max_query_length=settings.client_max_query_length or None,
             blocked_queries=tuple(settings.client_blocked_queries),
         )
+
+    def start(self) -> None:
+        """Per process, at start: a short thread switch interval, so that heavy work in worker
+        threads holds the interpreter for at most that long whenever the event loop wakes
+        (Python's default, 5 ms, adds up to tens of milliseconds per request under a flood)."""
+        interval = self.settings.api_heavy_switch_interval_seconds
+        if interval > 0:
+            sys.setswitchinterval(min(sys.getswitchinterval(), interval))
 
     def ticket(self, client: Client) -> Ticket:
         return Ticket(client, client.limits.over(self.defaults), self)
