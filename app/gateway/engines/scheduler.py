@@ -200,10 +200,10 @@ class FairQueue:
         ticket.stats.queue_seconds += waited
         gm.client_queue_wait(ticket.label, self.name, waited)
         expected = self.held.get(key)
-        if (deadline is not None and expected is not None and state.running > 1
+        if (deadline is not None and expected is not None and state.running + len(state.waiting) > 1
                 and asyncio.get_running_loop().time() + expected > deadline):
             # Its turn came too late for what its queries take: not started only to time
-            # out (a lone query always runs, so the estimate keeps learning).
+            # out (a client's lone query always runs, so the estimate keeps learning).
             self._release(key, state, cost)
             raise self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
                                f"{expected:.1f}s and this one's deadline is nearer; retry later")
