@@ -308,15 +308,22 @@ def report(rows: list[dict[str, Any]], series: int, answer_bytes: int, args: arg
         "polling `/prometheus/metrics/summary` every 0.5 s (gateway only); quiet phase: B (and the widget) alone "
         f"for {args.quiet:.0f} s.",
         "",
-        "| target | B p90 quiet (ms) | B p90 flood (ms) | ratio (target <= 3) | B non-200 | /summary worst (ms) "
-        "| /summary status | A completed | A/s | A vs Prometheus (target >= 0.8) | A statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | B p90 quiet (ms) | B p90 flood (ms) | ratio (target <= 3) | of which upstream (ms) | B non-200 "
+        "| /summary worst (ms) | /summary status | A completed | A/s | A vs Prometheus (target >= 0.8) "
+        "| A statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = "—" if ref is None or r is ref else f"{r['a_per_s'] / max(ref['a_per_s'], 1e-9):.2f}"
+        upstream = "—" if r["b_flood_upstream_p90_ms"] is None else r["b_flood_upstream_p90_ms"]
+        widget = r["widget_worst_ms"] if r["target"] != "prometheus" else "—"
         lines.append(f"| {r['target']} | {r['b_quiet_p90_ms']} | {r['b_flood_p90_ms']} | {r['b_ratio']} | "
-                     f"{r['b_non_200']} | {r['widget_worst_ms'] if r['target'] != 'prometheus' else '—'} | "
+                     f"{upstream} | {r['b_non_200']} | {widget} | "
                      f"{r['widget_status'] or '—'} | {r['a_completed']} | {r['a_per_s']} | {vs} | {r['a_status']} |")
+    errors = {f"{r['target']} {status}": body for r in rows for status, body in r["a_errors"].items()}
+    if errors:
+        lines += ["", "A's failures, one body each:", ""]
+        lines += [f"- {k}: `{v}`" for k, v in errors.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:
