@@ -11,7 +11,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.gateway import create_gateway_router
-from app.gateway.fastpath import MemoFastPath
+from app.gateway.routes.fastpath import MemoFastPath
 from app.gateway.settings import GatewaySettings
 from app.monitoring import install_monitoring
 from app.ops.health import create_health_router

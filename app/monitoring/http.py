@@ -28,6 +28,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.routing import BaseRoute, Host, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.common.paths import route_path
+
 UNMATCHED = "<unmatched>"
 OTHER_METHOD = "OTHER"
 DEFAULT_EXCLUDED_PATHS: frozenset[str] = frozenset({"/metrics", "/health", "/ready"})
@@ -58,15 +60,6 @@ HTTP_EXCEPTIONS = Counter(
     "Exceptions that escaped the application (answered 500), by exception class name.",
     ["app_name", "exception_type"],
 )
-
-
-def route_path(scope: Scope) -> str:
-    """The path the router matches on: ``scope['path']`` without ``root_path``."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :] or "/"
-    return path
 
 
 def _template_of(route: object) -> str | None:

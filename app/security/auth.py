@@ -59,6 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.common.clients import with_client
 from app.common.exposition import sanitize_accept
+from app.common.paths import route_path
 from app.common.secrets import bearer_token, token_index
 from app.common.tenancy import with_tenant
 from app.security.settings import SecuritySettings, TokenSource
@@ -88,14 +89,6 @@ def _sanitized_scope(scope: Scope) -> Scope:
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):] or "/"
-    return path
 
 
 def is_protected(path: str, prefixes: tuple[str, ...] = PROTECTED_PREFIXES) -> bool:
@@ -140,7 +133,7 @@ class SecurityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            if self.tokens.enabled and is_protected(_route_path(scope), self.prefixes):
+            if self.tokens.enabled and is_protected(route_path(scope), self.prefixes):
                 refused, scope = self._granted(scope)
                 if refused is not None:
                     await send({"type": "websocket.close", "code": 1008})
@@ -152,7 +145,7 @@ class SecurityMiddleware:
             return
 
         rejection = self._check_limits(scope)
-        if rejection is None and self.tokens.enabled and is_protected(_route_path(scope), self.prefixes):
+        if rejection is None and self.tokens.enabled and is_protected(route_path(scope), self.prefixes):
             rejection, scope = self._granted(scope)
         if rejection is not None:
             for message in rejection:
@@ -241,7 +234,7 @@ class SecurityMiddleware:
             return _json_response(403, "forbidden", "the bearer token is not accepted",
                                   {"WWW-Authenticate": REALM + ', error="invalid_token"'}), scope
         tenant = tenants[index]
-        if tenant.scoped and not is_protected(_route_path(scope), TENANT_PREFIXES):
+        if tenant.scoped and not is_protected(route_path(scope), TENANT_PREFIXES):
             return _json_response(403, "forbidden", "this token is confined to a tenant; this path "
                                   "serves data without tenant labels"), scope
         return None, with_client(with_tenant(scope, tenant), self.tokens.client_at(index))

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from app.common.clients import Client, Limits
 from app.gateway.engines.scheduler import FairQueue, Rejected, Scheduler, Ticket
-from app.gateway.promapi import until_gone
+from app.gateway.routes.promapi import until_gone
 from app.gateway.settings import GatewaySettings
 
 SCHED = Scheduler(GatewaySettings())

@@ -1,2 +1,1 @@
-"""Engines: who answers, under which policy (limits.py and scheduler.py: issue 20, per-client
-limits and fair scheduling; stats.py: what each API query cost)."""
+"""Who answers under which policy: may import caching, upstream, promql, catalog, result, settings, metrics."""

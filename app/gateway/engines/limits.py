@@ -19,7 +19,7 @@ import promql_parser as pp
 
 from app.gateway import metrics as gm
 from app.gateway.engines.scheduler import Ticket
-from app.gateway.promql import operands
+from app.gateway.promql.syntax import operands
 
 # Prometheus' default lookback for an instant vector selector (--query.lookback-delta).
 LOOKBACK_DELTA = 300.0
@@ -149,6 +149,14 @@ def check_range(ticket: Ticket, expr: str, start: float, end: float, step: float
 def check_instant(ticket: Ticket, expr: str, at: float, now: float) -> None:
     check_expression(ticket, expr)
     check_lookback(ticket, expr, at, now)
+
+
+def too_large(ticket: Ticket, message: str) -> str:
+    """An upstream answer cut at the size cap (the client's, or PROMETHEUS_MAX_RESPONSE_BYTES),
+    counted against the client, in its words."""
+    gm.client_rejected(ticket.label, "bytes")
+    return (f"{message}: add label filters, aggregate (sum by ...) or increase the step "
+            f"(limit of client {ticket.label!r} at the metrics gateway)")
 
 
 def series_in(body: bytes) -> int:

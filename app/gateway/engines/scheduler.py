@@ -40,7 +40,8 @@ from typing import Any, TypeVar
 from app.common.clients import Client, Limits
 from app.gateway import metrics as gm
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import UpstreamError, paused_gc
+from app.gateway.upstream.answers import UpstreamError
+from app.gateway.upstream.jsonsteps import paused_gc
 
 _T = TypeVar("_T")
 
@@ -335,6 +336,8 @@ class Scheduler:
             sys.setswitchinterval(min(sys.getswitchinterval(), interval))
 
     def ticket(self, client: Client) -> Ticket:
+        """One API request's ticket (and its count in the client's request metric)."""
+        gm.client_request(client.label)
         return Ticket(client, client.limits.over(self.defaults), self)
 
 
