@@ -202,7 +202,8 @@ def test_concurrency_over_the_limit_is_a_429_with_retry_after(gateway_proc: Any)
 def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
     """One upstream slot for the API: A queues six queries, B one; B waits for at most
     the one of A's that is running, not for all six."""
-    gw = gateway_proc({"a": {"name": "a"}, "b": {"name": "b"}}, API_MAX_CONCURRENT_QUERIES="1")
+    gw = gateway_proc({"a": {"name": "a"}, "b": {"name": "b"}}, API_MAX_CONCURRENT_QUERIES="1",
+                      REQUEST_DEADLINE_SECONDS="60")  # no deadline in play: the order alone
     with httpx.Client(base_url=gw.url, timeout=30) as c:
         t0 = time.perf_counter()
         assert c.post("/api/v1/query", data={"query": MEDIUM}, headers=bearer("b")).status_code == 200
@@ -210,7 +211,7 @@ def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
     done: dict[str, float] = {}
 
     def ask(token: str, key: str) -> None:
-        with httpx.Client(base_url=gw.url, timeout=60) as c:
+        with httpx.Client(base_url=gw.url, timeout=90) as c:
             r = c.post("/api/v1/query", data={"query": MEDIUM}, headers=bearer(token))
             assert r.status_code == 200, r.text
             done[key] = time.perf_counter()
