@@ -228,8 +228,9 @@ def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
         t.join(60)
     a_done = sorted(v for k, v in done.items() if k.startswith("a"))
     assert len(a_done) == 6
-    assert b_took < 2.5 * alone, (b_took, alone)
-    assert sum(1 for v in a_done if v < done["b"]) <= 2, (b_took, [v - start for v in a_done])
+    # B is served after at most the one or two of A's already granted, not after all six.
+    assert sum(1 for v in a_done if v < done["b"]) <= 2, (b_took, alone, [v - start for v in a_done])
+    assert b_took < (a_done[-1] - b_sent) / 2, (b_took, alone, [v - start for v in a_done])
 
 
 def test_the_summary_keeps_its_connections_while_the_api_is_saturated(gateway_proc: Any) -> None:
