@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from app.gateway import metrics as gm
 from app.gateway.caching.flight import Background, SingleFlight, wait
-from app.gateway.engines.scheduler import heavy, upstream_slot
+from app.gateway.engines.scheduler import upstream_slot
 from app.gateway.result import ApiResult, Lookup
 from app.gateway.upstream.answers import UpstreamError
 
-KEY_VERSION = "rc1"
+KEY_VERSION = "rc2"  # rc2: extents stored as upstream bytes (msgpack-framed fragments)
 # Parameters that make an answer uncacheable (Prometheus' per-query statistics).
 BYPASS_PARAMS = frozenset({"stats"})
 
@@ -35,8 +35,7 @@ class Answer(Protocol):
 class ApiClient(Protocol):
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None,
-                  heavy: Callable[..., Awaitable[Any]] | None = None) -> Answer: ...
+                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None) -> Answer: ...
 
 
 _Passed = Answer | UpstreamError
@@ -87,8 +86,7 @@ class Passthrough:
         in its turn (app/gateway/engines/scheduler.py: the client's slot, its byte limit)."""
         async with upstream_slot(category, deadline) as ticket:
             # Outside a request (no ticket): the client's own defaults.
-            extra: dict[str, Any] = {} if ticket is None else {
-                "max_bytes": ticket.limits.max_response_bytes, "heavy": heavy}
+            extra: dict[str, Any] = {} if ticket is None else {"max_bytes": ticket.limits.max_response_bytes}
             answer = await self.client.api("POST", path, list(params), category=category, headers=headers,
                                            timeout=deadline - asyncio.get_running_loop().time(), **extra)
             if ticket is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from app.gateway import metrics as gm
 from app.gateway.upstream.breaker import REFUSES_GATEWAY
@@ -35,23 +37,45 @@ class QueryAnswer:
     warnings: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
 class ApiAnswer:
     """One answer of the upstream's HTTP API, success or Prometheus error envelope.
 
     Error envelopes come back as answers, not exceptions, so a caller serving the
     Prometheus API can pass the upstream's errorType and HTTP status through as is.
+    The envelope is checked when the answer arrives but decoded only when someone
+    reads `doc`: a megabyte range answer is cut into extents from its bytes and
+    handed on as it came, never turned into Python objects.
     """
 
-    status_code: int          # upstream HTTP status
-    doc: dict[str, Any]       # the decoded envelope (status, data, errorType, error, warnings, infos)
-    raw: bytes                # the body as received (for pass-through)
+    __slots__ = ("_doc", "_head", "raw", "status_code")
+
+    def __init__(self, status_code: int, doc: dict[str, Any] | None, raw: bytes, head: object = None) -> None:
+        self.status_code = status_code  # upstream HTTP status
+        self._doc = doc
+        self._head = doc.get("status") if doc is not None else head  # the envelope's status
+        self.raw = raw  # the body as received (for pass-through)
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The decoded envelope (status, data, errorType, error, warnings, infos)."""
+        if self._doc is None:
+            self._doc = json.loads(self.raw)
+        return self._doc
 
     @property
     def error_type(self) -> str | None:
-        if self.doc.get("status") == "success":
+        if self._head == "success":
             return None
         return error_type_of(self.doc, self.status_code)
+
+
+class _Head(msgspec.Struct):
+    """An envelope's status; the rest is validated as JSON but not built into objects."""
+
+    status: object = None
+
+
+_HEAD = msgspec.json.Decoder(_Head)
 
 
 def error_type_of(doc: Mapping[str, Any] | None, status: int) -> str:
@@ -66,7 +90,7 @@ _STATUS_ERROR_TYPE = {404: "not_found", 406: "not_acceptable", 422: "execution"}
 
 
 def _api_answer(body: bytes, status: int) -> ApiAnswer:
-    """Decode an API body; raise UpstreamError when it is not a Prometheus envelope.
+    """Check an API body is an envelope; raise UpstreamError when it is not one.
 
     A 204 (Prometheus' answer to an exemplar query without a selector) and a 4xx
     without an envelope are the upstream's answers to the caller: passed on as they came.
@@ -74,37 +98,26 @@ def _api_answer(body: bytes, status: int) -> ApiAnswer:
     if status == 204:
         return ApiAnswer(204, {"status": "success", "data": None}, body)
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
-        if 400 <= status < 500 and status not in REFUSES_GATEWAY:
-            # E.g. an upstream without this endpoint (/status/flags on Prometheus' own
-            # router says "404 page not found"): a designed answer, not a failure.
-            etype = _STATUS_ERROR_TYPE.get(status, "bad_data")
-            return ApiAnswer(status, {"status": "error", "errorType": etype,
-                                      "error": f"upstream: {snippet}"}, body)
-        raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
-    if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
+        head: object = _HEAD.decode(body).status
+        doc: dict[str, Any] | None = None
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        try:  # not an object, not JSON, or what only Python's json reads (NaN, Infinity)
+            loaded = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
+            if 400 <= status < 500 and status not in REFUSES_GATEWAY:
+                # E.g. an upstream without this endpoint (/status/flags on Prometheus' own
+                # router says "404 page not found"): a designed answer, not a failure.
+                etype = _STATUS_ERROR_TYPE.get(status, "bad_data")
+                return ApiAnswer(status, {"status": "error", "errorType": etype,
+                                          "error": f"upstream: {snippet}"}, body)
+            raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
+        doc = loaded if isinstance(loaded, dict) else None
+        head = doc.get("status") if doc is not None else None
+    if head not in ("success", "error"):
         # JSON, but no envelope: what parse_answer calls it (a 5xx is the server's failure).
         raise UpstreamError(error_type_of(None, status), f"HTTP {status}, not a Prometheus envelope", status)
-    return ApiAnswer(status, doc, body)
-
-
-def _api_answer_in_steps(body: bytes, status: int) -> ApiAnswer:
-    """_api_answer for a big body in a worker thread: decoded series by series (the loop gets
-    the interpreter between any two), without the garbage collector's full passes."""
-    with paused_gc():
-        try:
-            doc = loads_in_steps(body)
-        except (ValueError, UnicodeDecodeError):
-            return _api_answer(body, status)  # not JSON: judged (and worded) as for small bodies
-        if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
-            return _api_answer(body, status)
-        return ApiAnswer(status, doc, body)
-
-
-# A runner of CPU-heavy work: `await heavy(fn, *args)` is fn(*args), somewhere off the loop.
-Offload = Callable[..., Awaitable[Any]]
+    return ApiAnswer(status, doc, body, head)
 
 
 def _value(raw: Any) -> float:

@@ -25,11 +25,9 @@ from app.gateway import metrics as gm
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import (
     ApiAnswer,
-    Offload,
     QueryAnswer,
     UpstreamError,
     _api_answer,
-    _api_answer_in_steps,
     parse_off_loop,
 )
 from app.gateway.upstream.breaker import QUERY_ERRORS, CircuitBreaker, judge
@@ -223,8 +221,7 @@ class PrometheusClient:
 
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None,
-                  heavy: Offload | None = None) -> ApiAnswer:
+                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None) -> ApiAnswer:
         """One request to the upstream's HTTP API (`path` relative to PROMETHEUS_URL).
 
         Same rules as the figures: breaker first (open: fail at once), `timeout` as
@@ -232,8 +229,7 @@ class PrometheusClient:
         params go upstream (a `timeout` param only when the caller includes one).
         An upstream error envelope is returned, not raised; transport failures,
         non-envelope bodies and our own missing credentials raise UpstreamError.
-        `max_bytes`: a smaller size cap (the caller's limit); `heavy`: runs the decoding of
-        answers of OFFLOAD_MIN_BYTES or more off the event loop (the scheduler's heavy lane).
+        `max_bytes`: a smaller size cap (the caller's limit).
         """
         if method not in ("GET", "POST"):
             raise ValueError(f"method {method!r}: GET or POST")
@@ -243,10 +239,6 @@ class PrometheusClient:
             return await self._exchange(method, url, params, timeout, headers, max_bytes)
 
         async def decode(status: int, body: bytes) -> ApiAnswer:
-            if heavy is not None and len(body) >= self.settings.offload_min_bytes:
-                gm.offloaded("parse")
-                answer: ApiAnswer = await heavy(_api_answer_in_steps, body, status)
-                return answer
             return _api_answer(body, status)
 
         def verdict(answer: ApiAnswer) -> UpstreamError | None:
