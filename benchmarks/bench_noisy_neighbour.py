@@ -1,7 +1,7 @@
 """Noisy neighbour (issue 20): one client's week-long range queries vs everybody else.
 
-A real Prometheus holding a week of GatewayZ-shaped history (the synthetic backend's
-families, several instances: ~555 series). In one run, side by side:
+A real Prometheus holding a week of GatewayZ-shaped history (benchmarks/dataset.py:
+580 series at 60 s). In one run, side by side:
 
 1. quiet: client B sends small uncached instant queries one after another, a widget
    polls /prometheus/metrics/summary; B's p90 alone;
@@ -17,7 +17,7 @@ through the gateway under uvicorn (one process) and under the production gunicor
 0.8x Prometheus' own under the same flood.
 
 Usage: .venv/bin/python benchmarks/bench_noisy_neighbour.py [--seconds 20] [--flood 40] [--markdown out.md]
-Needs prometheus and promtool (Debian packages).
+Needs prometheus and promtool (Debian packages); the dataset is built once and cached.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,66 +40,25 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.procs import (  # noqa: E402
-    PROMETHEUS_BIN,
-    PROMTOOL_BIN,
-    Proc,
-    _spawn,
-    free_port,
-    start_gunicorn,
-    start_uvicorn,
-    wait_until,
-)
-from tests.support.synthetic_backend import SyntheticBackend  # noqa: E402
+from benchmarks.dataset import Dataset, ensure  # noqa: E402
+from tests.support.history import start_prometheus_on  # noqa: E402
+from tests.support.procs import start_gunicorn, start_uvicorn  # noqa: E402
 
 WEEK = 7 * 86400
-INSTANCES = 3          # x 185 synthetic series
-HISTORY_STEP = 300.0   # seconds between backfilled samples
 RANGE_STEP = 1200      # A's resolution: ~505 points per series
-A_QUERY = 'last_over_time({job="backend"}[1h])'
-B_QUERY = 'sum by (status_class) (rate(fastapi_requests_total{job="backend"}[5m]))'
+A_QUERY = 'last_over_time({__name__=~".+"}[1h])'  # every series, names kept
+B_QUERY = "sum by (provider) (rate(model_inference_requests_total[5m]))"
 TOKENS = {"tok-a": {"name": "a"}, "tok-b": {"name": "b"}, "tok-widget": {"name": "widget"}}
 
 
-# --- the dataset: swap this function for the shared generator (benchmarks/dataset.py) when it lands --
+# --- the dataset: the shared week of GatewayZ-shaped history (benchmarks/dataset.py) ---------------
 
-def week_dataset(cache: Path) -> tuple[Path, float]:
-    """A TSDB directory with a week of history (built once with promtool, then reused) and
-    the time its history ends."""
-    tsdb = cache / "tsdb"
-    done = cache / "done"
-    if done.exists():
-        return tsdb, float(done.read_text())
-    tsdb.mkdir(parents=True, exist_ok=True)
-    backend = SyntheticBackend()
-    end = time.time() - 60
-    for i in range(INSTANCES):
-        src = cache / f"history-{i}.om"
-        backend.t0 = end - WEEK
-        src.write_text(backend.history(end - WEEK, end, HISTORY_STEP,
-                                       (("instance", f"backend-{i}:8000"), ("job", "backend"))))
-        subprocess.run([PROMTOOL_BIN, "tsdb", "create-blocks-from", "openmetrics", str(src), str(tsdb)],
-                       check=True, capture_output=True, timeout=900)
-        src.unlink()
-    done.write_text(f"{end}\n")
-    return tsdb, end
+def week_dataset() -> Dataset:
+    return ensure(7, 580)
 
 
 DATASET = week_dataset
 HISTORY_END = 0.0  # set from the dataset: every query reads inside its week
-
-
-def start_prometheus_on(tsdb: Path, workdir: Path) -> Proc:
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = workdir / "prometheus.yml"
-    cfg.write_text("global:\n  scrape_interval: 15s\n")
-    url = f"http://127.0.0.1:{port}"
-    proc = _spawn([PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={tsdb}",
-                   f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=30d",
-                   "--log.level=warn"], workdir, "prometheus", port=port, url=url)
-    wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200, 120, what="prometheus ready")
-    return proc
 
 
 # --- load ---------------------------------------------------------------------------------------------
@@ -246,7 +204,6 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--quiet", type=float, default=10.0)
     ap.add_argument("--flood", type=int, default=40)
-    ap.add_argument("--dataset", type=Path, default=Path(tempfile.gettempdir()) / "gateway-bench-week")
     ap.add_argument("--servers", default="prometheus,uvicorn,gunicorn")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--a-only", metavar="URL", help=argparse.SUPPRESS)
@@ -262,15 +219,15 @@ def main() -> None:
         return
 
     t0 = time.monotonic()
-    tsdb, history_end = DATASET(args.dataset)
-    HISTORY_END = min(history_end, time.time() - 60)
-    print(f"dataset ready in {time.monotonic() - t0:.0f}s: {tsdb}", flush=True)
+    ds = DATASET()
+    HISTORY_END = min(float(ds.end), time.time() - 60)
+    print(f"dataset ready in {time.monotonic() - t0:.0f}s: {ds.path}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="noisy-"))
-    prom = start_prometheus_on(tsdb, work / "prometheus")
+    prom = start_prometheus_on(ds, work / "prometheus")
     results: dict[str, dict[str, Any]] = {}
     try:
         probe = httpx.get(f"{prom.url}/api/v1/query", params={
-            "query": 'count(last_over_time({job="backend"}[1h]))', "time": HISTORY_END}).json()
+            "query": 'count(last_over_time({__name__=~".+"}[1h]))', "time": HISTORY_END}).json()
         series = int(probe["data"]["result"][0]["value"][1])
         end = HISTORY_END
         t1 = time.perf_counter()

@@ -263,3 +263,27 @@ def test_the_summary_keeps_its_connections_while_the_api_is_saturated(gateway_pr
         t.join(60)
     assert slowest < 1.0, slowest
     assert statuses == [200] * 4
+
+
+def test_split_parts_of_a_long_range_each_ask_the_clients_scheduler(prom_stack: PromStack) -> None:
+    """A range query split by interval (engines/splitting.py) sends one upstream query per
+    part; each part takes its own turn in the client's upstream lane (one at a time here)."""
+    def range_queries() -> float:  # Prometheus' own count
+        text = httpx.get(f"{prom_stack.prometheus.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("prometheus_http_requests_total{") and '"/api/v1/query_range"' in line)
+
+    def turns() -> float:
+        return REGISTRY.get_sample_value("metrics_gateway_client_queue_wait_seconds_count",
+                                         {"client": "parts", "lane": "upstream"}) or 0.0
+
+    tokens = {"tok": {"name": "parts", "limits": {"max_concurrent_queries": 1}}}
+    now = int(time.time()) // 60 * 60 - 600
+    with app_with(prom_stack, tokens, range_cache_split_seconds=3600) as c:
+        asked, took = range_queries(), turns()
+        r = c.get("/api/v1/query_range", params={"query": "up", "start": now - 4 * 3600, "end": now, "step": 60},
+                  headers=bearer("tok"))
+        assert r.status_code == 200, r.text
+        parts = range_queries() - asked
+        assert parts >= 4  # four hours in one-hour parts
+        assert turns() - took == parts
