@@ -90,8 +90,7 @@ def test_per_client_concurrency_leaves_room_for_others() -> None:
 def test_bounded_queue_refuses_at_once() -> None:
     async def main() -> list[Any]:
         queue = FairQueue("upstream", capacity=1, max_waiting=100)
-        a = ticket("a", max_queued_queries=2)
-        return await run_all(queue, [(a, 0.05)] * 5, [])
+        return await run_all(queue, [(ticket("a", max_queued_queries=2), 0.05) for _ in range(5)], [])
 
     outcomes = asyncio.run(main())
     refused = [o for o in outcomes if isinstance(o, Rejected)]
@@ -230,3 +229,23 @@ def test_work_that_cannot_finish_before_its_deadline_is_not_started() -> None:
     first, second = asyncio.run(main())
     assert first is None  # a lone query always runs (the estimate keeps learning)
     assert isinstance(second, Rejected) and second.reason == "deadline"
+
+
+def test_the_queue_counts_requests_not_their_parts() -> None:
+    async def main() -> list[Any]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=100)
+        split = ticket("a", max_queued_queries=1)  # one request, five parts
+        other = Ticket(split.client, split.limits, SCHED)  # a second request of the same client
+
+        async def part(t: Ticket) -> None:
+            async with queue.slot(t):
+                await asyncio.sleep(0.01)
+
+        tasks = [asyncio.create_task(part(split)) for _ in range(5)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(part(other)))
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert outcomes[:5] == [None] * 5  # every part of the admitted request runs
+    assert isinstance(outcomes[5], Rejected) and outcomes[5].reason == "queue_full"

@@ -84,6 +84,7 @@ class Ticket:
     scheduler: Scheduler
     stats: Stats = field(default_factory=Stats)
     deadline: float | None = None  # event-loop time by which the request must be answered
+    lanes: set[str] = field(default_factory=set)  # lanes where one of its parts has had a turn
 
     @property
     def label(self) -> str:
@@ -115,6 +116,7 @@ class _Waiter:
     fut: asyncio.Future[None]
     cost: int
     limit: int
+    request: int  # id() of the ticket: parts of one request are one request in the queue
 
 
 @dataclass(eq=False, slots=True)
@@ -201,13 +203,16 @@ class FairQueue:
         ticket.stats.queue_seconds += waited
         gm.client_queue_wait(ticket.label, self.name, waited)
         expected = self.held.get(key)
-        if (deadline is not None and expected is not None and state.running + len(state.waiting) > 1
+        if (deadline is not None and expected is not None and self.name not in ticket.lanes
+                and state.running + len(state.waiting) > 1
                 and asyncio.get_running_loop().time() + expected > deadline):
             # Its turn came too late for what its queries take: not started only to time
-            # out (a client's lone query always runs, so the estimate keeps learning).
+            # out (a client's lone query always runs, so the estimate keeps learning; the
+            # other parts of a request under way are not refused half way through).
             self._release(key, state, cost)
             raise self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
                                f"{expected:.1f}s and this one's deadline is nearer; retry later")
+        ticket.lanes.add(self.name)
         held_from = time.perf_counter()
         try:
             yield
@@ -233,16 +238,19 @@ class FairQueue:
     async def _wait(self, ticket: Ticket, state: _Client, cost: int, limit: int, deadline: float | None,
                     queue: int | None) -> None:
         key = ticket.client.key
-        if queue is not None and len(state.waiting) >= queue:
+        # The queue bounds requests: the parts of a request already admitted (a range split
+        # by interval) wait with it, never refused half way through.
+        queued = {w.request for w in state.waiting}
+        if queue is not None and id(ticket) not in queued and len(queued) >= queue:
             self._forget_idle(key, state)
             raise self._reject(ticket, "queue_full",
-                               f"client {ticket.label!r} already has {len(state.waiting)} queries waiting "
+                               f"client {ticket.label!r} already has {len(queued)} queries waiting "
                                f"(its limit); retry later")
         if self.waiting >= self.max_waiting:
             self._forget_idle(key, state)
             raise self._reject(ticket, "gateway_busy", f"the gateway has {self.waiting} queries waiting; retry later")
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), cost, limit)
+        waiter = _Waiter(loop.create_future(), cost, limit, id(ticket))
         state.waiting.append(waiter)
         self._ring.setdefault(key, state)
         self.waiting += 1
