@@ -220,7 +220,8 @@ def test_work_that_cannot_finish_before_its_deadline_is_not_started() -> None:
         queue.held.add(a.client.key, 1.0)  # its queries hold a slot ~1 s
 
         async def one(deadline: float) -> None:
-            async with queue.slot(a, deadline=deadline):
+            request = Ticket(a.client, a.limits, SCHED)  # each call its own request
+            async with queue.slot(request, deadline=deadline):
                 await asyncio.sleep(0.05)
 
         far = loop.time() + 5
