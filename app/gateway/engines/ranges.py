@@ -39,6 +39,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,6 +62,8 @@ from app.gateway.engines.passthrough import (
     settled,
     unfinished,
 )
+from app.gateway.engines.scheduler import Rejected
+from app.gateway.engines.scheduler import heavy as run_heavy
 from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, reach
 from app.gateway.promql.request import InstantQuery, RangeQuery
 from app.gateway.promql.timing import fmt_ms
@@ -258,8 +261,9 @@ class RangeCache:
             extent = await _cpu(extent_of, answer.raw, piece.a, piece.b, step_ms,
                                 heavy=len(answer.raw) > THREAD_BYTES)
         if extent is not None:
-            await self.blocks.keep(plan.base, live_key, extent, piece, step_ms, plan.reach, cutoff,
-                                   self.split_ms)
+            with suppress(Rejected):  # no turn left to store it: answered, not kept
+                await self.blocks.keep(plan.base, live_key, extent, piece, step_ms, plan.reach, cutoff,
+                                       self.split_ms)
         return _Fetched(answer, extent)
 
     async def aclose(self) -> None:
@@ -373,7 +377,9 @@ class Blocks:
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:
-    """Run CPU work in a worker thread when it is big enough to stall the event loop."""
+    """Run CPU work in a worker thread when it is big enough to stall the event loop (in the
+    scheduler's heavy lane: its turn, counted against the client that asked; Rejected when
+    its turn would come after the request's deadline)."""
     if heavy:
-        return await asyncio.to_thread(fn, *args)
+        return await run_heavy(fn, *args)
     return fn(*args)

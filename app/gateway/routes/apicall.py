@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Response
 
 from app.gateway.catalog.names import FigureNames
+from app.gateway.engines import limits
+from app.gateway.engines.scheduler import Ticket, current, upstream_slot
 from app.gateway.promql.request import InstantQuery, Origin, Pairs, Query, RangeQuery, pairs
 from app.gateway.promql.syntax import PromQLError, enforce_match, parse, rewrite
 from app.gateway.result import Lookup
@@ -65,6 +68,10 @@ class ApiContext:
         if (end.ns - start.ns) // step.ns > MAX_POINTS:  # Go: end.Sub(start) / step
             raise bad_data("exceeded maximum resolution of 11,000 points per timeseries. "
                            "Try decreasing the query resolution (?step=XX)")
+        # The client's limits (engines/limits.py), on what it wrote, before any work.
+        ticket = ticket_of()
+        ticket.stats.start, ticket.stats.end, ticket.stats.step = start.seconds, end.seconds, step.seconds
+        limits.check_range(ticket, p.get("query"), start.seconds, end.seconds, step.seconds, time.time())
         origin, rest = self.budget(p, caller)
         query = self.prepare(p.get("query"), caller, prefixed=False)
         return RangeQuery(query, start, end, step, rest, origin)
@@ -72,6 +79,10 @@ class ApiContext:
     def instant_query(self, p: Params, caller: Caller) -> InstantQuery:
         """/api/v1/query decoded."""
         at = time_param(p, "time")
+        now = time.time()
+        ticket = ticket_of()
+        ticket.stats.time = None if at is None else at.seconds
+        limits.check_instant(ticket, p.get("query"), now if at is None else at.seconds, now)
         origin, rest = self.budget(p, caller)
         query = self.prepare(p.get("query"), caller, prefixed=True)
         return InstantQuery(query, at, rest, origin)
@@ -103,10 +114,13 @@ class ApiContext:
     async def upstream(self, method: str, path: str, params: Sequence[tuple[str, str]], caller: Caller,
                        timeout: float | None = None) -> ApiAnswer:
         await self.service.ensure_started()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (timeout or self.settings.request_deadline_seconds)
         try:
-            return await self.service.client.api(method, path, params,
-                                                 timeout=timeout or self.settings.request_deadline_seconds,
-                                                 headers=caller.headers)
+            async with upstream_slot("api", until) as ticket:
+                return await self.service.client.api(
+                    method, path, params, timeout=until - loop.time(), headers=caller.headers,
+                    max_bytes=ticket.limits.max_response_bytes if ticket else None)
         except UpstreamError as exc:
             raise from_upstream(exc) from None
 
@@ -115,6 +129,7 @@ class ApiContext:
         the one place it plugs in."""
         service = self.service
         await service.ensure_started()
+        ticket_of().deadline = request.origin.deadline
         try:
             if isinstance(request, RangeQuery):
                 result = await service.ranges.query_range(request)
@@ -124,12 +139,23 @@ class ApiContext:
             raise from_upstream(exc) from None
         body = result.raw if result.raw is not None else json.dumps(
             result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        ticket = ticket_of()
+        ticket.stats.bytes = len(body)
+        if result.status_code == 200:
+            ticket.stats.series = limits.check_answer(ticket, body)
         out = {"X-Gateway-Cache": str(result.lookup)}
         if result.evaluated_at is not None:
             # The instant an instant query was evaluated at (the gateway's "now" when the
             # client sent no time): reported even when no sample carries it.
             out["X-Gateway-Evaluation-Time"] = repr(result.evaluated_at)
         return Response(body, status_code=result.status_code, media_type=JSON, headers=out)
+
+
+def ticket_of() -> Ticket:
+    """The request's ticket (client, limits, costs), set by the edge for all the work it causes."""
+    ticket = current()
+    assert ticket is not None, "API work outside the edge's guard"
+    return ticket
 
 
 def passthrough(answer: ApiAnswer, lookup: Lookup | None = None) -> Response:
