@@ -48,6 +48,7 @@ from typing import Any, Protocol, TypeVar
 
 import promql_parser as pp
 
+from app.common import tracing
 from app.gateway import metrics as gm
 from app.gateway.engine import SingleFlight
 from app.gateway.result import Lookup, UpstreamFailure
@@ -674,6 +675,7 @@ class RangeCache:
 
         `deadline` is an event-loop time (``loop.time()``) by which to answer.
         """
+        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})
         step_ms = step_ms_of(step)
         first, end_ms = ms_of(start), ms_of(end)
         base_params = [("query", expr), ("start", repr_time(start)), ("end", repr_time(end)),
@@ -934,6 +936,7 @@ class RangeCache:
         sent upstream explicitly and reported (``evaluated_at``; Prometheus' ``value[0]``
         carries it too), and reused for at most the figure TTL. With `time`, an answer
         that reads only settled data is kept like a settled extent."""
+        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})
         if any(name in BYPASS_PARAMS for name, _ in params) or self.settings.range_cache_max_bytes <= 0:
             query = [("query", expr), *([("time", repr_time(time))] if time is not None else []), *params]
             return await self._pass("/api/v1/query", query, deadline, headers, None)

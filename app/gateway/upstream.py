@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from app.common import tracing
 from app.common.episodes import FailureEpisode
 from app.common.secrets import SecretFile, SecretUnavailable, redact_url
 from app.gateway import metrics as gm
@@ -292,6 +293,7 @@ class PrometheusClient:
             timeout=httpx.Timeout(settings.request_deadline_seconds,
                                   connect=settings.connect_timeout_seconds),
         )
+        tracing.instrument_client(self._http)  # client spans, traceparent sent upstream
         self.breaker = breaker or CircuitBreaker(settings.breaker_failure_threshold,
                                                  settings.breaker_reset_seconds)
         self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
@@ -320,6 +322,14 @@ class PrometheusClient:
         return await self._guarded(category, timeout, exchange, decode, lambda _: None)
 
     async def _guarded(self, category: str, timeout: float,
+                       exchange: Callable[[], Awaitable[tuple[int, bytes]]],
+                       decode: Callable[[int, bytes], Awaitable[_T]],
+                       verdict: Callable[[_T], UpstreamError | None]) -> _T:
+        """_attempt in a span of its own: breaker, HTTP exchange (the client span) and decoding."""
+        with tracing.span("upstream", {"gateway.category": category, "gateway.timeout_seconds": timeout}):
+            return await self._attempt(category, timeout, exchange, decode, verdict)
+
+    async def _attempt(self, category: str, timeout: float,
                        exchange: Callable[[], Awaitable[tuple[int, bytes]]],
                        decode: Callable[[int, bytes], Awaitable[_T]],
                        verdict: Callable[[_T], UpstreamError | None]) -> _T:
@@ -468,7 +478,8 @@ class PrometheusClient:
     async def ready(self) -> tuple[bool, str]:
         """Readiness: can the query API evaluate `vector(1)`? Works under any API prefix."""
         try:
-            await self._post("vector(1)", 1.5)
+            with tracing.quiet():
+                await self._post("vector(1)", 1.5)
         except UpstreamError as exc:
             return False, exc.error_type
         return True, "ready"

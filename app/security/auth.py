@@ -57,6 +57,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.common import tracing
 from app.common.exposition import sanitize_accept
 from app.common.secrets import bearer_token, token_index
 from app.common.tenancy import UNCONFINED, Tenant, with_tenant
@@ -156,6 +157,7 @@ class SecurityMiddleware:
             rejection, tenant = self._check_token(scope)
             if rejection is None:
                 scope = with_tenant(scope, tenant)
+                tracing.note({"gateway.client": tenant.id})
         if rejection is not None:
             for message in rejection:
                 await send(message)
