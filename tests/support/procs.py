@@ -18,7 +18,9 @@ from pathlib import Path
 
 import httpx
 
-PROMETHEUS_BIN = shutil.which("prometheus") or "/usr/bin/prometheus"
+# TEST_PROMETHEUS_BIN: another build (e.g. an upstream release, whose tracing works:
+# Debian's 2.42 package is built without the OpenTelemetry SDK).
+PROMETHEUS_BIN = os.environ.get("TEST_PROMETHEUS_BIN") or shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL_BIN = shutil.which("promtool") or "/usr/bin/promtool"
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -170,6 +172,18 @@ def start_uvicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *,
         proc.stop()
         raise RuntimeError(f"{app} did not start:\n{proc.log()}") from None
     return proc
+
+
+def prometheus_can_trace(binary: str = PROMETHEUS_BIN) -> bool:
+    """True when the Prometheus binary holds the OpenTelemetry SDK, i.e. its ``tracing:``
+    config exports spans. Debian's package (2.42+ds) is built without it: that config is
+    accepted and nothing is ever exported."""
+    import mmap
+    try:
+        with open(binary, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(b"go.opentelemetry.io/otel/sdk/trace") >= 0
+    except (OSError, ValueError):
+        return False
 
 
 def promtool_check_metrics(body: bytes) -> subprocess.CompletedProcess[bytes]:
