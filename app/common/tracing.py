@@ -9,8 +9,8 @@ so they mean what they mean everywhere else. Incoming ``traceparent`` (Grafana's
 honoured by the server span; outgoing upstream requests carry it (httpx instrumentation),
 so Prometheus' own spans join the trace.
 
-Off, it costs nothing on the request path: the SDK is not even imported, no middleware
-is installed, no client is instrumented, and every helper here returns after one
+Off, it costs nothing on the request path: the tracing SDK, exporter and instrumentations
+are not even imported, no middleware is installed, no client is instrumented, and every helper here returns after one
 module-global test (``span()`` hands back one shared null context).
 
 Public surface: ``configure_from_env()`` (once per process, from the app factory),
@@ -25,8 +25,8 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,7 @@ class _Request:
 # Set by the middleware's hook, so code deep in the stack annotates the request rather
 # than whichever child span is current (tasks the request spawns share the holder).
 _request: ContextVar[_Request | None] = ContextVar("gateway_request_span", default=None)
+_quiet: ContextVar[bool] = ContextVar("gateway_tracing_quiet", default=False)
 
 
 def enabled() -> bool:
@@ -98,7 +99,7 @@ def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
         log.error("tracing off: OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported (use http/protobuf, "
                   "port 4318 on Tempo or an OpenTelemetry collector)", protocol)
         return False
-    # Imported here: a process with tracing off never loads the SDK.
+    # Imported here: a process with tracing off never loads the tracing SDK.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -154,13 +155,24 @@ def install_tracing(app: Any, span_details: SpanDetails | None = None,
     return True
 
 
-def quiet() -> AbstractContextManager[Any]:
-    """No spans inside (readiness probes: a trace per probe would only be noise)."""
-    if _tracer is None:
-        return _NULL
+@contextmanager
+def _quietly() -> Iterator[None]:
     from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-    return suppress_instrumentation()
+    token = _quiet.set(True)
+    try:
+        with suppress_instrumentation():
+            yield
+    finally:
+        _quiet.reset(token)
+
+
+def quiet() -> AbstractContextManager[Any]:
+    """No spans inside, hand or instrumented (readiness probes: a trace per probe would
+    only be noise)."""
+    if _tracer is None:
+        return _NULL
+    return _quietly()
 
 
 def _hold_request_span(span: trace.Span, scope: Scope) -> None:
@@ -179,7 +191,7 @@ def instrument_client(client: httpx.AsyncClient) -> None:
 
 def span(name: str, attributes: Mapping[str, AttrValue] | None = None) -> AbstractContextManager[Any]:
     """A child span of whatever is current; a shared null context when tracing is off."""
-    if _tracer is None:
+    if _tracer is None or _quiet.get():
         return _NULL
     return _tracer.start_as_current_span(name, attributes=attributes)
 

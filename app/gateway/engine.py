@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
+from app.common import tracing
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
 from app.gateway.cache import CacheClass, QueryCache
@@ -499,8 +500,9 @@ class Engine:
     async def _probe(self, fut: asyncio.Future[Readiness]) -> None:
         outcome: Readiness = (False, "internal")
         try:
-            await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds,
-                                    category="ready")
+            with tracing.quiet():  # no trace per probe
+                await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds,
+                                        category="ready")
             outcome = (True, "ready")
         except UpstreamError as exc:
             outcome = (False, exc.error_type)
