@@ -13,11 +13,17 @@ WORKDIR /srv
 RUN groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid gateway --home-dir /srv --shell /usr/sbin/nologin gateway
 
-# Dependencies and package first (layer cache), then the runtime files.
-COPY pyproject.toml README.md ./
+# Dependencies first (layer cache): exactly uv.lock's versions, hash-checked by pip, through a
+# pinned and hash-checked uv that only exports the lock and is removed again; then the package.
+COPY pyproject.toml uv.lock README.md ./
+COPY scripts/requirements/uv.txt ./scripts/requirements/uv.txt
+RUN pip install --no-compile --require-hashes --no-deps -r scripts/requirements/uv.txt \
+ && uv export --frozen --no-emit-project --no-dev --format requirements-txt -o /tmp/requirements.txt \
+ && pip install --no-compile --require-hashes --no-deps -r /tmp/requirements.txt \
+ && pip uninstall -y uv && rm -rf /tmp/requirements.txt /root/.cache
 COPY app ./app
 # uvicorn[standard] (uvloop, httptools) and hiredis must have installed as wheels.
-RUN pip install --no-compile . \
+RUN pip install --no-compile --no-deps . \
  && python -c "import uvloop, httptools, hiredis" \
  && rm -rf /root/.cache
 

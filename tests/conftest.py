@@ -52,3 +52,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if REAL_PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked needs_tool(...) fails when a tool is missing (tests/support/tools.py)."""
+    from tests.support.tools import require
+
+    for mark in item.iter_markers("needs_tool"):
+        for name in mark.args:
+            require(name)

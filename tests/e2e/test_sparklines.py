@@ -18,13 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_status_page import CHROMIUM, dump_dom
+from tests.e2e.test_status_page import dump_dom
 from tests.support.procs import Proc, start_prometheus, start_uvicorn, wait_until
 from tests.support.synthetic_backend import SyntheticBackend, scrape_config
+from tests.support.tools import needs
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium binary not found (apt-get install chromium)"),
+    needs("chromium"),
 ]
 
 

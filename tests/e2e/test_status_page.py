@@ -22,14 +22,14 @@ import pytest
 
 from tests.integration.test_stack_smoke import SUMMARY_KEYS, running_stack, summary_complete
 from tests.support.procs import wait_until
+from tests.support.tools import needs
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              "/usr/bin/chromium") if p and Path(p).exists()), None)
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(CHROMIUM is None,
-                       reason="chromium binary not found (apt-get install chromium)"),
+    needs("chromium"),
 ]
 
 DASH = "\u2014"

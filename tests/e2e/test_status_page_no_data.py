@@ -14,13 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_status_page import CHROMIUM, StatusDom, dump_dom
+from tests.e2e.test_status_page import StatusDom, dump_dom
 from tests.support.procs import Proc, start_prometheus, start_uvicorn, wait_until
 from tests.support.synthetic_backend import NO_PROVIDER_SERIES, SyntheticBackend, scrape_config
+from tests.support.tools import needs
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium binary not found (apt-get install chromium)"),
+    needs("chromium"),
 ]
 PROVIDER_KEYS = {"total_providers", "healthy_providers", "degraded_providers", "unavailable_providers",
                  "avg_error_rate", "avg_response_time_ms"}

@@ -16,13 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_status_page import CHROMIUM, StatusDom, dump_dom
+from tests.e2e.test_status_page import StatusDom, dump_dom
 from tests.support import tenant_data as td
 from tests.support.procs import Proc, start_prometheus, start_uvicorn
+from tests.support.tools import needs
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium binary not found (apt-get install chromium)"),
+    needs("chromium"),
 ]
 TA, TB = "status-tenant-a-91ab", "status-tenant-b-27cd"
 

@@ -26,18 +26,17 @@ from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from tests.integration.test_range_cache_compliance import CACHED, _diff, _num, canonical
 from tests.support.demo_data import (
-    VICTORIA_BIN,
     compliance_queries,
     generate,
     grafana_align,
     start_victoriametrics,
 )
 from tests.support.procs import Proc
+from tests.support.tools import needs
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not Path(VICTORIA_BIN).exists(),
-                       reason="victoria-metrics not installed (apt-get install victoria-metrics)"),
+    needs("victoria-metrics"),
 ]
 
 SAMPLE_EVERY = 10

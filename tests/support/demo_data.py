@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from tests.support.procs import PROMETHEUS_BIN, PROMTOOL_BIN, Proc, _spawn, free_port, wait_until
+from tests.support.tools import path_of
 
 DEMO_HOST = "demo.promlabs.com"
 LOCAL_HOST = "localhost"
@@ -34,7 +35,7 @@ JITTER_MS = (123, 5456, 10789)  # each target is scraped at its own phase
 SCRAPE_SECONDS = 15
 GIB = 1024**3
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "promql-compliance"
-VICTORIA_BIN = "/usr/bin/victoria-metrics"
+VICTORIA_BIN = path_of("victoria-metrics")
 
 # method, path, status of the API histogram series (the demo's routes and outcomes).
 API_ROUTES = (("GET", "/api/foo", "200"), ("POST", "/api/foo", "200"), ("GET", "/api/bar", "200"),

@@ -7,7 +7,6 @@ process to answer, and returns a handle whose stop() ends the process it started
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,11 +17,13 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.tools import path_of
+
 # TEST_PROMETHEUS_BIN: another build (e.g. an upstream release, whose tracing works:
 # Debian's 2.42 package is built without the OpenTelemetry SDK).
-PROMETHEUS_BIN = os.environ.get("TEST_PROMETHEUS_BIN") or shutil.which("prometheus") or "/usr/bin/prometheus"
-PROMTOOL_BIN = shutil.which("promtool") or "/usr/bin/promtool"
-REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+PROMETHEUS_BIN = os.environ.get("TEST_PROMETHEUS_BIN") or path_of("prometheus")
+PROMTOOL_BIN = path_of("promtool")
+REDIS_BIN = path_of("redis-server")
 
 
 def free_port() -> int:
@@ -83,6 +84,11 @@ class Proc:
 
 def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None = None,
            port: int = 0, url: str = "") -> Proc:
+    if "/" not in cmd[0] or not Path(cmd[0]).exists():
+        from tests.support.tools import PACKAGES, require
+
+        if Path(cmd[0]).name in PACKAGES:
+            cmd = [require(Path(cmd[0]).name), *cmd[1:]]
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     log = open(log_path, "wb")

@@ -23,12 +23,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.tools import needs
+
 ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
-needs_promtool_only = pytest.mark.skipif(not Path(PROMTOOL).exists(),
-                                    reason="promtool not installed (apt-get install prometheus)")
+needs_promtool_only = needs("promtool")
 
 
 def needs_promtool(f: Any) -> Any:

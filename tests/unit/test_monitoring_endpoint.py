@@ -20,6 +20,7 @@ from app.monitoring import install_monitoring
 from app.monitoring.endpoint import token_matches
 from tests.support.files import rotate
 from tests.support.procs import promtool_check_metrics
+from tests.support.tools import needs
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -243,7 +244,7 @@ def assert_promtool_accepts(body: bytes) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
+@needs("promtool")
 async def test_promtool_accepts_metrics_output() -> None:
     app = make_app()
     populate_all_metrics()
@@ -256,7 +257,7 @@ async def test_promtool_accepts_metrics_output() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
+@needs("promtool")
 def test_promtool_only_lint_is_the_contract_name_subscription_count() -> None:
     """`subscription_count` is a gauge named by the backend contract; promtool's linter
     objects to a `_count` suffix on a gauge. It parses fine: the only complaint is that lint."""

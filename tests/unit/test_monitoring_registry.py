@@ -21,6 +21,7 @@ from app.monitoring.registry import (
     render,
     scrape_registry,
 )
+from tests.support.tools import needs
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 HELP = "HTTP requests answered, by route template and status code."
@@ -140,7 +141,7 @@ def test_metrics_endpoint_serves_merge_in_multiprocess_mode(mp_dir: Path) -> Non
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool not installed")
+@needs("promtool")
 def test_promtool_accepts_merged_output(mp_dir: Path) -> None:
     for pid, n in ((301, 1), (302, 2), (303, 3), (304, 4)):
         write_worker_files(mp_dir, pid, n, 1)
