@@ -38,7 +38,7 @@ def create_app(settings: AppSettings | GatewaySettings | None = None) -> FastAPI
     # the redirect's Location from the Host header (/status/ -> http://evil.example/status).
     app = FastAPI(title="Metrics gateway", version="0.1.0",
                   description="PromQL figures for widgets and Grafana: concurrent, cached, honest about failure.",
-                  docs_url=None, redoc_url=None, redirect_slashes=False)
+                  docs_url=None, redoc_url=None, redirect_slashes=False, **tracing.fastapi_options())
     # Innermost first: the memo fast path must sit inside security and HTTP metrics
     # (add_middleware wraps what is there), so tokens and limits apply to it too.
     app.add_middleware(MemoFastPath)

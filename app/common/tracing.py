@@ -24,10 +24,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -111,10 +110,27 @@ def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default: parent-based, always on).
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # Not made the global provider: FastAPI (0.16x) turns its own native telemetry on
+    # when one is set, a second server span and more per request (see fastapi_options).
     install(provider)
-    trace.set_tracer_provider(provider)
     log.info("tracing on: OTLP/HTTP to %s, sampler %s", _endpoint(environ), provider.sampler.get_description())
     return True
+
+
+def fastapi_options() -> dict[str, Any]:
+    """``FastAPI(**fastapi_options())``: FastAPI's native telemetry off where it has one.
+
+    The server span is ours (app/common/server_spans.py); FastAPI's would be a second
+    one per request, with its own metrics and log export, whenever anything in the
+    process sets a global tracer provider (or FASTAPI_OTEL_AUTO_CONFIGURE=true).
+    """
+    import inspect
+
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
 
 
 def _endpoint(environ: Mapping[str, str]) -> str:
@@ -143,16 +159,21 @@ def install_tracing(app: Any, span_details: SpanDetails | None = None,
     names stay bounded). `untraced`: paths that get no span (probes, scrapes). Nothing
     is added when tracing is off.
     """
-    if _provider is None:
+    if _tracer is None:
         return False
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-    from opentelemetry.util.http import ExcludeList
+    from app.common.server_spans import ServerSpans
 
-    skip = ExcludeList([rf"^[a-z]+://[^/]*{re.escape(p)}$" for p in untraced])
-    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=_provider, default_span_details=span_details,
-                       server_request_hook=_hold_request_span, exclude_spans=["receive", "send"],
-                       excluded_urls=skip)
+    app.add_middleware(ServerSpans, tracer=_tracer, span_details=span_details, untraced=untraced,
+                       on_start=_hold_request_span, on_end=_release_request_span)
     return True
+
+
+def _hold_request_span(span: trace.Span) -> Token[_Request | None]:
+    return _request.set(_Request(span))
+
+
+def _release_request_span(token: Token[_Request | None]) -> None:
+    _request.reset(token)
 
 
 @contextmanager
@@ -173,11 +194,6 @@ def quiet() -> AbstractContextManager[Any]:
     if _tracer is None:
         return _NULL
     return _quietly()
-
-
-def _hold_request_span(span: trace.Span, scope: Scope) -> None:
-    # Runs in the middleware's own context, which the application it awaits inherits.
-    _request.set(_Request(span))
 
 
 def instrument_client(client: httpx.AsyncClient) -> None:

@@ -210,7 +210,7 @@ print(json.dumps({
     "enabled": tracing.enabled(),
     # (redis' own observability module loads the metrics SDK when installed: not ours)
     "sdk": any(m in sys.modules for m in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http",
-                                          "opentelemetry.instrumentation.asgi")),
+                                          "app.common.server_spans")),
     "exporter_threads": [t.name for t in threading.enumerate() if t.name.startswith("OtelBatch")],
     "middleware": [m.cls.__name__ for m in app.user_middleware],
     "instrumented": bool(getattr(http, "_is_instrumented_by_opentelemetry", False)),
@@ -234,17 +234,20 @@ def test_off_by_default_nothing_is_started_or_loaded() -> None:
         off = _probe()
         assert receiver.requests == 0
     assert (off["enabled"], off["sdk"], off["exporter_threads"], off["instrumented"]) == (False, False, [], False)
-    assert "OpenTelemetryMiddleware" not in off["middleware"]  # type: ignore[operator]
+    assert "ServerSpans" not in off["middleware"]  # type: ignore[operator]
 
 
 def test_the_endpoint_variable_turns_it_on_and_spans_reach_the_receiver() -> None:
     with OtlpReceiver() as receiver:
-        on = _probe(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+        # (FASTAPI_OTEL_AUTO_CONFIGURE: FastAPI's native telemetry must stay off all the same)
+        on = _probe(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, FASTAPI_OTEL_AUTO_CONFIGURE="true")
         spans = receiver.wait_for(lambda s: any(x.name == "GET /prometheus/metrics/summary" for x in s), 15)
     assert on["enabled"] and on["sdk"] and on["exporter_threads"] and on["instrumented"]
-    assert "OpenTelemetryMiddleware" in on["middleware"]  # type: ignore[operator]
+    assert "ServerSpans" in on["middleware"]  # type: ignore[operator]
     assert {s.service for s in spans} == {"metrics-gateway"}
     assert not [s for s in spans if s.name.startswith("GET /health")]
+    assert {s.scope for s in spans} <= {"metrics-gateway", "opentelemetry.instrumentation.httpx"}, spans
+    assert len([s for s in spans if s.name == "GET /prometheus/metrics/summary"]) == 1  # one server span
 
 
 @pytest.mark.parametrize("env", [{"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none"},
