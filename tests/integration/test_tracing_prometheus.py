@@ -27,11 +27,21 @@ import httpx
 import pytest
 
 from tests.support.otlp_receiver import OtlpReceiver, Span
-from tests.support.procs import PROMETHEUS_BIN, Proc, prometheus_can_trace, start_prometheus, start_uvicorn, wait_until
+from tests.support.procs import (
+    PROMETHEUS_BIN,
+    Proc,
+    _spawn,
+    free_port,
+    prometheus_can_trace,
+    start_prometheus,
+    start_uvicorn,
+    wait_until,
+)
 from tests.support.synthetic_backend import SyntheticBackend, scrape_config
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.tools import needs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, needs("prometheus")]
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 
@@ -201,3 +211,34 @@ def test_without_traceparent_the_gateway_starts_the_trace(stack: Stack) -> None:
     stack.receiver.wait_for(_gateway_done(trace_id))
     assert any(tp.split("-")[1] == trace_id for tp in stack.traceparents_upstream())
 
+
+
+def test_exemplars_reach_prometheus_and_name_the_trace(stack: Stack, tmp_path: Path) -> None:
+    """A real Prometheus scraping the gateway's /metrics (OpenMetrics, exemplar storage on)
+    stores the request-latency exemplar of a traced request with its trace_id."""
+    port = free_port()
+    target = stack.gateway.url.removeprefix("http://")
+    (tmp_path / "p.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: gateway\n    static_configs:\n      - targets: ['{target}']\n")
+    prom = _spawn([PROMETHEUS_BIN, f"--config.file={tmp_path / 'p.yml'}", f"--storage.tsdb.path={tmp_path / 'd'}",
+                   f"--web.listen-address=127.0.0.1:{port}", "--enable-feature=exemplar-storage",
+                   "--log.level=warn"], tmp_path, "exemplar-prom", port=port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=1).status_code == 200, 30, what="prometheus")
+        header, trace_id, _ = _traceparent()
+        r = httpx.get(f"{stack.gateway.url}/api/v1/query", params={"query": "vector(2)"}, timeout=10,
+                      headers={"traceparent": header})
+        assert r.status_code == 200
+
+        def stored() -> bool:
+            body = httpx.get(f"{url}/api/v1/query_exemplars", timeout=2, params={
+                "query": 'fastapi_requests_duration_seconds_bucket{path="/api/v1/query"}',
+                "start": f"{time.time() - 300:.0f}", "end": f"{time.time() + 5:.0f}"}).json()
+            return any(e["labels"].get("trace_id") == trace_id
+                       for series in body["data"] for e in series["exemplars"])
+
+        wait_until(stored, 30, what="the request's exemplar in Prometheus")
+    finally:
+        prom.stop()
