@@ -30,6 +30,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from prometheus_client import Counter
 
 from app.common.secrets import redact_url
 
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
     from starlette.types import Scope
 
 log = logging.getLogger("gateway.tracing")
+
+SPANS_EXPORTED = Counter(
+    "metrics_gateway_trace_spans_exported_total",
+    "Spans handed to the OTLP exporter, by outcome: exported, failed (dropped after the SDK's retries). "
+    "Absent while tracing is off.",
+    ["outcome"],
+)
 
 AttrValue = str | bool | int | float
 SpanDetails = Callable[["Scope"], tuple[str, dict[str, Any]]]
@@ -109,12 +117,54 @@ def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default: parent-based, always on).
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(_counted(OTLPSpanExporter(), _endpoint(environ))))
     # Not made the global provider: FastAPI (0.16x) turns its own native telemetry on
     # when one is set, a second server span and more per request (see fastapi_options).
     install(provider)
     log.info("tracing on: OTLP/HTTP to %s, sampler %s", _endpoint(environ), provider.sampler.get_description())
     return True
+
+
+def _counted(exporter: Any, endpoint: str) -> Any:
+    """`exporter`, with every batch counted and one log line per failure episode.
+
+    The SDK retries a failed export with backoff (bounded by OTEL_EXPORTER_OTLP_TIMEOUT)
+    in its background thread, then drops the batch; requests never wait for it. Its own
+    logger would write a line per failed batch: it is raised to ERROR, and the episode
+    says it once (and once more when export works again).
+    """
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from app.common.episodes import FailureEpisode
+
+    episode = FailureEpisode(f"trace export to {endpoint}", log)
+    for name in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                 "opentelemetry.exporter.otlp.proto.http"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    class Counted(SpanExporter):
+        def export(self, spans: Any) -> Any:
+            try:
+                result = exporter.export(spans)
+            except Exception as exc:  # an exporter bug must not kill the export thread
+                result, reason = SpanExportResult.FAILURE, f"{type(exc).__name__}: {exc}"
+            else:
+                reason = "the endpoint refused or did not answer"
+            ok = result is SpanExportResult.SUCCESS
+            SPANS_EXPORTED.labels("exported" if ok else "failed").inc(len(spans))
+            if ok:
+                episode.success()
+            else:
+                episode.failure(reason)
+            return result
+
+        def shutdown(self) -> None:
+            exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return bool(exporter.force_flush(timeout_millis))
+
+    return Counted()
 
 
 def fastapi_options() -> dict[str, Any]:

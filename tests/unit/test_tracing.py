@@ -255,3 +255,26 @@ def test_the_endpoint_variable_turns_it_on_and_spans_reach_the_receiver() -> Non
 def test_standard_switches_keep_it_off(env: dict[str, str]) -> None:
     off = _probe(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", **env)
     assert off["enabled"] is False and off["sdk"] is False and off["exporter_threads"] == []
+
+
+def test_failed_exports_are_counted_and_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    from prometheus_client import REGISTRY
+
+    outcomes = [SpanExportResult.FAILURE, SpanExportResult.FAILURE, SpanExportResult.SUCCESS]
+
+    class Flaky(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return outcomes.pop(0)
+
+    def count(outcome: str) -> float:
+        return REGISTRY.get_sample_value("metrics_gateway_trace_spans_exported_total", {"outcome": outcome}) or 0.0
+
+    exporter = tracing._counted(Flaky(), "http://tempo.test:4318")
+    failed, exported = count("failed"), count("exported")
+    with caplog.at_level(logging.WARNING, logger="gateway.tracing"):
+        for _ in range(3):
+            exporter.export([object(), object()])
+    assert count("failed") - failed == 4 and count("exported") - exported == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.tracing"]
+    assert len(lines) == 2 and "failing" in lines[0] and "recovered" in lines[1]
