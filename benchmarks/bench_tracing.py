@@ -18,6 +18,11 @@ attributes, the exemplar and the export.
 Off, the request path holds three calls into app/common/tracing.py that return after one
 module-global test; their cost is measured directly too (ns per request).
 
+wrk's req/s on a 2-core machine shared with other work move a lot between runs, so the
+same three configurations are also measured as CPU time per request: a fresh process per
+configuration makes direct ASGI calls of a warm /summary (no server, no client) and
+reads its process CPU time, export thread included (flushed before the clock stops).
+
 Usage: .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--seconds 8] [--markdown out.md]
 Needs prometheus and wrk (Debian packages) on PATH.
 """
@@ -65,10 +70,73 @@ def off_path_ns() -> float:
     return min(timeit.repeat(hooks, number=n, repeat=5)) / n * 1e9
 
 
+CPU_PROBE = r"""
+import asyncio, json, sys, time
+from app.common import tracing
+from app.main import create_app
+
+async def main(n):
+    app = create_app()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": "/prometheus/metrics/summary", "raw_path": b"/prometheus/metrics/summary",
+             "root_path": "", "query_string": b"", "headers": [(b"host", b"bench"), (b"user-agent", b"bench")],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+    status = []
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+    life = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+                                     _startup(), _ignore))
+    await asyncio.sleep(0.5)
+    for _ in range(200):
+        await app(dict(scope), receive, send)
+    assert status[-1] == 200, status[-5:]
+    t0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        await app(dict(scope), receive, send)
+    if tracing._provider is not None:
+        tracing._provider.force_flush()
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    life.cancel()
+    print(json.dumps({"cpu_us": cpu / n * 1e6, "wall_us": wall / n * 1e6}))
+
+def _startup():
+    sent = []
+    async def receive():
+        if not sent:
+            sent.append(1)
+            return {"type": "lifespan.startup"}
+        await asyncio.sleep(3600)
+    return receive
+
+async def _ignore(message):
+    pass
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def cpu_per_request(prom: str, otel: dict[str, str], n: int) -> dict[str, float]:
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({"PROMETHEUS_URL": prom, "CACHE_TTL_SECONDS": "3600", "RESPONSE_MEMO_SECONDS": "5",
+                "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT), **otel})
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    out = subprocess.run([sys.executable, "-c", CPU_PROBE, str(n)], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8, help="wrk duration per run")
+    ap.add_argument("--requests", type=int, default=20000, help="direct ASGI calls per CPU measurement")
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -104,6 +172,10 @@ def main() -> None:
                 results[name].append(wrk(f"{gw.url}{SUMMARY}", 50, args.seconds))
                 exported[name] += receiver.bytes - before  # (export lags a little: counted roughly)
         ns = off_path_ns()
+        cpu: dict[str, list[float]] = {k: [] for k in configs}
+        for _ in range(args.rounds):
+            for name, env in configs.items():
+                cpu[name].append(cpu_per_request(prom.url, env, args.requests)["cpu_us"])
     finally:
         for p in reversed(procs):
             p.stop()
@@ -125,9 +197,19 @@ def main() -> None:
                 f"{ns / 1e9 * off * 100:.3f}% of a request at the off rate | |")
     rows.append(f"| OTLP bytes received during the runs (100% / 1% / off) | {exported['on, 100%']} / "
                 f"{exported['on, 1%']} / {exported['off']} | | |")
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    rows += [
+        "",
+        f"| warm /summary, direct ASGI calls ({args.requests} per run, median of {args.rounds}) | CPU per request "
+        "(export thread included) | vs tracing off |",
+        "| --- | --- | --- |",
+    ]
+    for name in configs:
+        rows.append(f"| tracing {name} | {cmed[name]:.1f} us | {cmed[name] / cmed['off']:.2f} |")
     table = "\n".join(rows)
     print(table)
-    print("raw:", {k: [round(x) for x in v] for k, v in results.items()})
+    print("raw:", {k: [round(x) for x in v] for k, v in results.items()}, {k: [round(x, 1) for x in v]
+                                                                         for k, v in cpu.items()})
     if args.markdown:
         args.markdown.write_text(table + "\n")
 
