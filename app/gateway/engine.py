@@ -353,8 +353,9 @@ class Engine:
         that fetches them; alone (as without the tier) when the tier fails."""
         loop = asyncio.get_running_loop()
         by_key = {j.key: j for j in jobs}
-        claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
-                                   deadline - loop.time())
+        with tracing.span("shared tier claim", {"gateway.keys": len(by_key)}):
+            claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
+                                       deadline - loop.time())
         if claim is None:
             gm.shared_event(category, "error", len(jobs))
             await self._fetch_upstream(jobs, category, deadline, headers)
@@ -378,7 +379,8 @@ class Engine:
         async def follow() -> None:
             if not claim.awaited:
                 return
-            got = await shared.wait(claim.awaited, claim.token, deadline)
+            with tracing.span("shared tier wait", {"gateway.keys": len(claim.awaited)}):
+                got = await shared.wait(claim.awaited, claim.token, deadline)
             takeover, alone = [], []
             for key, outcome in got.items():
                 job = by_key[key]

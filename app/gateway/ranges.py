@@ -742,14 +742,16 @@ class RangeCache:
         if fleet is None or not fleet.available:
             return await make()
         loop = asyncio.get_running_loop()
-        claim = await fleet.claim(key, deadline - loop.time())
+        with tracing.span("shared tier claim"):
+            claim = await fleet.claim(key, deadline - loop.time())
         if claim is None:
             return await make()
         if claim.body is not None:
             self._count("range", Lookup.HIT, total, 0, 0)
             return ApiResult(200, None, Lookup.HIT, raw=claim.body)
         if claim.holder is not None:
-            got = await fleet.wait(key, claim.token, claim.holder, deadline)
+            with tracing.span("shared tier wait"):
+                got = await fleet.wait(key, claim.token, claim.holder, deadline)
             if isinstance(got, SharedAnswer):
                 self._count("range", Lookup.COALESCED, 0, 0, total)
                 return ApiResult(got.status_code, None, Lookup.COALESCED, raw=got.body)
@@ -781,7 +783,8 @@ class RangeCache:
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
         live_key = f"{base}:live:{first}:{last}"
-        raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
+        with tracing.span("cache lookup", {"gateway.keys": len(blocks) + 1}):
+            raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
         stored: list[Extent] = []
         for data in raw[:-1]:
             if data is not None:
@@ -836,7 +839,8 @@ class RangeCache:
                     taken.append(part)
         segments.sort(key=lambda seg: seg[0])
         points = sum(e.points() for _, e in segments)
-        body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
+        with tracing.span("assembly", {"gateway.segments": len(segments), "gateway.points": points}):
+            body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
         await self.store.put_many([(memo_key, body, memo_ttl)])
         if not fetched:
             lookup = Lookup.HIT
@@ -882,7 +886,9 @@ class RangeCache:
             query = [("query", expr), ("start", piece.start), ("end", piece.end),
                      ("step", fmt_ms(step_ms)), *list(params)]
             try:
-                answer = await self._ask("/api/v1/query_range", query, "range", deadline, headers)
+                with tracing.span("range piece", {"gateway.range.start": piece.start, "gateway.range.end": piece.end,
+                                                  "gateway.range.steps": (piece.b - piece.a) // step_ms + 1}):
+                    answer = await self._ask("/api/v1/query_range", query, "range", deadline, headers)
             except UpstreamError as exc:
                 outcome = exc
                 return

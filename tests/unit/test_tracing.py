@@ -34,6 +34,7 @@ from app.ops.logs import JsonFormatter, TraceContext, configure_logging
 from app.security.settings import SecuritySettings
 from app.settings import AppSettings, OpsSettings
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.procs import Proc
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = "http://prom.test:9090"
@@ -56,8 +57,8 @@ def exporter() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
-def _client(log_format: str = "text", **security: object) -> TestClient:
-    settings = AppSettings(gateway=GatewaySettings(prometheus_url=PROM),
+def _client(log_format: str = "text", gateway: dict[str, object] | None = None, **security: object) -> TestClient:
+    settings = AppSettings(gateway=GatewaySettings(prometheus_url=PROM, **(gateway or {})),  # type: ignore[arg-type]
                            security=SecuritySettings(**security),  # type: ignore[arg-type]
                            ops=OpsSettings(log_format=log_format))  # type: ignore[arg-type]
     return TestClient(create_app(settings))
@@ -112,6 +113,54 @@ def test_client_name_and_memo_hits_are_on_the_request_span(exporter: InMemorySpa
     # The second request never went upstream: no upstream span in its trace.
     assert not [s for s in _by_name(exporter.get_finished_spans(), "upstream")
                 if s.context.trace_id == servers[1].context.trace_id]
+
+
+def _on_grid(request: httpx.Request) -> httpx.Response:
+    """Prometheus' answer for any range on a 15 s grid: one series, value = timestamp."""
+    form = httpx.QueryParams(request.content.decode())
+    start, end, step = (float(form[k]) for k in ("start", "end", "step"))
+    values, t = [], start
+    while t <= end:
+        values.append([t, str(int(t))])
+        t += step
+    return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {"job": "a"}, "values": values}]}})
+
+
+def test_a_partly_cached_range_shows_lookup_pieces_and_assembly(exporter: InMemorySpanExporter) -> None:
+    with respx.mock() as mock:
+        mock.post(f"{PROM}/api/v1/query_range").mock(side_effect=_on_grid)
+        with _client() as client:
+            assert _range(client).status_code == 200  # 1700000000 .. 1700000015
+            exporter.clear()
+            wider = client.get("/api/v1/query_range", params={
+                "query": "sum(up)", "start": "1700000000", "end": "1700000060", "step": "15"})
+            assert wider.status_code == 200
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.kind is trace.SpanKind.SERVER]
+    assert dict(server.attributes or {})["gateway.cache_state"] == "partial"
+    assert _by_name(spans, "cache lookup")
+    (piece,) = _by_name(spans, "range piece")
+    attrs = dict(piece.attributes or {})
+    assert (attrs["gateway.range.start"], attrs["gateway.range.end"], attrs["gateway.range.steps"]) == (
+        "1700000030", "1700000060", 3)
+    (upstream,) = _by_name(spans, "upstream")
+    assert upstream.parent is not None and upstream.parent.span_id == piece.context.span_id
+    (assembly,) = _by_name(spans, "assembly")
+    assert dict(assembly.attributes or {})["gateway.points"] == 5
+    assert all(s.context.trace_id == server.context.trace_id for s in spans)
+
+
+def test_the_shared_tier_has_its_spans(exporter: InMemorySpanExporter, redis_proc: Proc) -> None:
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(f"{PROM}/api/v1/query").respond(json={"status": "success", "data": {
+            "resultType": "vector", "result": []}})
+        mock.post(f"{PROM}/api/v1/query_range").mock(side_effect=_on_grid)
+        with _client(gateway={"gateway_cache_url": redis_proc.url}) as client:
+            assert client.get("/prometheus/metrics/system?format=json").status_code == 200
+            assert _range(client).status_code == 200
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count("shared tier claim") == 2, names  # one for the figures, one for the range
 
 
 def test_figures_have_a_render_span_and_probes_no_span(exporter: InMemorySpanExporter) -> None:
