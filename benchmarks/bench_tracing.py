@@ -30,7 +30,6 @@ Needs prometheus and wrk (Debian packages) on PATH.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gateway import wrk  # noqa: E402
+from benchmarks.bench_gateway import need_wrk, wrk  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, start_prometheus, start_uvicorn, wait_until  # noqa: E402
 from tests.support.synthetic_backend import SyntheticBackend, scrape_config  # noqa: E402
@@ -139,14 +138,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="direct ASGI calls per CPU measurement")
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed: apt-get install -y wrk")
-
+    need_wrk()
+    receiver = OtlpReceiver(keep=False).start()
     work = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    procs: list[Proc] = []
     backend = SyntheticBackend()
     target = backend.start()
-    procs: list[Proc] = []
-    receiver = OtlpReceiver(keep=False).start()
     try:
         prom = start_prometheus(work / "prom", scrape_config(target))
         procs.append(prom)
