@@ -89,8 +89,10 @@ def test_request_span_continues_the_callers_trace_and_upstream_gets_traceparent(
     assert attrs["gateway.cache_state"] == "miss" and attrs["gateway.cache.miss"] == 1
     assert attrs["gateway.range.steps_fetched"] == 2
 
+    (piece,) = _by_name(spans, "range piece")
+    assert piece.parent is not None and piece.parent.span_id == server.context.span_id
     (upstream,) = _by_name(spans, "upstream")
-    assert upstream.parent is not None and upstream.parent.span_id == server.context.span_id
+    assert upstream.parent is not None and upstream.parent.span_id == piece.context.span_id
     (http_client,) = [s for s in spans if s.kind is trace.SpanKind.CLIENT]
     assert http_client.parent is not None and http_client.parent.span_id == upstream.context.span_id
     sent = route.calls.last.request.headers["traceparent"]
