@@ -157,7 +157,7 @@ class SecurityMiddleware:
             rejection, tenant = self._check_token(scope)
             if rejection is None:
                 scope = with_tenant(scope, tenant)
-                tracing.note({"gateway.client": tenant.id})
+                tracing.note({"gateway.client": tenant.id or "unconfined"})
         if rejection is not None:
             for message in rejection:
                 await send(message)

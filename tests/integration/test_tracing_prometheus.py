@@ -33,6 +33,7 @@ from tests.support.procs import (
     _spawn,
     free_port,
     prometheus_can_trace,
+    start_gunicorn,
     start_prometheus,
     start_uvicorn,
     wait_until,
@@ -245,3 +246,28 @@ def test_exemplars_reach_prometheus_and_name_the_trace(stack: Stack, tmp_path: P
         wait_until(stored, 30, what="the request's exemplar in Prometheus")
     finally:
         prom.stop()
+
+
+def test_gunicorn_workers_trace_and_leave_exemplars_out(stack: Stack, tmp_path: Path) -> None:
+    """As deployed (gunicorn, 2 workers, PROMETHEUS_MULTIPROC_DIR): every worker sets up its
+    own exporter after the fork and exports; the multiprocess exposition has no exemplars
+    (prometheus_client's files have no place for them), and says nothing wrong about it."""
+    env = {"PROMETHEUS_URL": stack.proxy.url, "OTEL_EXPORTER_OTLP_ENDPOINT": stack.receiver.endpoint,
+           "OTEL_SERVICE_NAME": "gateway-gunicorn", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    gw = start_gunicorn(tmp_path, "app.main:app", env, workers=2)
+    try:
+        traces = set()
+        for _ in range(8):
+            header, trace_id, _ = _traceparent()
+            r = httpx.get(f"{gw.url}/api/v1/query", params={"query": "vector(3)"}, timeout=10,
+                          headers={"traceparent": header, "connection": "close"})
+            assert r.status_code == 200
+            traces.add(trace_id)
+        spans = stack.receiver.wait_for(lambda s: traces <= {x.trace_id for x in s if x.service == "gateway-gunicorn"
+                                                             and x.kind == SERVER})
+        assert len({s.trace_id for s in spans if s.service == "gateway-gunicorn"}) >= len(traces)
+        om = httpx.get(f"{gw.url}/metrics", timeout=5, headers={"accept": "application/openmetrics-text"}).text
+        assert "fastapi_requests_duration_seconds_bucket{" in om
+        assert not any(t in om for t in traces)
+    finally:
+        gw.stop()
