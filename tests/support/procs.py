@@ -19,9 +19,9 @@ import httpx
 
 from tests.support.tools import path_of
 
-# TEST_PROMETHEUS_BIN: another build (e.g. an upstream release, whose tracing works:
-# Debian's 2.42 package is built without the OpenTelemetry SDK).
-PROMETHEUS_BIN = os.environ.get("TEST_PROMETHEUS_BIN") or path_of("prometheus")
+PROMETHEUS_BIN = path_of("prometheus")
+# A build whose `tracing:` exports spans (scripts/setup-tracing-prometheus), or TEST_PROMETHEUS_BIN.
+TRACING_PROMETHEUS_BIN = str(Path(__file__).resolve().parents[2] / ".tools/prometheus-tracing/usr/bin/prometheus")
 PROMTOOL_BIN = path_of("promtool")
 REDIS_BIN = path_of("redis-server")
 
@@ -101,7 +101,7 @@ def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None 
 
 def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
                      scrape_interval: str = "1s", extra_config: str = "",
-                     timeout: float = 30.0) -> Proc:
+                     timeout: float = 30.0, binary: str = PROMETHEUS_BIN) -> Proc:
     """A real Prometheus on loopback with the given scrape_configs block (YAML list)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
     )
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(
-        [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
+        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
          "--storage.tsdb.retention.time=1h", "--log.level=warn"],
         workdir, "prometheus", port=port, url=url,
@@ -178,6 +178,15 @@ def start_uvicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *,
         proc.stop()
         raise RuntimeError(f"{app} did not start:\n{proc.log()}") from None
     return proc
+
+
+def tracing_prometheus() -> str | None:
+    """A Prometheus binary that exports spans: TEST_PROMETHEUS_BIN, the one
+    scripts/setup-tracing-prometheus fetched, or the system one if it can; else None."""
+    for candidate in (os.environ.get("TEST_PROMETHEUS_BIN"), TRACING_PROMETHEUS_BIN, PROMETHEUS_BIN):
+        if candidate and prometheus_can_trace(candidate):
+            return candidate
+    return None
 
 
 def prometheus_can_trace(binary: str = PROMETHEUS_BIN) -> bool:
