@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app.common import tracing
 from app.gateway import create_gateway_router
-from app.gateway.fastpath import MemoFastPath
+from app.gateway.routes.fastpath import MemoFastPath
 from app.gateway.settings import GatewaySettings
 from app.monitoring import install_monitoring
 from app.monitoring.http import RouteTemplates

@@ -116,7 +116,8 @@ def soak_rows(soak: dict[str, Any]) -> list[str]:
 def fetch_note(per_route: float | None) -> str:
     base = ("Upstream load stays bounded: no request storm, and no retry loop while Prometheus is down "
             "(the circuit breaker spaces the attempts). 8 of `/system`'s 9 figures are also summary figures; "
-            "cache expiry on a TTL grid (app/gateway/cache.py) makes both routes refetch shared figures in step")
+            "cache expiry on a TTL grid (app/gateway/caching/clock.py) makes both routes refetch shared figures "
+            "in step")
     if per_route is not None and per_route <= 1.2:
         return base + f", so the two routes cost about one upstream request each per window ({per_route})."
     return base + (f", yet this run measured {per_route} requests per route per window: figures fetched in "

@@ -39,9 +39,10 @@ import promql_parser as pp
 
 from app.common.secrets import redact_url
 from app.gateway.catalog.loader import CatalogError, build_catalog, parse_query, read_catalog_data
-from app.gateway.promql import PromQLError, parse
+from app.gateway.promql.syntax import PromQLError, parse
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import QUERY_ERRORS, PrometheusClient, UpstreamError
+from app.gateway.upstream.answers import UpstreamError
+from app.gateway.upstream.client import QUERY_ERRORS, PrometheusClient
 
 COUNTER_FUNCS = frozenset({"rate", "irate", "increase", "resets"})
 GAUGE_FUNCS = frozenset({"delta", "idelta", "deriv", "predict_linear", "holt_winters",

@@ -7,9 +7,11 @@ provenance, and JSON, text exposition and the status page all read it from here.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from app.gateway.catalog.model import CatalogQuery
 
@@ -116,3 +118,31 @@ def overall_status(results: list[QueryResult]) -> str:
     if any(r.state in (State.STALE, State.FAILED) or r.warnings or r.dropped for r in results):
         return "degraded"
     return "ok"
+
+
+class ApiResult:
+    """An answer for the query API: the envelope to send and how it was had.
+
+    `raw` is the body to send as is when there is one (upstream's own bytes, or a
+    remembered answer); `doc` is then decoded only if someone asks for it.
+    """
+
+    __slots__ = ("_doc", "evaluated_at", "lookup", "raw", "status_code")
+
+    def __init__(self, status_code: int, doc: dict[str, Any] | None, lookup: Lookup,
+                 evaluated_at: float | None = None, raw: bytes | None = None) -> None:
+        if doc is None and raw is None:
+            raise ValueError("an ApiResult needs a doc or a raw body")
+        self.status_code = status_code
+        self._doc = doc
+        self.lookup = lookup  # hit / partial / miss / coalesced: the X-Gateway-Cache header
+        self.evaluated_at = evaluated_at  # an instant query's evaluation time (unix s)
+        self.raw = raw
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The envelope (status, data, warnings, infos, errorType, error)."""
+        if self._doc is None:
+            assert self.raw is not None
+            self._doc = json.loads(self.raw)
+        return self._doc

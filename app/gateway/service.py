@@ -19,15 +19,19 @@ import httpx
 from app.common import tracing
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
-from app.gateway.cache import QueryCache, ResponseMemo
+from app.gateway.caching.figures import QueryCache
+from app.gateway.caching.memo import ResponseMemo
+from app.gateway.caching.shared import SharedTier
+from app.gateway.caching.shared_ranges import SharedExtentStore, SharedFlights
+from app.gateway.caching.stores import MemoryExtentStore, TieredExtentStore
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
-from app.gateway.engine import Engine, Filters
-from app.gateway.ranges import MemoryExtentStore, RangeCache, TieredExtentStore
+from app.gateway.engines.figures import Engine, Filters
+from app.gateway.engines.ranges import RangeCache
+from app.gateway.engines.readiness import ReadinessProbe
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
-from app.gateway.upstream import PrometheusClient
+from app.gateway.upstream.client import PrometheusClient
 
 CATALOG_SCOPES = 64  # tenants whose unfiltered figures the catalog class holds at once
 
@@ -47,6 +51,7 @@ class GatewayService:
         self._transport = transport
         self._client: PrometheusClient | None = None
         self._engine: Engine | None = None
+        self._readiness: ReadinessProbe | None = None
         self._ranges: RangeCache | None = None
         self._shared: SharedTier | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,6 +73,7 @@ class GatewayService:
         # Redis clients belong to one event loop too: made here, with the engine.
         self._shared = SharedTier.from_settings(self.settings, self.catalog)
         self._engine = Engine(self.settings, self._client, self.cache, self._shared)
+        self._readiness = ReadinessProbe(self.settings, self._client, self._engine.background)
         if self._shared is None:
             self._ranges = RangeCache(self.settings, self._client, self.range_store)
         else:  # local -> shared -> upstream, one flight per request across the fleet
@@ -76,7 +82,7 @@ class GatewayService:
 
     async def aclose(self) -> None:
         engine, ranges, client, shared, loop = self._engine, self._ranges, self._client, self._shared, self._loop
-        self._client = self._engine = self._ranges = self._shared = None
+        self._client = self._engine = self._ranges = self._shared = self._readiness = None
         self._loop = None
         if loop is not None and loop is not asyncio.get_running_loop():
             return  # made in a loop that is gone: nothing of it can be awaited here
@@ -104,7 +110,7 @@ class GatewayService:
 
     @property
     def ranges(self) -> RangeCache:
-        """The exact range cache of the query API (app/gateway/ranges.py)."""
+        """The exact range cache of the query API (app/gateway/engines/ranges.py)."""
         if self._ranges is None:
             raise RuntimeError("gateway not started")
         return self._ranges
@@ -114,9 +120,10 @@ class GatewayService:
         return self._client is not None
 
     async def ready(self) -> tuple[bool, str]:
-        """The readiness check /ready runs: the engine's shared, short-lived probe."""
-        engine = await self.ensure_started()
-        return await engine.ready()
+        """The readiness check /ready runs: one shared, short-lived probe."""
+        await self.ensure_started()
+        assert self._readiness is not None
+        return await self._readiness.ready()
 
     # -- figures ------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class GatewaySettings(BaseSettings):
     response_memo_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     batch_max_queries: int = Field(default=64, ge=1, le=500)
 
-    # The exact range cache of the query API (app/gateway/ranges.py). Evaluation steps
+    # The exact range cache of the query API (app/gateway/engines/ranges.py). Evaluation steps
     # whose data may still change (the last RANGE_CACHE_LIVE_WINDOW_SECONDS, judged on
     # the times a query reads) are refetched, kept RANGE_CACHE_LIVE_TTL_SECONDS at most;
     # older steps are kept RANGE_CACHE_TTL_SECONDS, within RANGE_CACHE_MAX_BYTES.
@@ -76,7 +76,7 @@ class GatewaySettings(BaseSettings):
     breaker_failure_threshold: int = Field(default=5, ge=1)
     breaker_reset_seconds: float = Field(default=10.0, gt=0)
 
-    # Shared tier (app/gateway/shared.py): one cache, one fetch in flight and one set of
+    # Shared tier (app/gateway/caching/shared.py): one cache, one fetch in flight and one set of
     # last good values for every worker and replica. GATEWAY_CACHE_URL is a Redis URL
     # (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://); unset, it
     # falls back to REDIS_URL when that is set (app/settings.py); "off" or "" disables it.

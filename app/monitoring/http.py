@@ -29,6 +29,7 @@ from starlette.routing import BaseRoute, Host, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.common import tracing
+from app.common.paths import route_path
 from app.monitoring.registry import multiprocess_values_active
 
 UNMATCHED = "<unmatched>"
@@ -61,15 +62,6 @@ HTTP_EXCEPTIONS = Counter(
     "Exceptions that escaped the application (answered 500), by exception class name.",
     ["app_name", "exception_type"],
 )
-
-
-def route_path(scope: Scope) -> str:
-    """The path the router matches on: ``scope['path']`` without ``root_path``."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :] or "/"
-    return path
 
 
 def _template_of(route: object) -> str | None:

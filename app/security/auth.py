@@ -59,6 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.common import tracing
 from app.common.exposition import sanitize_accept
+from app.common.paths import route_path
 from app.common.secrets import bearer_token, token_index
 from app.common.tenancy import UNCONFINED, Tenant, with_tenant
 from app.security.settings import SecuritySettings, TokenSource
@@ -88,14 +89,6 @@ def _sanitized_scope(scope: Scope) -> Scope:
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):] or "/"
-    return path
 
 
 def is_protected(path: str, prefixes: tuple[str, ...] = PROTECTED_PREFIXES) -> bool:
@@ -140,7 +133,7 @@ class SecurityMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            if self.tokens.enabled and is_protected(_route_path(scope), self.prefixes):
+            if self.tokens.enabled and is_protected(route_path(scope), self.prefixes):
                 refused, tenant = self._check_token(scope)
                 if refused is not None:
                     await send({"type": "websocket.close", "code": 1008})
@@ -153,7 +146,7 @@ class SecurityMiddleware:
             return
 
         rejection = self._check_limits(scope)
-        if rejection is None and self.tokens.enabled and is_protected(_route_path(scope), self.prefixes):
+        if rejection is None and self.tokens.enabled and is_protected(route_path(scope), self.prefixes):
             rejection, tenant = self._check_token(scope)
             if rejection is None:
                 scope = with_tenant(scope, tenant)
@@ -245,7 +238,7 @@ class SecurityMiddleware:
             return _json_response(403, "forbidden", "the bearer token is not accepted",
                                   {"WWW-Authenticate": REALM + ', error="invalid_token"'}), UNCONFINED
         tenant = tenants[index]
-        if tenant.scoped and not is_protected(_route_path(scope), TENANT_PREFIXES):
+        if tenant.scoped and not is_protected(route_path(scope), TENANT_PREFIXES):
             return _json_response(403, "forbidden", "this token is confined to a tenant; this path "
                                   "serves data without tenant labels"), UNCONFINED
         return None, tenant

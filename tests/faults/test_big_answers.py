@@ -22,7 +22,8 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from app.gateway.upstream import loads_in_steps, parse_answer, parse_off_loop
+from app.gateway.upstream.answers import parse_answer, parse_off_loop
+from app.gateway.upstream.jsonsteps import loads_in_steps
 from tests.faults.conftest import DEADLINE, MARGIN, Gateway, metric, record, start_gateway, stop_gateway
 from tests.faults.engine_fake import EngineFake, big_result, engine_env
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.gateway.cache import CacheClass, QueryCache, ResponseMemo, estimate_bytes
+from app.gateway.caching.figures import CacheClass, QueryCache, estimate_bytes
+from app.gateway.caching.memo import ResponseMemo
 from app.gateway.catalog.model import CatalogQuery
-from app.gateway.engine import _project
+from app.gateway.engines.batch import _project
 from app.gateway.result import Fetched, Sample
 from tests.faults.conftest import DEADLINE, MARGIN, Gateway, metric, record, start_gateway, stop_gateway
 from tests.faults.engine_fake import EngineFake, engine_env

@@ -21,10 +21,10 @@ import httpx
 import pytest
 import respx
 
-from app.gateway.cache import QueryCache
-from app.gateway.engine import Engine
+from app.gateway.caching.flight import Background
+from app.gateway.engines.readiness import ReadinessProbe
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient
+from app.gateway.upstream.client import PrometheusClient
 from tests.faults.conftest import DEADLINE, MARGIN, Gateway, record, start_gateway, stop_gateway
 from tests.faults.engine_fake import EngineFake, engine_env
 
@@ -105,9 +105,9 @@ def test_a_crowd_on_ready_costs_one_probe_and_leaves_the_summary_alone(gateway: 
 PROM = "http://prom.test:9090"
 
 
-def _engine(**kw: Any) -> Engine:
+def _engine(**kw: Any) -> ReadinessProbe:
     s = GatewaySettings(prometheus_url=PROM, **kw)
-    return Engine(s, PrometheusClient(s), QueryCache(s.cache_max_entries, s.stale_max_age_seconds))
+    return ReadinessProbe(s, PrometheusClient(s), Background())
 
 
 @respx.mock
@@ -119,15 +119,15 @@ async def test_a_failed_probe_is_reused_and_an_open_breaker_answers_at_once() ->
         assert await engine.ready() == (False, "unavailable")
         assert await engine.ready() == (False, "unavailable")  # reused: no second probe
         assert route.call_count == 1
-        engine._ready = None  # the reuse window is over
+        engine.expire()  # the reuse window is over
         assert await engine.ready() == (False, "unavailable")
         assert route.call_count == 2 and engine.client.breaker.state == "open"
-        engine._ready = None
+        engine.expire()
         t0 = time.perf_counter()
         assert await engine.ready() == (False, "circuit_open")  # the breaker answers, upstream is spared
         assert route.call_count == 2 and time.perf_counter() - t0 < 0.05
     finally:
-        await engine.aclose()
+        await engine.background.aclose()
         await engine.client.aclose()
 
 
@@ -146,5 +146,5 @@ async def test_concurrent_callers_share_one_probe_and_a_caller_giving_up_does_no
         assert answers == [(True, "ready")] * 50
         assert route.call_count == 1
     finally:
-        await engine.aclose()
+        await engine.background.aclose()
         await engine.client.aclose()

@@ -16,7 +16,7 @@ import pytest
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 
 from app.gateway.catalog.loader import load_catalog
-from app.gateway.names import FigureNames
+from app.gateway.catalog.names import FigureNames
 from tests.integration.conftest import PromStack
 from tests.support.procs import PROMTOOL_BIN, Proc, start_uvicorn
 

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.gateway.catalog.loader import load_catalog
-from app.gateway.names import FigureNames, figure_name
+from app.gateway.catalog.names import FigureNames, figure_name
 from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from tests.integration.conftest import PromStack

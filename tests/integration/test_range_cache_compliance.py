@@ -25,7 +25,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.gateway.ranges import label_key
+from app.gateway.caching.extents import label_key
 from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from tests.support.demo_data import (

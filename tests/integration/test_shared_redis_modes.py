@@ -16,9 +16,9 @@ import redis as redis_sync
 from redis.asyncio import Redis, RedisCluster
 
 from app.common.redis import make_redis_client
+from app.gateway.caching.shared import LEAD, SharedTier
 from app.gateway.result import Fetched, Sample
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import LEAD, SharedTier
 from app.settings import AppSettings
 from app.vrops.settings import VropsSettings
 from tests.support.procs import REDIS_BIN, Proc, _spawn, free_port, start_redis, wait_until

@@ -22,12 +22,12 @@ import redis as redis_sync
 from prometheus_client import REGISTRY
 
 from app.common.tenancy import UNCONFINED
+from app.gateway.caching.shared import catalog_fingerprint
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import Catalog
 from app.gateway.result import Lookup, State
 from app.gateway.service import GatewayService
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import catalog_fingerprint
 from tests.integration.conftest import PromStack
 from tests.support.procs import Proc, free_port, prometheus_query_requests, start_redis
 
@@ -292,8 +292,8 @@ async def test_redis_full(make: Make, own_redis: Proc) -> None:
 async def test_answers_with_warnings_are_shared_fresh_but_never_as_last_good(redis_db: redis_sync.Redis,
                                                                              redis_proc: Proc) -> None:
     from app.common.redis import make_redis_client
+    from app.gateway.caching.shared import SharedTier
     from app.gateway.result import Fetched, Sample, UpstreamFailure
-    from app.gateway.shared import SharedTier
 
     tier = SharedTier(GatewaySettings(), make_redis_client(redis_proc.url, 1.0), "w4rn")
     try:

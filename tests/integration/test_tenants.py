@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import CATEGORIES
-from app.gateway.names import FigureNames
+from app.gateway.catalog.names import FigureNames
 from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from app.security import SecuritySettings

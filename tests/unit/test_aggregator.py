@@ -12,13 +12,13 @@ import httpx
 import pytest
 import respx
 
-from app.gateway.cache import QueryCache
+from app.gateway.caching.figures import QueryCache
 from app.gateway.catalog.loader import build_catalog
 from app.gateway.catalog.model import Catalog, CatalogQuery
-from app.gateway.engine import Engine
+from app.gateway.engines.figures import Engine
 from app.gateway.result import State
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient
+from app.gateway.upstream.client import PrometheusClient
 
 PROM = "http://prom.test:9090"
 QUERY_URL = f"{PROM}/api/v1/query"

@@ -9,7 +9,8 @@ import pytest
 import respx
 
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, UpstreamError
+from app.gateway.upstream.answers import UpstreamError
+from app.gateway.upstream.client import PrometheusClient
 
 PROM = "http://prom.api:9090/prefix"
 

@@ -11,9 +11,10 @@ import pytest
 import respx
 from prometheus_client import REGISTRY
 
-from app.gateway.breaker import CircuitBreaker
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, UpstreamError
+from app.gateway.upstream.answers import UpstreamError
+from app.gateway.upstream.breaker import CircuitBreaker
+from app.gateway.upstream.client import PrometheusClient
 
 PROM = "http://prom.test:9090"
 QUERY_URL = f"{PROM}/api/v1/query"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import respx
 from prometheus_client import REGISTRY
 
-from app.gateway.cache import QueryCache
-from app.gateway.engine import Engine
-from app.gateway.upstream import PrometheusClient
+from app.gateway.caching.figures import QueryCache
+from app.gateway.engines.figures import Engine
+from app.gateway.upstream.client import PrometheusClient
 from tests.unit.test_aggregator import ABC, QUERY_URL, fake_prometheus, settings
 
 CATEGORY = "events-test"

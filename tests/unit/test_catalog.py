@@ -120,7 +120,7 @@ def test_query_the_printer_cannot_handle_names_the_query(monkeypatch: pytest.Mon
     # The printer now prints every tree the parser makes (negative offsets included),
     # so a printer failure is simulated: the catalog must still name the query.
     from app.gateway.catalog import loader
-    from app.gateway.promql import PromQLError
+    from app.gateway.promql.syntax import PromQLError
 
     def refuse(expr: str) -> None:
         raise PromQLError("cannot print the query back: simulated")

@@ -13,7 +13,7 @@ import pytest
 
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.doctor import NameFacts, judge, metric_names, resolve
-from app.gateway.promql import parse, selectors
+from app.gateway.promql.syntax import parse, selectors
 from tests.support.synthetic_backend import LEGACY_GAUGE_SERIES, LEGACY_GAUGE_TYPES, SERIES, TYPES, S
 
 CATALOG = load_catalog()

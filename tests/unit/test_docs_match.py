@@ -10,7 +10,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from app import instrumentation as kit
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.doctor import metric_names
-from app.gateway.promql import parse
+from app.gateway.promql.syntax import parse
 from tests.unit.test_dashboards import BACKEND_CONTRACT
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import respx
 
 from app.__main__ import main
 from app.gateway.doctor import NameFacts, Status, diagnose, judge, resolve
-from app.gateway.promql import parse
+from app.gateway.promql.syntax import parse
 from app.gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.catalog.model import CATEGORIES
-from app.gateway.promql import selectors
+from app.gateway.promql.syntax import selectors
 from app.gateway.settings import GatewaySettings
 from app.main import create_app
 

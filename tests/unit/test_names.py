@@ -1,4 +1,4 @@
-"""Catalog figures as metric names (app/gateway/names.py) and the printer that expands them."""
+"""Catalog figures as metric names (app/gateway/catalog/names.py) and the printer that expands them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import promql_parser as pp
 import pytest
 
 from app.gateway.catalog.loader import build_catalog, load_catalog
-from app.gateway.names import FigureNameError, FigureNames, figure_name, merge_metadata
-from app.gateway.promql import PromQLError, check_printable, parse, print_expr, same_tree, selectors
+from app.gateway.catalog.names import FigureNameError, FigureNames, figure_name, merge_metadata
+from app.gateway.promql.syntax import PromQLError, check_printable, parse, print_expr, same_tree, selectors
 
 CATALOG = load_catalog()
 NAMES = FigureNames(CATALOG)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.gateway.catalog.loader import load_catalog
-from app.gateway.promql import _Printer, parse, print_expr
+from app.gateway.promql.syntax import _Printer, parse, print_expr
 from app.gateway.render import docs as docs_render
 from tests.unit.test_dashboards import GRAFANA_MACROS
 

@@ -14,10 +14,11 @@ import respx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.gateway.promapi import parse_duration, parse_time
-from app.gateway.router import create_gateway_router
+from app.gateway.promql.timing import parse_duration, parse_time
+from app.gateway.routes.figures import create_gateway_router
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, UpstreamError
+from app.gateway.upstream.answers import UpstreamError
+from app.gateway.upstream.client import PrometheusClient
 
 PROM = "http://prom.test:9090/prefix"
 

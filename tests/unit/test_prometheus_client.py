@@ -18,8 +18,11 @@ import httpx
 import pytest
 import respx
 
+from app.gateway.caching.flight import Background
+from app.gateway.engines.readiness import ReadinessProbe
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, QueryAnswer, UpstreamError, parse_answer
+from app.gateway.upstream.answers import QueryAnswer, UpstreamError, parse_answer
+from app.gateway.upstream.client import PrometheusClient
 from tests.support.files import rotate
 
 PROM = "http://prom.test:9090"
@@ -403,7 +406,8 @@ async def test_query_errors_do_not_open_an_episode(caplog: pytest.LogCaptureFixt
 async def test_ready_queries_vector_one() -> None:
     route = respx.post(QUERY_URL).mock(side_effect=[httpx.Response(200, json=vector(({}, "1"))),
                                                     httpx.ConnectError("refused")])
-    async with prom_client(settings()) as c:
-        assert await c.ready() == (True, "ready")
-        assert await c.ready() == (False, "unreachable")
+    async with prom_client(settings(ready_cache_seconds=0)) as c:
+        probe = ReadinessProbe(c.settings, c, Background())
+        assert await probe.ready() == (True, "ready")
+        assert await probe.ready() == (False, "unreachable")
     assert form(route.calls[0].request)["query"] == "vector(1)"

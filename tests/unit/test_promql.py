@@ -8,7 +8,7 @@ import promql_parser as pp
 import pytest
 
 from app.gateway.catalog.loader import load_catalog
-from app.gateway.promql import (
+from app.gateway.promql.syntax import (
     PromQLError,
     apply_filters,
     check_printable,

@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import pytest
 
 from app.common.redis import make_redis_client
-from app.gateway.ranges import MemoryExtentStore, RangeCache, TieredExtentStore, _key, _params_key
+from app.gateway.caching.shared import SharedTier
+from app.gateway.caching.shared_ranges import SharedExtentStore, SharedFlights
+from app.gateway.caching.stores import MemoryExtentStore, TieredExtentStore
+from app.gateway.engines.ranges import RangeCache, _key, _params_key
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import SharedExtentStore, SharedFlights, SharedTier
-from app.gateway.upstream import UpstreamError
+from app.gateway.upstream.answers import UpstreamError
 from tests.support.procs import Proc
 from tests.unit.test_ranges import FakeAnswer, GridUpstream
 

@@ -15,30 +15,23 @@ from typing import Any
 
 import pytest
 
-from app.gateway.ranges import (
-    BLOCK_STEPS,
+from app.gateway.caching.extents import (
     Extent,
-    MemoryExtentStore,
-    RangeCache,
-    Reach,
-    Uncacheable,
     _assembled_body,
     assemble,
     extent_of,
-    fmt_ms,
-    instant_reach,
     label_key,
-    ms_of,
     normalise,
-    prom_ts,
-    range_reach,
-    step_ms_of,
     storable,
     subtract,
 )
+from app.gateway.caching.stores import MemoryExtentStore
+from app.gateway.engines.ranges import BLOCK_STEPS, RangeCache
+from app.gateway.promql.reach import Reach, Uncacheable, instant_reach, range_reach
+from app.gateway.promql.timing import fmt_ms, ms_of, prom_ts, step_ms_of
 from app.gateway.result import Lookup
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import UpstreamError
+from app.gateway.upstream.answers import UpstreamError
 
 S = 1000  # ms per second
 
@@ -332,8 +325,7 @@ def make_cache(now: float, **overrides: Any) -> tuple[RangeCache, GridUpstream, 
     settings = GatewaySettings(range_cache_live_window_seconds=60, **overrides)
     upstream = GridUpstream()
     clock = Clock(now)
-    cache = RangeCache(settings, upstream, MemoryExtentStore(10_000_000, timer=clock))
-    cache.clock = clock
+    cache = RangeCache(settings, upstream, MemoryExtentStore(10_000_000, timer=clock), clock=clock)
     return cache, upstream, clock
 
 

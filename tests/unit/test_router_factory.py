@@ -10,7 +10,7 @@ import respx
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from app.gateway.router import create_gateway_router
+from app.gateway.routes.figures import create_gateway_router
 from app.gateway.settings import GatewaySettings
 
 PROM = "http://prom.embedded:9090"

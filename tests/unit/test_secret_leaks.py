@@ -12,7 +12,8 @@ import pytest
 from pydantic import SecretStr
 
 from app.gateway.settings import GatewaySettings
-from app.gateway.upstream import PrometheusClient, UpstreamError
+from app.gateway.upstream.answers import UpstreamError
+from app.gateway.upstream.client import PrometheusClient
 from app.vrops.settings import VropsSettings
 
 SECRET = "pw-S3CRET-value"

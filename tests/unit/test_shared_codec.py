@@ -7,17 +7,12 @@ import math
 
 import pytest
 
+from app.gateway.caching.clock import grid_expiry
+from app.gateway.caching.codec import Codec, CodecError
+from app.gateway.caching.shared import FORMAT_VERSION, KeySpace, catalog_fingerprint
 from app.gateway.catalog.loader import load_catalog
 from app.gateway.result import Fetched, Sample, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import (
-    FORMAT_VERSION,
-    Codec,
-    CodecError,
-    KeySpace,
-    catalog_fingerprint,
-    grid_expiry,
-)
 
 ANSWER = Fetched(
     (Sample((("provider", "openai"), ("model", "gpt-4o")), 12.5),

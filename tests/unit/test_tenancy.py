@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 
 from app.common.secrets import SECRET_FILE_ERRORS
 from app.common.tenancy import UNCONFINED, Tenant, TenantConfigError, make_tenant, tenant_from_config, tenant_of
-from app.gateway.promql import PromQLError, enforce, enforce_match, parse
+from app.gateway.promql.syntax import PromQLError, enforce, enforce_match, parse
 from app.gateway.settings import GatewaySettings
 from app.main import create_app
 from app.security import SecurityMiddleware, SecuritySettings, TokenSource

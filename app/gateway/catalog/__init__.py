@@ -1,0 +1,1 @@
+"""The figure catalog as data and its figure names: may import promql only."""

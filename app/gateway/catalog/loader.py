@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.gateway.catalog.model import CATEGORIES, Catalog, CatalogQuery, SummaryFigure
-from app.gateway.promql import PromQLError, check_printable, parse, value_type
+from app.gateway.promql.syntax import PromQLError, check_printable, parse, value_type
 
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")

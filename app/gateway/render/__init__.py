@@ -1,0 +1,1 @@
+"""Renderers of QueryResult (JSON, text, docs): may import result, catalog, promql."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from app.gateway.catalog.model import CATEGORIES, Catalog
-from app.gateway.promql import enforce, quote
+from app.gateway.promql.syntax import enforce, quote
 
 
 def _cell(text: str) -> str:

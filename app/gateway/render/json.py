@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.gateway.catalog.model import Catalog
-from app.gateway.names import figure_name
+from app.gateway.catalog.names import figure_name
 from app.gateway.result import QueryResult, State, overall_status
 
 

@@ -22,12 +22,12 @@ who waits is the engine's business, not the store's.
 
 from __future__ import annotations
 
-import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
+from app.gateway.caching.clock import grid_expiry
+from app.gateway.caching.lru import SizedLRU
 from app.gateway.result import Fetched
 
 # What CPython 3.11 spends (sys.getsizeof, 64-bit) on the parts of a cached answer.
@@ -55,52 +55,6 @@ class CacheClass(StrEnum):
 class Entry:
     fresh: Fetched | None  # reusable until fresh.expires_at
     good: Fetched | None  # the last good answer (never one that carried warnings)
-    size: int
-
-
-class FigureStore:
-    """key -> Entry in least-recently-used order, at most `max_entries` of them.
-
-    Keeps a running byte total so its owner can bound bytes across stores.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self.bytes = 0
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: Entry) -> int:
-        """Insert or replace; returns how many entries were evicted to stay within max_entries."""
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.bytes -= old.size
-        self._entries[key] = entry
-        self.bytes += entry.size
-        evicted = 0
-        while len(self._entries) > self.max_entries:
-            self.pop_oldest()
-            evicted += 1
-        return evicted
-
-    def pop_oldest(self) -> bool:
-        if not self._entries:
-            return False
-        _, entry = self._entries.popitem(last=False)
-        self.bytes -= entry.size
-        return True
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
 
 
 class QueryCache:
@@ -110,8 +64,8 @@ class QueryCache:
         self.stale_max_age = stale_max_age
         self.max_bytes = max_bytes
         self._stores = {
-            CacheClass.CATALOG: FigureStore(catalog_entries or max_entries),
-            CacheClass.FILTERED: FigureStore(max_entries),
+            CacheClass.CATALOG: SizedLRU[str, Entry](catalog_entries or max_entries),
+            CacheClass.FILTERED: SizedLRU[str, Entry](max_entries),
         }
 
     def fresh(self, key: str, cls: CacheClass, now: float | None = None) -> Fetched | None:
@@ -132,19 +86,10 @@ class QueryCache:
         return good
 
     @staticmethod
-    def expiry(ttl: float) -> float:
-        """The expiry for answers fetched now, on a grid of TTL steps (as Trickster aligns).
-
-        Every figure with the same TTL expires at the same instant, whichever route
-        fetched it and when, so routes that share figures refetch them in step: at
-        most one fetch per route per window instead of several small ones. An answer
-        fetched in the last tenth of a step is kept to the end of the next one.
-        """
-        now = time.monotonic()
-        if ttl <= 0:
-            return now
-        boundary = (math.floor(now / ttl) + 1) * ttl
-        return boundary + ttl if boundary - now < ttl / 10 else boundary
+    def expiry(ttl: float, now: float | None = None) -> float:
+        """The local expiry for answers fetched `now` (monotonic; this instant when
+        left out), on the TTL grid (``caching.clock.grid_expiry``)."""
+        return grid_expiry(ttl, time.monotonic() if now is None else now)
 
     def keep(self, key: str, cls: CacheClass, fetched: Fetched, *, good: bool) -> dict[CacheClass, int]:
         """Keep `fetched` as the key's fresh answer (while its expiry lies ahead) and, when
@@ -158,7 +103,7 @@ class QueryCache:
         size = _ENTRY + len(key)
         size += estimate_bytes(fresh) if fresh is not None else 0
         size += estimate_bytes(last) if last is not None and last is not fresh else 0
-        evicted = {cls: store.put(key, Entry(fresh, last, size))}
+        evicted = {cls: store.put(key, Entry(fresh, last), size)}
         # The byte bound: filtered variants give way, the catalog's figures never do.
         filtered = self._stores[CacheClass.FILTERED]
         while self.bytes > self.max_bytes and filtered.pop_oldest():
@@ -178,51 +123,4 @@ class QueryCache:
             s.clear()
 
 
-@dataclass(slots=True)
-class _Body:
-    body: bytes
-    media_type: str
-    until: float
 
-
-class ResponseMemo:
-    """Rendered bodies of healthy answers, kept until a given instant.
-
-    Under heavy load a warm figure should cost what serving bytes costs. Which
-    bodies are kept and for how long is the service's call; the memo is bounded
-    in entries and in bytes (bodies of big answers weigh megabytes), evicting
-    the least recently used. A dict read: it is asked on every warm request,
-    before routing (app/gateway/fastpath.py).
-    """
-
-    def __init__(self, seconds: float, max_entries: int = 256, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.seconds = seconds
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._bodies: OrderedDict[tuple[str, ...], _Body] = OrderedDict()
-
-    def get(self, key: tuple[str, ...]) -> tuple[bytes, str] | None:
-        hit = self._bodies.get(key)
-        if hit is None:
-            return None
-        if hit.until <= time.monotonic():
-            self._drop(key)
-            return None
-        self._bodies.move_to_end(key)
-        return hit.body, hit.media_type
-
-    def put(self, key: tuple[str, ...], body: bytes, media_type: str, until: float) -> None:
-        """Keep `body` until `until` (time.monotonic()); a body over the byte bound is not kept."""
-        if until <= time.monotonic() or len(body) > self.max_bytes:
-            return
-        self._drop(key)
-        self._bodies[key] = _Body(body, media_type, until)
-        self.bytes += len(body)
-        while len(self._bodies) > self.max_entries or self.bytes > self.max_bytes:
-            self._drop(next(iter(self._bodies)))
-
-    def _drop(self, key: tuple[str, ...]) -> None:
-        old = self._bodies.pop(key, None)
-        if old is not None:
-            self.bytes -= len(old.body)

@@ -21,14 +21,14 @@ from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
 from app.common.tenancy import Tenant, tenant_of
 from app.gateway.catalog.model import CATEGORIES, Catalog
-from app.gateway.engine import Shed
-from app.gateway.fastpath import kind_of, memo_key
-from app.gateway.promapi import create_promapi_router
-from app.gateway.promql import PLAIN_LABEL_VALUE
+from app.gateway.engines.figures import Shed
+from app.gateway.promql.syntax import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
 from app.gateway.render import json as json_render
 from app.gateway.render import text as text_render
 from app.gateway.result import QueryResult
+from app.gateway.routes.fastpath import kind_of, memo_key
+from app.gateway.routes.promapi import create_promapi_router
 from app.gateway.service import GatewayService, Rendered
 from app.gateway.settings import GatewaySettings
 
@@ -96,7 +96,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
     """The /prometheus/metrics routes and the Prometheus API, with their own lifespan.
 
     One router, one GatewayService (one upstream client, one engine): the figure
-    routes under `prefix`, the Prometheus HTTP API (app/gateway/promapi.py) under
+    routes under `prefix`, the Prometheus HTTP API (app/gateway/routes/promapi.py) under
     each of `api_prefixes` (an empty tuple serves no API). Without a lifespan
     (``TestClient(app)`` without ``with``) the service starts on first use.
     """

@@ -16,7 +16,7 @@ only), the series cap per figure, and readiness (one probe shared by every
 caller, reused for READY_CACHE_SECONDS, through the breaker). Big answers are
 split and projected in a worker thread, so the event loop keeps serving.
 
-With a shared tier (app/gateway/shared.py) a figure is looked up local tier ->
+With a shared tier (app/gateway/caching/shared.py) a figure is looked up local tier ->
 shared tier -> fleet-wide single flight -> upstream: a process's local misses
 go to Redis in one round trip, which answers them, hands this process the fetch
 (a lock), or names the process already fetching, whose outcome is then awaited.
@@ -27,37 +27,29 @@ the engine works as a lone process does.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
-import math
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Generic, TypeVar
 
 from app.common import tracing
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
-from app.gateway.cache import CacheClass, QueryCache
+from app.gateway.caching.clock import grid_expiry, to_monotonic
+from app.gateway.caching.figures import CacheClass, QueryCache
+from app.gateway.caching.flight import Background, SingleFlight
+from app.gateway.caching.shared import ALONE, LEAD, SharedTier
 from app.gateway.catalog.model import CatalogQuery
-from app.gateway.promql import apply_filters, enforce
-from app.gateway.result import Fetched, Lookup, QueryResult, Sample, UpstreamFailure
+from app.gateway.engines.batch import BATCH_LABEL, Outcome, Settled, _Job, _split_and_project, _split_and_project_big
+from app.gateway.promql.syntax import apply_filters, enforce
+from app.gateway.result import Fetched, Lookup, QueryResult, UpstreamFailure
 from app.gateway.settings import GatewaySettings
-from app.gateway.shared import ALONE, LEAD, SharedTier, grid_expiry
-from app.gateway.upstream import PrometheusClient, QueryAnswer, Series, UpstreamError, paused_gc
+from app.gateway.upstream.answers import QueryAnswer, UpstreamError
+from app.gateway.upstream.client import PrometheusClient
 
 log = logging.getLogger("gateway.aggregator")
 
-BATCH_LABEL = "gateway_query"
-READY_QUERY = "vector(1)"
 Filters = Mapping[str, Sequence[str]]
-Outcome = Fetched | UpstreamFailure
-Settled = tuple[Outcome, Lookup]  # and how the leader had it: miss, hit (shared tier), coalesced
-Readiness = tuple[bool, str]
-T = TypeVar("T")
-SeriesList = list[tuple[dict[str, str], float]]
-
 
 class Shed(Exception):
     """A request for filtered variants refused: the rate of filtered fetches is spent.
@@ -100,33 +92,6 @@ class TokenBucket:
         return max(0.0, (1.0 - self._tokens) / self.rate)
 
 
-class SingleFlight(Generic[T]):
-    """One fetch in flight per key: later askers wait on the first one's future
-    ("collapsed forwarding") instead of each asking upstream."""
-
-    def __init__(self) -> None:
-        self._inflight: dict[str, asyncio.Future[T]] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._inflight
-
-    def join(self, key: str) -> tuple[asyncio.Future[T], bool]:
-        """The key's future and whether the caller leads (must fetch and settle it)."""
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return fut, False
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        return fut, True
-
-    def settle(self, key: str, fut: asyncio.Future[T], outcome: T) -> None:
-        """Settle `fut`; unregister it only if it is still the key's fetch in flight
-        (a later request may have begun a new one after this one settled)."""
-        if self._inflight.get(key) is fut:
-            del self._inflight[key]
-        if not fut.done():
-            fut.set_result(outcome)
-
 
 @lru_cache(maxsize=4096)
 def _filtered(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
@@ -140,84 +105,6 @@ def _scoped(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...],
     return enforce(_filtered(expr, filters), matchers)
 
 
-def _rank(s: Sample) -> float:
-    return -math.inf if math.isnan(s.value) else s.value
-
-
-def _project(q: CatalogQuery, answer_series: Sequence[tuple[dict[str, str], float]],
-             cap: int) -> tuple[tuple[Sample, ...], int]:
-    """Keep only the query's declared labels; series that then coincide are summed.
-
-    This is what keeps job/instance (or any label the catalog did not ask for) out
-    of the output, without ever producing duplicate series. Past `cap` series the
-    `cap` largest values are kept (as topk would) and the number dropped returned,
-    so the cut is always reported, never silent.
-    """
-    merged: dict[tuple[tuple[str, str], ...], float] = {}
-    for labels, value in answer_series:
-        key = tuple((name, labels.get(name, "")) for name in q.labels)
-        merged[key] = merged[key] + value if key in merged else value
-    samples = [Sample(k, v) for k, v in merged.items()]
-    merged.clear()  # only references: the keys live on in the samples
-    if len(samples) <= cap:
-        return tuple(samples), 0
-    kept = tuple(heapq.nlargest(cap, samples, key=_rank))
-    dropped = len(samples) - cap
-    _drain(samples)
-    return kept, dropped
-
-
-def _drain(items: list[Any]) -> None:
-    """Free a big list one element at a time: dropped at once, its elements would be
-    freed in one uninterruptible cascade, holding the GIL (and the event loop) meanwhile."""
-    while items:
-        items.pop()
-
-
-def _split(jobs: Sequence[_Job], series: list[Series]) -> list[SeriesList]:
-    """The answer's series per job (a batch tags each with its part's index); `series` is emptied."""
-    per_job: list[SeriesList] = [[] for _ in jobs]
-    series.reverse()
-    while series:
-        s = series.pop()
-        if len(jobs) == 1:
-            per_job[0].append((s.labels, s.value))
-            continue
-        idx = s.labels.pop(BATCH_LABEL, None)
-        if idx is not None and idx.isdigit() and int(idx) < len(jobs):
-            per_job[int(idx)].append((s.labels, s.value))
-    return per_job
-
-
-def _split_and_project(jobs: Sequence[_Job], series: list[Series], cap: int) -> list[tuple[tuple[Sample, ...], int]]:
-    """Each job's samples and dropped count. Consumes `series` and frees what it leaves behind
-    as it goes, so that nothing big is left for the event loop to free."""
-    out = []
-    for j, part in zip(jobs, _split(jobs, series), strict=True):
-        out.append(_project(j.query, part, cap))
-        _drain(part)
-    return out
-
-
-def _split_and_project_big(jobs: Sequence[_Job], series: list[Series],
-                           cap: int) -> list[tuple[tuple[Sample, ...], int]]:
-    with paused_gc():
-        return _split_and_project(jobs, series, cap)
-
-
-@dataclass(slots=True)
-class _Job:
-    query: CatalogQuery
-    key: str  # cache key: the kept labels and the final PromQL
-    cls: CacheClass  # catalog (unfiltered) or filtered
-    expr: str  # the final PromQL, filters applied
-    future: asyncio.Future[Settled]
-
-
-def _local_expiry(wall: float) -> float:
-    """A wall-clock expiry as this process's monotonic one."""
-    return time.monotonic() + (wall - time.time())
-
 
 class Engine:
     def __init__(self, settings: GatewaySettings, client: PrometheusClient, cache: QueryCache,
@@ -228,15 +115,8 @@ class Engine:
         self.shared = shared
         self.flights: SingleFlight[Settled] = SingleFlight()
         self.filtered_fetches = TokenBucket(settings.filtered_fetches_per_second, settings.filtered_fetch_burst)
-        self._ready_flight: SingleFlight[Readiness] = SingleFlight()
-        self._ready: tuple[float, Readiness] | None = None  # (valid until, loop time; outcome)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def _spawn(self, work: Coroutine[object, object, None]) -> None:
-        """Run work shared with other requests: it must outlive the request that started it."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Work shared with other requests: it must outlive the request that started it.
+        self.background = Background()
 
     async def run(self, queries: Sequence[CatalogQuery], category: str,
                   filters: Filters | None = None, tenant: Tenant = UNCONFINED) -> list[QueryResult]:
@@ -282,7 +162,7 @@ class Engine:
                 coalesced.add(i)
             waiting[i] = fut
         if to_fetch:
-            self._spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
+            self.background.spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
 
         if waiting:
             remaining = max(0.0, deadline - loop.time())
@@ -446,7 +326,7 @@ class Engine:
         the wall-clock grid, so every process of the fleet expires them in step."""
         if self.shared is None:
             return self.cache.expiry(ttl)
-        return _local_expiry(grid_expiry(ttl, now))
+        return to_monotonic(grid_expiry(ttl, now))
 
     async def _settle(self, jobs: list[_Job], answer: QueryAnswer, category: str) -> dict[str, Outcome]:
         now = time.time()
@@ -479,42 +359,5 @@ class Engine:
         gm.cache_usage({str(c): u for c, u in self.cache.usage().items()}, evicted)
         return outcomes
 
-    # -- readiness ----------------------------------------------------------------------
-
-    async def ready(self) -> Readiness:
-        """Can the upstream evaluate a query? One probe answers every caller.
-
-        /ready is open to anyone: asked directly, each call would be an upstream
-        request outside cache, coalescing and breaker, so a crowd of callers could
-        take the pool from the figures. Here concurrent callers share one probe in
-        flight, its outcome is reused for READY_CACHE_SECONDS, and the probe goes
-        through the client's breaker (while the circuit is open: not ready, at once).
-        """
-        loop = asyncio.get_running_loop()
-        if self._ready is not None and loop.time() < self._ready[0]:
-            return self._ready[1]
-        fut, leader = self._ready_flight.join("ready")
-        if leader:
-            self._spawn(self._probe(fut))
-        # Shielded: a caller giving up (its own readiness budget) must not cancel the shared probe.
-        return await asyncio.shield(fut)
-
-    async def _probe(self, fut: asyncio.Future[Readiness]) -> None:
-        outcome: Readiness = (False, "internal")
-        try:
-            with tracing.quiet():  # no trace per probe
-                await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds,
-                                        category="ready")
-            outcome = (True, "ready")
-        except UpstreamError as exc:
-            outcome = (False, exc.error_type)
-        finally:
-            until = asyncio.get_running_loop().time() + self.settings.ready_cache_seconds
-            self._ready = (until, outcome)
-            self._ready_flight.settle("ready", fut, outcome)
-
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.background.aclose()

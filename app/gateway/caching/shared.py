@@ -42,10 +42,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import secrets
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -57,10 +55,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.common.episodes import FailureEpisode
 from app.common.redis import AsyncRedis, make_redis_client
 from app.gateway import metrics as gm
-from app.gateway.breaker import CircuitBreaker
+from app.gateway.caching.clock import to_monotonic, to_wall
+from app.gateway.caching.codec import _BIG, Codec, CodecError
 from app.gateway.catalog.model import Catalog
-from app.gateway.result import Fetched, Sample, UpstreamFailure
+from app.gateway.result import Fetched, UpstreamFailure
 from app.gateway.settings import GatewaySettings
+from app.gateway.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger("gateway.shared")
 
@@ -113,102 +113,6 @@ class KeySpace:
 
 
 # -- codec --------------------------------------------------------------------------------
-
-class CodecError(ValueError):
-    """Bytes that are not an entry of this format (corrupt, foreign or truncated)."""
-
-
-_JSON: Final = b"J"  # compact JSON
-_ZLIB: Final = b"Z"  # zlib-compressed compact JSON
-_FAIL: Final = b"E"  # a failed fetch (res entries only)
-_BIG: Final = b"B"  # an answer too large to share (res entries only)
-
-
-def _num(v: float) -> float | str:
-    # JSON has no NaN or infinities; Prometheus sends them (as strings), so do we.
-    return v if math.isfinite(v) else repr(v)
-
-
-class Codec:
-    """Fetched answers to bytes and back: compact JSON, zlib when it pays, bounded."""
-
-    def __init__(self, max_bytes: int = 1024 * 1024, compress_min_bytes: int = 1024) -> None:
-        self.max_bytes = max_bytes
-        self.compress_min_bytes = compress_min_bytes
-
-    def encode(self, fetched: Fetched, expires_at: float = 0.0) -> bytes | None:
-        """The entry's bytes, or None when it exceeds the size bound."""
-        doc: dict[str, Any] = {
-            "t": fetched.fetched_at,
-            "s": [[[x for pair in s.labels for x in pair], _num(s.value)] for s in fetched.samples],
-        }
-        if expires_at:
-            doc["e"] = expires_at
-        if fetched.warnings:
-            doc["w"] = list(fetched.warnings)
-        if fetched.dropped:
-            doc["d"] = fetched.dropped
-        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-        data = _JSON + raw
-        if len(raw) >= self.compress_min_bytes:
-            packed = zlib.compress(raw, 6)
-            if len(packed) < len(raw):
-                data = _ZLIB + packed
-        return data if len(data) <= self.max_bytes else None
-
-    def decode(self, data: bytes) -> tuple[Fetched, float]:
-        """(answer, expires_at: unix time) from `encode`'s bytes; CodecError for anything
-        else. The answer's own ``expires_at`` (a monotonic instant of one process) is 0."""
-        tag, body = data[:1], data[1:]
-        try:
-            if tag == _ZLIB:
-                body = zlib.decompress(body)
-            elif tag != _JSON:
-                raise CodecError(f"unknown entry tag {tag!r}")
-            doc = json.loads(body)
-            samples = []
-            for flat, value in doc["s"]:
-                labels = tuple((str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat) - 1, 2))
-                samples.append(Sample(labels, float(value)))
-            warnings = tuple(str(w) for w in doc.get("w", ()))
-            return (Fetched(tuple(samples), float(doc["t"]), warnings, int(doc.get("d", 0))),
-                    float(doc.get("e", 0.0)))
-        except CodecError:
-            raise
-        except (ValueError, KeyError, TypeError, IndexError, zlib.error) as exc:
-            raise CodecError(f"undecodable entry: {exc}") from None
-
-    @staticmethod
-    def encode_failure(failure: UpstreamFailure) -> bytes:
-        return _FAIL + json.dumps([failure.error_type, failure.message[:500]], separators=(",", ":")).encode()
-
-    def decode_outcome(self, data: bytes) -> tuple[Fetched, float] | UpstreamFailure | None:
-        """A res entry: (answer, expires_at), the failure, or None for "too large to share"."""
-        tag = data[:1]
-        if tag == _BIG:
-            return None
-        if tag == _FAIL:
-            try:
-                etype, message = json.loads(data[1:])
-                return UpstreamFailure(str(etype), str(message))
-            except (ValueError, TypeError) as exc:
-                raise CodecError(f"undecodable failure: {exc}") from None
-        return self.decode(data)
-
-
-def grid_expiry(ttl: float, now: float | None = None) -> float:
-    """Wall-clock expiry (unix time) of an answer fetched `now`, on the TTL grid.
-
-    The same arithmetic as the local tier's grid but on ``time.time()``: clocks of
-    different hosts agree (NTP) where monotonic clocks never do, so every process
-    of every replica expires a figure at one instant. An answer fetched in the
-    last tenth of a step is kept to the end of the next one.
-    """
-    now = time.time() if now is None else now
-    if ttl <= 0:
-        return now
-    boundary = (math.floor(now / ttl) + 1) * ttl
-    return boundary + ttl if boundary - now < ttl / 10 else boundary
 
 
 # -- scripts: one call (one round trip, one command) per batch of figures ------------------
@@ -324,11 +228,7 @@ class Claim:
 
 def _local(fetched: Fetched, wall_expiry: float) -> Fetched:
     """The answer as this process keeps it: fresh until the wall-clock expiry, on its own clock."""
-    return dataclasses.replace(fetched, expires_at=time.monotonic() + (wall_expiry - time.time()))
-
-
-def _wall(monotonic_expiry: float) -> float:
-    return time.time() + (monotonic_expiry - time.monotonic())
+    return dataclasses.replace(fetched, expires_at=to_monotonic(wall_expiry))
 
 
 def _text(value: bytes | str) -> str:
@@ -366,10 +266,10 @@ class SharedTier:
                                       settings.gateway_cache_breaker_reset_seconds,
                                       on_change=gm.set_shared_breaker_state)
         self.episode = FailureEpisode("shared cache tier (Redis)", log)
-        self._claim = client.register_script(_CLAIM)
-        self._poll = client.register_script(_POLL)
-        self._publish = client.register_script(_PUBLISH)
-        self._renew = client.register_script(_RENEW)
+        self.claim_script = client.register_script(_CLAIM)
+        self.poll_script = client.register_script(_POLL)
+        self.publish_script = client.register_script(_PUBLISH)
+        self.renew_script = client.register_script(_RENEW)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, catalog: Catalog) -> SharedTier | None:
@@ -396,7 +296,7 @@ class SharedTier:
         """May the tier be asked now? False while its breaker is open."""
         return self.breaker.allow()
 
-    async def _guarded(self, op: Callable[[], Awaitable[_T]], budget: float | None = None) -> _T | None:
+    async def guarded(self, op: Callable[[], Awaitable[_T]], budget: float | None = None) -> _T | None:
         """Run one Redis operation within min(timeout, budget); None on any failure
         (counted, fed to the breaker, logged once per episode)."""
         limit = self.timeout if budget is None else min(self.timeout, budget)
@@ -419,9 +319,9 @@ class SharedTier:
         gm.shared_ok()
         return result
 
-    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[str | bytes | int],
+    async def script(self, script: Any, keys: Sequence[str], args: Sequence[str | bytes | int],
                       budget: float | None) -> Any:
-        return await self._guarded(lambda: script(keys=keys, args=args), budget)
+        return await self.guarded(lambda: script(keys=keys, args=args), budget)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -434,7 +334,7 @@ class SharedTier:
             k = self.keys.of(key)
             rkeys += (k.fresh, k.lock, k.good)
         args = [token, self.lease_ms, *("1" if g else "0" for g in want_good)]
-        replies = await self._script(self._claim, rkeys, args, budget)
+        replies = await self.script(self.claim_script, rkeys, args, budget)
         if replies is None:
             return None
         claim = Claim(token)
@@ -467,60 +367,73 @@ class SharedTier:
             log.debug("undecodable shared entry ignored: %s", exc)
             return None
 
-    async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
-        """Poll the flights other processes lead (backoff 1 ms .. 25 ms) until each
-        has an outcome, its holder vanished (then the lock is taken with `token` and
-        the key comes back as LEAD), or `deadline` (event-loop time) passes."""
+    async def poll(self, awaited: Mapping[str, str], token: str,
+                   deadline: float) -> tuple[dict[str, tuple[int, bytes]], bool]:
+        """The one poll loop of the fleet's flights (figures and ranges): poll the flights
+        other processes lead (backoff 1 ms .. 25 ms) until each has a final reply (1: an
+        outcome, 2: a fresh entry, 4: its holder vanished and the lock is now `token`'s),
+        or `deadline` (event-loop time) passes. Returns the final replies by key and
+        whether the tier failed (then the keys without a reply were left pending)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         pending = dict(awaited)
-        out: dict[str, WaitOutcome] = {}
+        final: dict[str, tuple[int, bytes]] = {}
+        failed = False
         delay = self.POLL_FIRST
-        while pending:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
-            order = list(pending)
-            rkeys: list[str] = []
-            for key in order:
-                k = self.keys.of(key)
-                rkeys += (k.res, k.lock, k.fresh)
-            replies = await self._script(self._poll, rkeys, [token, self.lease_ms, *(pending[k] for k in order)],
-                                         deadline - loop.time())
-            if replies is None:
-                out.update(dict.fromkeys(pending, ALONE))
-                pending.clear()
-                break
-            for key, reply in zip(order, replies, strict=True):
-                code = int(reply[0])
-                if code == 0:
-                    continue
-                if code == 3:
-                    pending[key] = _text(reply[1])
-                    continue
-                del pending[key]
-                if code == 4:
-                    out[key] = LEAD
-                elif code == 2:
-                    fresh = self._decode(reply[1])
-                    out[key] = _local(*fresh) if fresh is not None else ALONE
+        try:
+            while pending and (remaining := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
+                order = list(pending)
+                rkeys: list[str] = []
+                for key in order:
+                    k = self.keys.of(key)
+                    rkeys += (k.res, k.lock, k.fresh)
+                replies = await self.script(self.poll_script, rkeys,
+                                            [token, self.lease_ms, *(pending[k] for k in order)],
+                                            deadline - loop.time())
+                if replies is None:
+                    failed = True
+                    break
+                for key, reply in zip(order, replies, strict=True):
+                    code = int(reply[0])
+                    if code == 3:  # another process holds it now: wait for that one
+                        pending[key] = _text(reply[1])
+                    elif code != 0:
+                        del pending[key]
+                        final[key] = (code, bytes(reply[1]) if code != 4 else b"")
+        finally:
+            gm.shared_lock_wait(loop.time() - started)
+        return final, failed
+
+    async def wait(self, awaited: Mapping[str, str], token: str, deadline: float) -> dict[str, WaitOutcome]:
+        """The figures' outcomes of flights other processes lead (``poll``): answers,
+        failures, LEAD (taken over), ALONE (tier failed or corrupt), or a timeout."""
+        final, failed = await self.poll(awaited, token, deadline)
+        out: dict[str, WaitOutcome] = {}
+        for key in awaited:
+            if key not in final:
+                out[key] = ALONE if failed else UpstreamFailure(
+                    "timeout", "request deadline reached while another process fetched")
+                continue
+            code, data = final[key]
+            if code == 4:
+                out[key] = LEAD
+            elif code == 2:
+                fresh = self._decode(data)
+                out[key] = _local(*fresh) if fresh is not None else ALONE
+            else:
+                try:
+                    outcome = self.codec.decode_outcome(data)
+                except CodecError:
+                    gm.shared_error("corrupt")
+                    outcome = None
+                if outcome is None:
+                    out[key] = ALONE
+                elif isinstance(outcome, tuple):
+                    out[key] = _local(*outcome)
                 else:
-                    try:
-                        outcome = self.codec.decode_outcome(reply[1])
-                    except CodecError:
-                        gm.shared_error("corrupt")
-                        outcome = None
-                    if outcome is None:
-                        out[key] = ALONE
-                    elif isinstance(outcome, tuple):
-                        out[key] = _local(*outcome)
-                    else:
-                        out[key] = outcome
-        for key in pending:
-            out[key] = UpstreamFailure("timeout", "request deadline reached while another process fetched")
-        gm.shared_lock_wait(loop.time() - started)
+                    out[key] = outcome
         return out
 
     async def publish(self, token: str, outcomes: Mapping[str, Fetched | UpstreamFailure]) -> None:
@@ -540,7 +453,7 @@ class SharedTier:
                 continue
             # Back to the wall clock; rounded to the millisecond the grid is made of
             # (the two clocks were read microseconds apart).
-            fresh_at = round(_wall(outcome.expires_at) * 1000)
+            fresh_at = round(to_wall(outcome.expires_at) * 1000)
             expires_at = fresh_at / 1000
             encoded = self.codec.encode(outcome, expires_at)
             if encoded is None:
@@ -548,7 +461,7 @@ class SharedTier:
                 continue
             args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "0" if outcome.warnings else "1", b"")
         if rkeys:
-            await self._script(self._publish, rkeys, args, None)
+            await self.script(self.publish_script, rkeys, args, None)
 
     @contextlib.asynccontextmanager
     async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
@@ -563,7 +476,7 @@ class SharedTier:
         async def renew() -> None:
             while True:
                 await asyncio.sleep(interval)
-                await self._script(self._renew, locks, [token, self.lease_ms], None)
+                await self.script(self.renew_script, locks, [token, self.lease_ms], None)
 
         task = asyncio.get_running_loop().create_task(renew())
         try:
@@ -574,196 +487,9 @@ class SharedTier:
                 await task
 
     async def ping(self) -> bool:
-        return bool(await self._guarded(self.client.ping))
+        return bool(await self.guarded(self.client.ping))
 
 
 # -- the range cache's shared tier --------------------------------------------------------
 
-class SharedExtentStore:
-    """The range cache's ExtentStore in the shared tier: bytes by key with a time to live.
 
-    Stores only store: keys are the range cache's own (which carry the tenant scope),
-    hashed into the tier's namespace, so one tenant's extents never answer another's.
-    Every command goes through the tier's guard (its timeout, breaker and episode): a
-    failing Redis reads as empty and writes nothing, and the cache then works from its
-    local tier and upstream. Entries larger than the tier's size bound stay local.
-    """
-
-    def __init__(self, tier: SharedTier, category: str = "range") -> None:
-        self.tier = tier
-        self.category = category
-
-    def _key(self, key: str) -> str:
-        return self.tier.keys.of(key).fresh
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [v for v, _ in await self.get_many_ttl(keys)]
-
-    async def get_many_ttl(self, keys: Sequence[str]) -> list[tuple[bytes | None, float]]:
-        """Each key's value and its remaining time to live in seconds (a local tier in
-        front keeps a copy no longer than Redis does: live extents live seconds)."""
-        if not keys:
-            return []
-        empty: list[tuple[bytes | None, float]] = [(None, 0.0)] * len(keys)
-        if not self.tier.available:
-            gm.shared_event(self.category, "bypass", len(keys))
-            return empty
-        rkeys = [self._key(k) for k in keys]
-
-        async def read() -> list[Any]:
-            pipe = self.tier.client.pipeline(transaction=False)
-            for k in rkeys:
-                pipe.get(k)
-                pipe.pttl(k)
-            return list(await pipe.execute())
-
-        replies = await self.tier._guarded(read)
-        if replies is None:
-            gm.shared_event(self.category, "error", len(keys))
-            return empty
-        out: list[tuple[bytes | None, float]] = []
-        for i in range(len(keys)):
-            value, pttl = replies[2 * i], replies[2 * i + 1]
-            if value is None or not isinstance(pttl, int) or pttl == -2:
-                out.append((None, 0.0))
-            else:  # -1 (no expiry) cannot happen for our writes; keep it briefly then
-                out.append((bytes(value), pttl / 1000 if pttl > 0 else 1.0))
-        hits = sum(1 for v, _ in out if v is not None)
-        gm.shared_event(self.category, "hit", hits)
-        gm.shared_event(self.category, "miss", len(keys) - hits)
-        return out
-
-    async def put_many(self, items: Sequence[tuple[str, bytes, float]]) -> None:
-        kept = [(self._key(k), v, max(1, round(ttl * 1000))) for k, v, ttl in items
-                if ttl > 0 and len(v) <= self.tier.codec.max_bytes]
-        if not kept or not self.tier.available:
-            return
-
-        async def write() -> None:
-            pipe = self.tier.client.pipeline(transaction=False)
-            for k, v, px in kept:
-                pipe.set(k, v, px=px)
-            await pipe.execute()
-
-        await self.tier._guarded(write)
-
-
-_ANSWER: Final = b"R"  # a range-cache answer handed to waiters: status (3 digits), then the body
-
-
-@dataclass(frozen=True, slots=True)
-class SharedAnswer:
-    """An answer another process produced for the request this one waited on."""
-
-    status_code: int
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RawClaim:
-    token: str
-    body: bytes | None = None  # the answer is stored already (fresh)
-    holder: str | None = None  # another process is producing it: wait for this token
-
-
-class SharedFlights:
-    """Fleet-wide single flight for answers kept as bytes (the range cache's requests).
-
-    The same lock, lease, renewal and hand-over as the figures' (the same scripts):
-    one process per key fetches while holding a renewed lock; the others poll for its
-    outcome; a holder that dies blocks them for at most one lease, after which one of
-    them takes over; a failure is handed to that flight's waiters only, never stored.
-    The answer's own key is where the cache's SharedExtentStore keeps it (the "fresh"
-    key of the same KeySpace), so a finished flight is also a hit.
-    """
-
-    def __init__(self, tier: SharedTier, category: str = "range") -> None:
-        self.tier = tier
-        self.category = category
-
-    @property
-    def available(self) -> bool:
-        return self.tier.available
-
-    async def claim(self, key: str, budget: float) -> RawClaim | None:
-        """The stored answer, the lock, or the holder to wait for; None when the tier failed."""
-        k = self.tier.keys.of(key)
-        token = secrets.token_hex(8)
-        replies = await self.tier._script(self.tier._claim, [k.fresh, k.lock, k.good],
-                                          [token, self.tier.lease_ms, "0"], budget)
-        if replies is None:
-            gm.shared_event(self.category, "error")
-            return None
-        code = int(replies[0][0])
-        if code == 1:
-            gm.shared_event(self.category, "hit")
-            return RawClaim(token, body=bytes(replies[0][1]))
-        if code == 3 and replies[0][1]:
-            return RawClaim(token, holder=_text(replies[0][1]))
-        gm.shared_event(self.category, "miss")
-        return RawClaim(token)
-
-    async def wait(self, key: str, token: str, holder: str,
-                   deadline: float) -> SharedAnswer | UpstreamFailure | Lead | Alone:
-        """Poll the holder's flight until its outcome, its takeover by this process (LEAD),
-        a tier failure (ALONE) or `deadline` (event-loop time: a timeout failure)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        k = self.tier.keys.of(key)
-        delay = SharedTier.POLL_FIRST
-        result: SharedAnswer | UpstreamFailure | Lead | Alone = UpstreamFailure(
-            "timeout", "request deadline reached while another process fetched")
-        try:
-            while (remaining := deadline - loop.time()) > 0:
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * SharedTier.POLL_GROWTH, SharedTier.POLL_MAX)
-                replies = await self.tier._script(self.tier._poll, [k.res, k.lock, k.fresh],
-                                                  [token, self.tier.lease_ms, holder], deadline - loop.time())
-                if replies is None:
-                    result = ALONE
-                    break
-                reply = replies[0]
-                code = int(reply[0])
-                if code == 0:
-                    continue
-                if code == 3:
-                    holder = _text(reply[1])
-                    continue
-                if code == 4:
-                    result = LEAD
-                elif code == 2:
-                    result = SharedAnswer(200, bytes(reply[1]))
-                else:
-                    result = self._outcome(bytes(reply[1]))
-                break
-        finally:
-            gm.shared_lock_wait(loop.time() - started)
-        gm.shared_event(self.category, {Lead: "takeover", Alone: "error"}.get(type(result), "coalesced"))
-        return result
-
-    def _outcome(self, data: bytes) -> SharedAnswer | UpstreamFailure | Alone:
-        tag = data[:1]
-        if tag == _ANSWER and len(data) >= 4 and data[1:4].isdigit():
-            return SharedAnswer(int(data[1:4]), data[4:])
-        try:
-            outcome = self.tier.codec.decode_outcome(data)
-        except CodecError:
-            gm.shared_error("corrupt")
-            return ALONE
-        return outcome if isinstance(outcome, UpstreamFailure) else ALONE
-
-    def holding(self, key: str, token: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return self.tier.holding([key], token)
-
-    async def publish(self, key: str, token: str, outcome: SharedAnswer | UpstreamFailure) -> None:
-        """Hand the outcome to this flight's waiters and release the lock. Stores nothing
-        fresh: the cache stores its answer through its ExtentStore when it may."""
-        k = self.tier.keys.of(key)
-        if isinstance(outcome, UpstreamFailure):
-            body = self.tier.codec.encode_failure(outcome)
-        else:
-            body = _ANSWER + b"%03d" % outcome.status_code + outcome.body
-            if len(body) > self.tier.codec.max_bytes:
-                body = _BIG
-        await self.tier._script(self.tier._publish, [k.fresh, k.good, k.res, k.lock],
-                                [token, 2 * self.tier.lease_ms, "0", b"", "0", "0", body], None)

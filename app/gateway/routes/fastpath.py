@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.common import tracing
 from app.common.exposition import negotiate, wants_json
+from app.common.paths import route_path
 from app.common.tenancy import TENANT_SCOPE_KEY, UNCONFINED, Tenant
 from app.gateway.catalog.model import CATEGORIES
 
@@ -53,10 +54,7 @@ class MemoFastPath:
     def _key(self, scope: Scope) -> MemoKey | None:
         if scope["type"] != "http" or scope["method"] != "GET" or scope.get("query_string"):
             return None
-        path: str = scope["path"]
-        root: str = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = route_path(scope)
         if not path.startswith(self.prefix):
             return None
         name = path[len(self.prefix):]

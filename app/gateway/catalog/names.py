@@ -7,7 +7,7 @@ with `_total` for counters (the name a scrape of the gateway's exposition stores
 so a panel written against a scrape works unchanged here). The bare name of a
 counter does not expand: one name per figure, the one a scrape would have.
 
-Expansion works on the syntax tree (app/gateway/promql.py): a selector naming a
+Expansion works on the syntax tree (app/gateway/promql/syntax.py): a selector naming a
 figure is printed as the figure's expression, with the selector's matchers set on
 every selector of that expression. Rules, each exact or refused, never guessed:
 
@@ -33,7 +33,7 @@ from typing import Any
 import promql_parser as pp
 
 from app.gateway.catalog.model import Catalog, CatalogQuery
-from app.gateway.promql import (
+from app.gateway.promql.syntax import (
     PromQLError,
     Shift,
     duration,

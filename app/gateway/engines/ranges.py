@@ -1,0 +1,384 @@
+"""The exact range cache behind /api/v1/query_range and /api/v1/query.
+
+Why it can be exact: Prometheus evaluates a range query at ``start + k*step``
+(whole milliseconds) and each instant's value depends only on the data and that
+instant (lookback, ranges, subqueries and ``offset`` are relative to it; ``@ T``
+is absolute). Two requests with the same query, step and ``start mod step``
+therefore evaluate at the same instants with the same values, so an answer can
+be assembled from per-instant points fetched earlier, series by series (a series
+absent from one extent has no points there). The cache never moves ``start`` or
+``end`` (Trickster-style alignment would change answers) and never stores what
+may still change:
+
+- the *live* instants, those whose latest read sample time (computed from the
+  syntax tree: ``offset``, ``@``, subqueries; a negative offset reads the
+  future), or who themselves, are within ``RANGE_CACHE_LIVE_WINDOW_SECONDS``
+  of now or later, are
+  refetched and kept only ``RANGE_CACHE_LIVE_TTL_SECONDS``, for the very same
+  request (its viewers opening a dashboard at once);
+- answers with warnings, infos, errors, ``stats``, or points off the expected
+  grid are passed on whole and never stored; a multi-piece answer whose piece
+  is such is refetched whole, so what the caller sees is always one upstream
+  answer or an assembly of exact per-instant points;
+- ``@ start()`` / ``@ end()`` make every instant depend on the range: such
+  range queries are only coalesced, never cached.
+
+Storage goes through ``ExtentStore`` (store only: bytes by key with a time to
+live), so the in-process store here and a shared tier later are interchangeable.
+Extents are kept in blocks of ``BLOCK_STEPS`` grid instants, so a store entry
+stays small and the byte bound evicts old time first. Identical fetches in
+flight are coalesced with the engine's ``SingleFlight``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from app.common import tracing
+from app.gateway.caching.extents import Extent, Interval, _assembled_body, extent_of, normalise, subtract
+from app.gateway.caching.flight import Background, SingleFlight
+from app.gateway.caching.shared import ALONE
+from app.gateway.caching.shared_ranges import SharedAnswer, SharedFlights
+from app.gateway.caching.stores import ExtentStore
+from app.gateway.engines.instants import Instants
+from app.gateway.engines.passthrough import (
+    BYPASS_PARAMS,
+    Answer,
+    ApiClient,
+    Passthrough,
+    _key,
+    _params_key,
+    count,
+    settled,
+    unfinished,
+)
+from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, range_reach
+from app.gateway.promql.timing import fmt_ms, ms_of, repr_time, step_ms_of
+from app.gateway.result import ApiResult, Lookup, UpstreamFailure
+from app.gateway.settings import GatewaySettings
+from app.gateway.upstream.answers import UpstreamError
+
+log = logging.getLogger("gateway.ranges")
+
+# Prometheus refuses a range query of more than 11,000 steps ((end-start)/step > 11000).
+MAX_STEPS = 11_000
+BLOCK_STEPS = 240  # grid instants per stored block (1 h at a 15 s step)
+MAX_PIECES = 3  # more missing pieces than this: fetch one span instead
+# A whole answer is remembered at most this long (its extents stay longer): a window
+# moves with every refresh, so old bodies should leave room for extents.
+MEMO_MAX_SECONDS = 600.0
+# Assembling more points than this runs in a worker thread, off the event loop.
+THREAD_POINTS = 20_000
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One upstream fetch: the grid instants [a, b] and the strings sent for them."""
+
+    a: int
+    b: int
+    start: str
+    end: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    answer: Answer
+    extent: Extent | None  # None: not storable per instant (warnings, error, off grid)
+
+
+_Flight = _Fetched | UpstreamError
+_Request = ApiResult | UpstreamError
+
+
+class RangeCache:
+    """query_range and query through the extent store; see the module docstring."""
+
+    def __init__(self, settings: GatewaySettings, client: ApiClient, store: ExtentStore,
+                 fleet: SharedFlights | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.fleet = fleet  # fleet-wide single flight through the shared tier, when on
+        self.clock = clock
+        self.live_window_ms = int(settings.range_cache_live_window_seconds * 1000)
+        self.background = Background()
+        self.upstream = Passthrough(client, self.background)
+        self.instants = Instants(settings, self.upstream, store, clock)
+        self.pieces: SingleFlight[_Flight] = SingleFlight()
+        self.requests: SingleFlight[_Request] = SingleFlight()
+
+    async def query(self, *, scope: str, expr: str, time: float | None,
+                    params: Sequence[tuple[str, str]], deadline: float,
+                    headers: Mapping[str, str] | None = None) -> ApiResult:
+        """An instant query (``Instants.query``), beside the range queries it shares a store with."""
+        return await self.instants.query(scope=scope, expr=expr, time=time, params=params,
+                                         deadline=deadline, headers=headers)
+
+    # -- range queries ---------------------------------------------------------------------
+
+    async def query_range(self, *, scope: str, expr: str, start: float, end: float, step: float,
+                          params: Sequence[tuple[str, str]], deadline: float,
+                          headers: Mapping[str, str] | None = None) -> ApiResult:
+        """The answer Prometheus gives for this range query, from stored extents where exact.
+
+        `deadline` is an event-loop time (``loop.time()``) by which to answer.
+        """
+        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})
+        step_ms = step_ms_of(step)
+        first, end_ms = ms_of(start), ms_of(end)
+        base_params = [("query", expr), ("start", repr_time(start)), ("end", repr_time(end)),
+                       ("step", repr_time(step)), *params]
+        if (any(name in BYPASS_PARAMS for name, _ in params) or step_ms <= 0 or end_ms < first
+                or (end_ms - first) // step_ms > MAX_STEPS or self.settings.range_cache_max_bytes <= 0):
+            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, None)
+        full_key = _key("range-pass", scope, expr, first, end_ms, step_ms, _params_key(params))
+        try:
+            rch = range_reach(expr).union(AT_LEAST_NOW)
+        except (Uncacheable, ValueError, RuntimeError):
+            # @ start()/end(), or a query upstream will refuse: coalesce, never store.
+            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, full_key)
+        last = first + (end_ms - first) // step_ms * step_ms
+        base = _key("range", scope, expr, step_ms, first % step_ms, _params_key(params))
+
+        now_ms = int(self.clock() * 1000)
+        live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
+        total = (last - first) // step_ms + 1
+        # The very same request answered before: its body, for as long as its most
+        # recent instant allows (seconds when it has live instants).
+        memo_key = f"{base}:ans:{first}:{last}"
+        memo_ttl = (self.settings.range_cache_live_ttl_seconds if live_from <= last
+                    else min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS))
+        remembered = (await self.store.get_many([memo_key]))[0]
+        if remembered is not None:
+            count("range", Lookup.HIT, total, 0, 0)
+            return ApiResult(200, None, Lookup.HIT, raw=remembered)
+        # Identical requests in flight wait for the first one's answer (a dashboard opened
+        # by many viewers at once): assembled once, sent to all.
+        answer = functools.partial(
+            self._range_answer,
+            scope=scope, expr=expr, start=start, end=end, step=step, params=params,
+            deadline=deadline, headers=headers, rch=rch, first=first, last=last,
+            step_ms=step_ms, base=base, live_from=live_from, memo_key=memo_key,
+            memo_ttl=memo_ttl, base_params=base_params, full_key=full_key)
+        fut, leader = self.requests.lead(memo_key, lambda: self._fleet(memo_key, deadline, total, answer),
+                                         self.background, catch=UpstreamError, unfinished=unfinished)
+        result: ApiResult = (await settled([fut], deadline))[0]
+        if leader:
+            return result
+        count("range", Lookup.COALESCED, 0, 0, total)
+        return ApiResult(result.status_code, None if result.raw is not None else result.doc,
+                         Lookup.COALESCED, raw=result.raw)
+
+    async def _fleet(self, key: str, deadline: float, total: int,
+                     make: Callable[[], Coroutine[Any, Any, ApiResult]]) -> ApiResult:
+        """One process of the fleet answers a request; the others wait for its answer.
+
+        Without the shared tier, or when it fails, this process answers alone (as a
+        single process does). A holder that dies blocks the others for at most one
+        lease (one of them takes over); a failure reaches that flight's waiters only.
+        """
+        fleet = self.fleet
+        if fleet is None or not fleet.available:
+            return await make()
+        loop = asyncio.get_running_loop()
+        with tracing.span("shared tier claim"):
+            claim = await fleet.claim(key, deadline - loop.time())
+        if claim is None:
+            return await make()
+        if claim.body is not None:
+            count("range", Lookup.HIT, total, 0, 0)
+            return ApiResult(200, None, Lookup.HIT, raw=claim.body)
+        if claim.holder is not None:
+            with tracing.span("shared tier wait"):
+                got = await fleet.wait(key, claim.token, claim.holder, deadline)
+            if isinstance(got, SharedAnswer):
+                count("range", Lookup.COALESCED, 0, 0, total)
+                return ApiResult(got.status_code, None, Lookup.COALESCED, raw=got.body)
+            if isinstance(got, UpstreamFailure):
+                raise UpstreamError(got.error_type, got.message)
+            if got is ALONE:
+                return await make()
+        # The lock is ours (claimed, or taken over from a holder that vanished).
+        async with fleet.holding(key, claim.token):
+            try:
+                result = await make()
+            except UpstreamError as exc:
+                await fleet.publish(key, claim.token, UpstreamFailure(exc.error_type, exc.message))
+                raise
+        body = result.raw if result.raw is not None else json.dumps(
+            result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        await fleet.publish(key, claim.token, SharedAnswer(result.status_code, body))
+        return result
+
+    async def _range_answer(self, *, scope: str, expr: str, start: float, end: float, step: float,
+                            params: Sequence[tuple[str, str]], deadline: float,
+                            headers: Mapping[str, str] | None, rch: Reach, first: int, last: int,
+                            step_ms: int, base: str, live_from: int, memo_key: str, memo_ttl: float,
+                            base_params: list[tuple[str, str]], full_key: str) -> ApiResult:
+        """The answer of one range query: stored extents, the missing ones fetched."""
+        total = (last - first) // step_ms + 1
+        settled_last = min(last, live_from - step_ms)
+        blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
+        # Live points are reused by the very same request only: an upstream may answer an
+        # instant near now differently in another range (VictoriaMetrics does).
+        live_key = f"{base}:live:{first}:{last}"
+        with tracing.span("cache lookup", {"gateway.keys": len(blocks) + 1}):
+            raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
+        stored: list[Extent] = []
+        for data in raw[:-1]:
+            if data is not None:
+                stored.append(Extent.decode(data).clip(first, settled_last))
+        live = Extent.decode(raw[-1]).clip(first, last) if raw[-1] is not None else None
+        covered = normalise([iv for e in stored for iv in e.covered]
+                            + (live.covered if live is not None else []), step_ms)
+        missing = subtract(first, last, covered, step_ms)
+        pieces = self._pieces(missing, first, last, step_ms, start, end)
+
+        futures: list[asyncio.Future[_Flight]] = []
+        leads: list[bool] = []
+        for piece in pieces:
+            fkey = f"{base}|{piece.a}|{piece.b}|{piece.start}|{piece.end}"
+            fut, leader = self.pieces.lead(
+                fkey, functools.partial(self._fetch_piece, piece, expr, step_ms, params, rch, base,
+                                        live_key, deadline, headers),
+                self.background, catch=UpstreamError, unfinished=unfinished)
+            leads.append(leader)
+            futures.append(fut)
+        fetched = await settled(futures, deadline)
+
+        fetched_steps = min(total, sum((p.b - p.a) // step_ms + 1 for p in pieces))
+        cached_steps = total - fetched_steps
+        led = any(leads)
+        led_steps = sum((p.b - p.a) // step_ms + 1 for p, lead in zip(pieces, leads, strict=True) if lead)
+        if not covered and len(pieces) == 1 and (pieces[0].a, pieces[0].b) == (first, last):
+            # The whole answer is one upstream answer: pass it on as it came.
+            lookup = Lookup.MISS if led else Lookup.COALESCED
+            count("range", lookup, 0, led_steps, total - led_steps)
+            answer = fetched[0].answer
+            if fetched[0].extent is not None:
+                await self.store.put_many([(memo_key, answer.raw, memo_ttl)])
+            return ApiResult(answer.status_code, answer.doc, lookup, raw=answer.raw)
+        if any(f.extent is None for f in fetched):
+            # A piece carried warnings, an error or points off the grid: not assembled;
+            # the caller gets upstream's own answer for the whole range.
+            count("range", Lookup.MISS, 0, led_steps, 0)
+            return await self.upstream.answer("/api/v1/query_range", base_params, deadline, headers, full_key)
+
+        segments: list[tuple[Interval, Extent]] = []
+        taken: list[Interval] = []
+        for f in fetched:
+            assert f.extent is not None
+            segments.append((f.extent.covered[0], f.extent))
+            taken.append(f.extent.covered[0])
+        for source in [*stored, *([live] if live is not None else [])]:
+            free = normalise(taken, step_ms)
+            for a, b in source.covered:
+                for part in subtract(a, b, free, step_ms):
+                    segments.append((part, source))
+                    taken.append(part)
+        segments.sort(key=lambda seg: seg[0])
+        points = sum(e.points() for _, e in segments)
+        with tracing.span("assembly", {"gateway.segments": len(segments), "gateway.points": points}):
+            body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
+        await self.store.put_many([(memo_key, body, memo_ttl)])
+        if not fetched:
+            lookup = Lookup.HIT
+        elif cached_steps > 0:
+            lookup = Lookup.PARTIAL
+        else:
+            lookup = Lookup.MISS if led else Lookup.COALESCED
+        count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
+        return ApiResult(200, None, lookup, raw=body)
+
+    def _blocks(self, a: int, b: int, step: int) -> list[int]:
+        phase = a % step
+        return list(range(((a - phase) // step) // BLOCK_STEPS, ((b - phase) // step) // BLOCK_STEPS + 1))
+
+    @staticmethod
+    def _block_span(bi: int, phase: int, step: int) -> Interval:
+        a = phase + bi * BLOCK_STEPS * step
+        return a, a + (BLOCK_STEPS - 1) * step
+
+    @staticmethod
+    def _pieces(missing: list[Interval], first: int, last: int, step: int,
+                start: float, end: float) -> list[_Piece]:
+        """What to fetch: the missing intervals (one span when there are many), in chunks
+        Prometheus accepts; a piece at the request's own edge is sent with its own string."""
+        if len(missing) > MAX_PIECES:
+            missing = [(missing[0][0], missing[-1][1])]
+        out: list[_Piece] = []
+        for a, b in missing:
+            while a <= b:
+                chunk_end = min(b, a + (MAX_STEPS - 1) * step)
+                out.append(_Piece(a, chunk_end,
+                                  repr_time(start) if a == first else fmt_ms(a),
+                                  repr_time(end) if chunk_end == last else fmt_ms(chunk_end)))
+                a = chunk_end + step
+        return out
+
+    async def _fetch_piece(self, piece: _Piece, expr: str, step_ms: int, params: Sequence[tuple[str, str]],
+                           rch: Reach, base: str, live_key: str, deadline: float,
+                           headers: Mapping[str, str] | None) -> _Flight:
+        cutoff = int(self.clock() * 1000) - self.live_window_ms
+        query = [("query", expr), ("start", piece.start), ("end", piece.end),
+                 ("step", fmt_ms(step_ms)), *list(params)]
+        with tracing.span("range piece", {"gateway.range.start": piece.start, "gateway.range.end": piece.end,
+                                          "gateway.range.steps": (piece.b - piece.a) // step_ms + 1}):
+            answer = await self.upstream.ask("/api/v1/query_range", query, "range", deadline, headers)
+        extent = None
+        if answer.status_code == 200:
+            data = answer.doc.get("data")
+            result = data.get("result") if isinstance(data, dict) else None
+            size = len(result) if isinstance(result, list) else 0
+            heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
+            extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
+        if extent is not None:
+            await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
+        return _Fetched(answer, extent)
+
+    async def _keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,
+                    rch: Reach, cutoff: int) -> None:
+        """Settled instants into their blocks (merged with what is there), live ones into
+        the request's live record for seconds only."""
+        live_from = rch.first_live(piece.a, step_ms, cutoff)
+        settled_last = min(piece.b, live_from - step_ms)
+        blocks = self._blocks(piece.a, settled_last, step_ms) if settled_last >= piece.a else []
+        keys = [f"{base}:b{bi}" for bi in blocks]
+        old = await self.store.get_many(keys) if keys else []
+
+        def build() -> list[tuple[str, bytes, float]]:
+            items: list[tuple[str, bytes, float]] = []
+            if blocks:
+                settled = extent.clip(piece.a, settled_last)
+                phase = piece.a % step_ms
+                for bi, key, data in zip(blocks, keys, old, strict=True):
+                    part = settled.clip(*self._block_span(bi, phase, step_ms))
+                    if data is not None:
+                        part = Extent.decode(data).merge(part, step_ms)
+                    items.append((key, part.encode(), self.settings.range_cache_ttl_seconds))
+            if live_from <= piece.b:
+                live = extent.clip(max(piece.a, live_from), piece.b)
+                items.append((live_key, live.encode(), self.settings.range_cache_live_ttl_seconds))
+            return items
+
+        items = await _cpu(build, heavy=extent.points() > THREAD_POINTS)
+        await self.store.put_many(items)
+
+    async def aclose(self) -> None:
+        await self.background.aclose()
+
+
+async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:
+    """Run CPU work in a worker thread when it is big enough to stall the event loop."""
+    if heavy:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)

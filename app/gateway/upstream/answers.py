@@ -1,0 +1,147 @@
+"""UpstreamError and the upstream's answers, decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from app.gateway import metrics as gm
+from app.gateway.upstream.jsonsteps import loads_in_steps, paused_gc
+
+
+class UpstreamError(Exception):
+    """An upstream request that produced no data, with a Prometheus-style errorType."""
+
+    def __init__(self, error_type: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueryAnswer:
+    series: list[Series]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiAnswer:
+    """One answer of the upstream's HTTP API, success or Prometheus error envelope.
+
+    Error envelopes come back as answers, not exceptions, so a caller serving the
+    Prometheus API can pass the upstream's errorType and HTTP status through as is.
+    """
+
+    status_code: int          # upstream HTTP status
+    doc: dict[str, Any]       # the decoded envelope (status, data, errorType, error, warnings, infos)
+    raw: bytes                # the body as received (for pass-through)
+
+    @property
+    def error_type(self) -> str | None:
+        if self.doc.get("status") == "success":
+            return None
+        return error_type_of(self.doc, self.status_code)
+
+
+def error_type_of(doc: Mapping[str, Any] | None, status: int) -> str:
+    """The one error typing of an upstream answer that is not a success: its own
+    errorType, else the server's failure for a 5xx and a bad response otherwise."""
+    given = doc.get("errorType") if doc is not None else None
+    return str(given or ("server_error" if status >= 500 else "bad_response"))
+
+
+def _api_answer(body: bytes, status: int) -> ApiAnswer:
+    """Decode an API body; raise UpstreamError when it is not a Prometheus envelope."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
+        if status == 404:
+            # An upstream without this endpoint (e.g. /status/flags on Prometheus' own
+            # router says "404 page not found"): a designed answer, not a failure.
+            return ApiAnswer(404, {"status": "error", "errorType": "not_found",
+                                   "error": f"upstream: {snippet}"}, body)
+        raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
+    if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
+        # JSON, but no envelope: what parse_answer calls it (a 5xx is the server's failure).
+        raise UpstreamError(error_type_of(None, status), f"HTTP {status}, not a Prometheus envelope", status)
+    return ApiAnswer(status, doc, body)
+
+
+def _value(raw: Any) -> float:
+    # Prometheus sends values as strings so that NaN and +Inf survive JSON.
+    return float(raw[1])
+
+
+def _vector(result: Any, consume: bool) -> list[Series]:
+    if not consume or not isinstance(result, list):
+        return [Series(_labels(s.get("metric")), _value(s["value"])) for s in result]
+    # Taken from the decoded list one by one, so each element is freed here, in this
+    # thread, rather than all at once (a long stall) wherever the document is dropped.
+    result.reverse()
+    series = []
+    while result:
+        s = result.pop()
+        series.append(Series(_labels(s.get("metric")), _value(s["value"])))
+    return series
+
+
+def _labels(metric: Any) -> dict[str, str]:
+    return metric if type(metric) is dict else dict(metric or {})
+
+
+def parse_answer(body: bytes, status: int, *, in_steps: bool = False) -> QueryAnswer:
+    """Decode a Prometheus API envelope; raise UpstreamError for anything but success.
+
+    `in_steps`: decode series by series (for big answers parsed in a worker thread).
+    """
+    try:
+        doc = loads_in_steps(body) if in_steps else json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
+        raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
+    if not isinstance(doc, dict):
+        raise UpstreamError("bad_response", f"HTTP {status}, JSON is not an object", status)
+    if doc.get("status") != "success":
+        raise UpstreamError(error_type_of(doc, status), str(doc.get("error") or f"HTTP {status}"), status)
+    warnings = tuple(str(w) for w in (doc.get("warnings") or ()))
+    warnings += tuple(f"info: {i}" for i in (doc.get("infos") or ()))
+    try:
+        data = doc["data"]
+        rtype = data["resultType"]
+        result = data["result"]
+        if rtype == "vector":
+            series = _vector(result, consume=in_steps)
+        elif rtype == "scalar":
+            series = [Series({}, _value(result))]
+        else:
+            raise UpstreamError("bad_response", f"unexpected resultType {rtype!r}", status)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise UpstreamError("bad_response", f"malformed result: {exc!r}", status) from None
+    return QueryAnswer(series, warnings)
+
+
+async def parse_off_loop(body: bytes, status: int, min_bytes: int) -> QueryAnswer:
+    """parse_answer, in a worker thread (series by series) when `body` has `min_bytes` or more.
+
+    Small answers stay on the loop: a thread hop costs more than parsing them.
+    """
+    if len(body) < min_bytes:
+        return parse_answer(body, status)
+    gm.offloaded("parse")
+    return await asyncio.to_thread(_parse_big, body, status)
+
+
+def _parse_big(body: bytes, status: int) -> QueryAnswer:
+    with paused_gc():
+        return parse_answer(body, status, in_steps=True)
