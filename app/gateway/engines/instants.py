@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from app.common import tracing
 from app.gateway.caching.extents import storable
 from app.gateway.caching.flight import SingleFlight
 from app.gateway.caching.stores import ExtentStore
@@ -54,7 +53,6 @@ class Instants:
         sent upstream explicitly and reported (``evaluated_at``; Prometheus' ``value[0]``
         carries it too), and reused for at most the figure TTL. With `time`, an answer
         that reads only settled data is kept like a settled extent."""
-        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})
         if any(name in BYPASS_PARAMS for name, _ in params) or self.settings.range_cache_max_bytes <= 0:
             query = [("query", expr), *([("time", repr_time(time))] if time is not None else []), *params]
             return await self.upstream.answer("/api/v1/query", query, deadline, headers, None)

@@ -132,7 +132,6 @@ class RangeCache:
 
         `deadline` is an event-loop time (``loop.time()``) by which to answer.
         """
-        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})
         step_ms = step_ms_of(step)
         first, end_ms = ms_of(start), ms_of(end)
         base_params = [("query", expr), ("start", repr_time(start)), ("end", repr_time(end)),

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import Response
 
+from app.common import tracing
 from app.gateway.catalog.names import FigureNames
 from app.gateway.promql.syntax import PromQLError, enforce, enforce_match, parse
 from app.gateway.result import Lookup
@@ -30,6 +31,7 @@ class ApiContext:
     def prepare(self, expr: str, caller: Caller, *, prefixed: bool) -> str:
         """The query to send upstream: the caller's own text unless figure names were
         expanded or a tenant's matchers enforced (parsed once here, at the edge)."""
+        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})  # the caller's text: one panel, one hash
         try:
             tree = parse(expr)
         except PromQLError as exc:
