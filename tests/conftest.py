@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 
 from tests.support.procs import Proc, start_redis  # noqa: E402
 
-REAL_PROCESS_FIXTURES = frozenset({"redis_proc", "redis_server"})
+REAL_PROCESS_FIXTURES = frozenset({"redis_proc", "redis_server", "history_prometheus"})
+pytest_plugins = ["tests.support.history"]
 
 
 @pytest.fixture(scope="session")

@@ -55,10 +55,18 @@ class GatewaySettings(BaseSettings):
     batch_max_queries: int = Field(default=64, ge=1, le=500)
 
     # The exact range cache of the query API (app/gateway/engines/ranges.py). Evaluation steps
-    # whose data may still change (the last RANGE_CACHE_LIVE_WINDOW_SECONDS, judged on
-    # the times a query reads) are refetched, kept RANGE_CACHE_LIVE_TTL_SECONDS at most;
-    # older steps are kept RANGE_CACHE_TTL_SECONDS, within RANGE_CACHE_MAX_BYTES.
-    range_cache_live_window_seconds: float = Field(default=60.0, ge=0, le=86400)
+    # whose data may still change (the freshness window RANGE_CACHE_LIVE_WINDOW_SECONDS,
+    # judged on the times a query reads; 10 min like Mimir's max_cache_freshness, since
+    # remote-write pipelines deliver minutes late) are refetched, kept
+    # RANGE_CACHE_LIVE_TTL_SECONDS at most; older steps are kept RANGE_CACHE_TTL_SECONDS,
+    # within RANGE_CACHE_MAX_BYTES, except that steps settled within the last
+    # RANGE_CACHE_RECHECK_HORIZON_SECONDS are refetched every RANGE_CACHE_RECHECK_SECONDS
+    # (a sample later than the window corrects the cache within that bound). Long ranges
+    # are cut near RANGE_CACHE_SPLIT_SECONDS (step-aligned) and the parts run concurrently.
+    range_cache_live_window_seconds: float = Field(default=600.0, ge=0, le=86400)
+    range_cache_recheck_seconds: float = Field(default=120.0, gt=0, le=86400)
+    range_cache_recheck_horizon_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
+    range_cache_split_seconds: float = Field(default=86400.0, ge=1, le=30 * 86400)
     range_cache_live_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
     range_cache_ttl_seconds: float = Field(default=6 * 3600.0, ge=0)
     range_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.support.demo_data import generate, start_prometheus_with_history
-from tests.support.procs import Proc, start_redis, start_uvicorn
+from tests.support.procs import Proc, prometheus_query_requests, start_redis, start_uvicorn
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +76,13 @@ def window(minutes_back: int) -> dict[str, str]:
             "start": str(end - 1800), "end": str(end), "step": "15"}
 
 
+async def burst(urls: list[str], path: str, form: dict[str, str], n: int) -> list[httpx.Response]:
+    """n identical requests at once, alternating between the processes."""
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        return list(await asyncio.gather(*(client.post(urls[i % len(urls)] + path, data=form)
+                                           for i in range(n))))
+
+
 def test_second_process_answers_from_the_shared_store(fleet: Fleet) -> None:
     form = window(10)
     before = range_requests(fleet.prometheus.url)
@@ -93,20 +100,41 @@ def test_second_process_answers_from_the_shared_store(fleet: Fleet) -> None:
 def test_identical_requests_at_once_across_the_fleet_cost_one_query(fleet: Fleet) -> None:
     form = window(50)
     urls = [g.url for g in fleet.gateways]
-
-    async def burst(n: int) -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-            return list(await asyncio.gather(*(client.post(urls[i % 2] + "/api/v1/query_range", data=form)
-                                               for i in range(n))))
-
     before = range_requests(fleet.prometheus.url)
-    answers = asyncio.run(burst(12))
+    answers = asyncio.run(burst(urls, "/api/v1/query_range", form, 12))
     assert range_requests(fleet.prometheus.url) - before == 1
     direct = httpx.post(f"{fleet.prometheus.url}/api/v1/query_range", data=form, timeout=10)
     assert {a.status_code for a in answers} == {200}
     assert {a.content for a in answers} == {direct.content}
     lookups = [a.headers["x-gateway-cache"] for a in answers]
     assert lookups.count("miss") == 1, lookups
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_identical_instant_queries_at_once_across_the_fleet_cost_one_query(fleet: Fleet, settled: bool) -> None:
+    """Instants in the settled past (kept like extents) and at now (no time: the leader's
+    now, reported to every waiter) are both coalesced across the two processes."""
+    form = {"query": f"sum by (mode) (rate(demo_cpu_usage_seconds_total[5m])) * {int(settled) + 1}"}
+    if settled:
+        form["time"] = str(int(time.time()) - 1200)
+    urls = [g.url for g in fleet.gateways]
+    before = prometheus_query_requests(fleet.prometheus.url)
+    answers = asyncio.run(burst(urls, "/api/v1/query", form, 12))
+    assert prometheus_query_requests(fleet.prometheus.url) - before == 1
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert len({a.headers["x-gateway-evaluation-time"] for a in answers}) == 1
+    t = answers[0].headers["x-gateway-evaluation-time"]
+    direct = httpx.post(f"{fleet.prometheus.url}/api/v1/query", data={**form, "time": t}, timeout=10)
+    assert answers[0].content == direct.content and answers[0].json()["data"]["result"]
+    lookups = [a.headers["x-gateway-cache"] for a in answers]
+    assert lookups.count("miss") == 1, lookups
+    # The settled instant is kept: asked again of either process, no upstream query.
+    if settled:
+        before = prometheus_query_requests(fleet.prometheus.url)
+        again = [httpx.post(u + "/api/v1/query", data=form, timeout=10) for u in urls]
+        assert prometheus_query_requests(fleet.prometheus.url) == before
+        assert {a.headers["x-gateway-cache"] for a in again} == {"hit"}
 
 
 def test_redis_stopped_answers_still_equal_prometheus(fleet: Fleet) -> None:

@@ -11,8 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -101,7 +104,8 @@ def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None 
 
 def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
                      scrape_interval: str = "1s", extra_config: str = "",
-                     timeout: float = 30.0, binary: str = PROMETHEUS_BIN) -> Proc:
+                     timeout: float = 30.0, extra_args: tuple[str, ...] = (),
+                     binary: str = PROMETHEUS_BIN) -> Proc:
     """A real Prometheus on loopback with the given scrape_configs block (YAML list)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -115,16 +119,42 @@ def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
     proc = _spawn(
         [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
-         "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+         "--storage.tsdb.retention.time=1h", "--log.level=warn", *extra_args],
         workdir, "prometheus", port=port, url=url,
     )
+    return prometheus_ready(proc, timeout)
+
+
+def prometheus_ready(proc: Proc, timeout: float) -> Proc:
+    """Wait (bounded) until a Prometheus we started answers /-/ready; stop it if it never does."""
     try:
-        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200,
+        wait_until(lambda: httpx.get(f"{proc.url}/-/ready", timeout=1.0).status_code == 200,
                    timeout, what="prometheus ready")
     except TimeoutError:
         proc.stop()
         raise RuntimeError(f"prometheus did not start:\n{proc.log()}") from None
     return proc
+
+
+def serve_exposition(body: Callable[[], bytes], content_type: str) -> tuple[ThreadingHTTPServer, int]:
+    """A tiny exporter on a free loopback port: every GET answers `body()` (call .shutdown())."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, port
 
 
 def start_redis(workdir: Path, timeout: float = 15.0, *, port: int | None = None,

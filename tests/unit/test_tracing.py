@@ -149,7 +149,7 @@ def test_a_partly_cached_range_shows_lookup_pieces_and_assembly(exporter: InMemo
     (upstream,) = _by_name(spans, "upstream")
     assert upstream.parent is not None and upstream.parent.span_id == piece.context.span_id
     (assembly,) = _by_name(spans, "assembly")
-    assert dict(assembly.attributes or {})["gateway.points"] == 5
+    assert dict(assembly.attributes or {})["gateway.bytes"] > 0
     assert all(s.context.trace_id == server.context.trace_id for s in spans)
 
 

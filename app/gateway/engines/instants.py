@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from app.gateway.caching.extents import storable
 from app.gateway.caching.flight import SingleFlight
 from app.gateway.caching.stores import ExtentStore
 from app.gateway.engines.passthrough import (
     BYPASS_PARAMS,
-    Answer,
     Passthrough,
     _key,
     _params_key,
@@ -24,22 +23,19 @@ from app.gateway.result import ApiResult, Lookup
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
 
-
-@dataclass(frozen=True, slots=True)
-class _Evaluated:
-    answer: Answer
-    t: int  # the evaluation time sent upstream (ms)
-
-
-_Instant = _Evaluated | UpstreamError
+_Instant = ApiResult | UpstreamError
+# One answer for the fleet: (key, deadline, steps, make, category) -> the answer some
+# process made (RangeCache._fleet: the shared tier's lock and hand-over).
+Share = Callable[[str, float, int, Callable[[], Coroutine[Any, Any, ApiResult]], str], Awaitable[ApiResult]]
 
 
 class Instants:
     """/api/v1/query: evaluated at an explicit time, kept like an extent when settled."""
 
     def __init__(self, settings: GatewaySettings, upstream: Passthrough, store: ExtentStore,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], share: Share | None = None) -> None:
         self.settings = settings
+        self.share = share
         self.upstream = upstream
         self.store = store
         self.clock = clock
@@ -78,20 +74,27 @@ class Instants:
             t_text, _, body = data.partition(b"\n")
             count("instant", Lookup.HIT)
             return ApiResult(200, None, Lookup.HIT, int(t_text) / 1000, raw=body)
+        # Identical instant queries are answered once: in this process (SingleFlight) and,
+        # with the shared tier, across the fleet (the range queries' lock and hand-over).
         fut, leader = self.flights.lead(
             key, lambda: self._fetch(key, expr, t_ms, params, ttl, deadline, headers),
             self.upstream.background, catch=UpstreamError, unfinished=unfinished)
-        outcome: _Evaluated = (await settled([fut], deadline))[0]
-        lookup = Lookup.MISS if leader else Lookup.COALESCED
-        count("instant", lookup)
-        return ApiResult(outcome.answer.status_code, outcome.answer.doc, lookup, outcome.t / 1000,
-                         raw=outcome.answer.raw)
+        outcome: ApiResult = (await settled([fut], deadline))[0]
+        lookup = outcome.lookup if leader else Lookup.COALESCED
+        if not leader or lookup is Lookup.MISS:  # (a fleet hit or hand-over counted itself)
+            count("instant", lookup)
+        return ApiResult(outcome.status_code, None, lookup, outcome.evaluated_at, raw=outcome.raw)
 
     async def _fetch(self, key: str, expr: str, t_ms: int | None, params: Sequence[tuple[str, str]],
-                     ttl: float, deadline: float, headers: Mapping[str, str] | None) -> _Instant:
-        t = t_ms if t_ms is not None else int(self.clock() * 1000)
-        query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
-        answer = await self.upstream.ask("/api/v1/query", query, "instant", deadline, headers)
-        if answer.status_code == 200 and storable(answer.doc):
-            await self.store.put_many([(key, b"%d\n" % t + answer.raw, ttl)])
-        return _Evaluated(answer, t)
+                     ttl: float, deadline: float, headers: Mapping[str, str] | None) -> ApiResult:
+        async def evaluate() -> ApiResult:
+            t = t_ms if t_ms is not None else int(self.clock() * 1000)
+            query = [("query", expr), ("time", fmt_ms(t)), *list(params)]
+            answer = await self.upstream.ask("/api/v1/query", query, "instant", deadline, headers)
+            if answer.status_code == 200 and storable(answer.doc):
+                await self.store.put_many([(key, b"%d\n" % t + answer.raw, ttl)])
+            return ApiResult(answer.status_code, None, Lookup.MISS, t / 1000, raw=answer.raw)
+
+        if self.share is None:
+            return await evaluate()
+        return await self.share(key, deadline, 0, evaluate, "instant")

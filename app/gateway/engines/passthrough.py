@@ -13,7 +13,7 @@ from app.gateway.caching.flight import Background, SingleFlight, wait
 from app.gateway.result import ApiResult, Lookup
 from app.gateway.upstream.answers import UpstreamError
 
-KEY_VERSION = "rc1"
+KEY_VERSION = "rc2"  # rc2: extents stored as upstream bytes (msgpack-framed fragments)
 # Parameters that make an answer uncacheable (Prometheus' per-query statistics).
 BYPASS_PARAMS = frozenset({"stats"})
 

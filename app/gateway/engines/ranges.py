@@ -25,9 +25,11 @@ may still change:
 
 Storage goes through ``ExtentStore`` (store only: bytes by key with a time to
 live), so the in-process store here and a shared tier later are interchangeable.
-Extents are kept in blocks of ``BLOCK_STEPS`` grid instants, so a store entry
-stays small and the byte bound evicts old time first. Identical fetches in
-flight are coalesced with the engine's ``SingleFlight``.
+Extents are bytes (``caching/fragments.py``: each series' points as the upstream
+wrote them), kept in blocks and fetched in parts cut near an interval
+(``engines/splitting.py``), so a store entry stays small, the byte bound evicts old
+time first, and a long range costs one concurrent upstream query per part.
+Identical fetches in flight are coalesced with ``SingleFlight``.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.common import tracing
-from app.gateway.caching.extents import Extent, Interval, _assembled_body, extent_of, normalise, subtract
+from app.gateway.caching.extents import Interval, intersect, normalise, subtract
 from app.gateway.caching.flight import Background, SingleFlight
+from app.gateway.caching.fragments import Extent, body_of, extent_of
 from app.gateway.caching.shared import ALONE
 from app.gateway.caching.shared_ranges import SharedAnswer, SharedFlights
 from app.gateway.caching.stores import ExtentStore
+from app.gateway.engines import splitting
 from app.gateway.engines.instants import Instants
 from app.gateway.engines.passthrough import (
     BYPASS_PARAMS,
@@ -69,13 +73,13 @@ log = logging.getLogger("gateway.ranges")
 
 # Prometheus refuses a range query of more than 11,000 steps ((end-start)/step > 11000).
 MAX_STEPS = 11_000
-BLOCK_STEPS = 240  # grid instants per stored block (1 h at a 15 s step)
 MAX_PIECES = 3  # more missing pieces than this: fetch one span instead
 # A whole answer is remembered at most this long (its extents stay longer): a window
 # moves with every refresh, so old bodies should leave room for extents.
 MEMO_MAX_SECONDS = 600.0
-# Assembling more points than this runs in a worker thread, off the event loop.
-THREAD_POINTS = 20_000
+# Handling more bytes than this runs in a worker thread, off the event loop. Bytes are
+# handled in C (validated, cut, joined once): a 6.5 MB week-long answer is a few ms.
+THREAD_BYTES = 32 * 1024 * 1024
 
 _T = TypeVar("_T")
 
@@ -110,9 +114,11 @@ class RangeCache:
         self.fleet = fleet  # fleet-wide single flight through the shared tier, when on
         self.clock = clock
         self.live_window_ms = int(settings.range_cache_live_window_seconds * 1000)
+        self.split_ms = max(1, int(settings.range_cache_split_seconds * 1000))
+        self.recheck_horizon_ms = int(settings.range_cache_recheck_horizon_seconds * 1000)
         self.background = Background()
         self.upstream = Passthrough(client, self.background)
-        self.instants = Instants(settings, self.upstream, store, clock)
+        self.instants = Instants(settings, self.upstream, store, clock, share=self._fleet)
         self.pieces: SingleFlight[_Flight] = SingleFlight()
         self.requests: SingleFlight[_Request] = SingleFlight()
 
@@ -152,10 +158,14 @@ class RangeCache:
         live_from = rch.first_live(first, step_ms, now_ms - self.live_window_ms)
         total = (last - first) // step_ms + 1
         # The very same request answered before: its body, for as long as its most
-        # recent instant allows (seconds when it has live instants).
+        # recent instant allows (seconds when it has live instants, the re-check interval
+        # when it has recently settled ones).
         memo_key = f"{base}:ans:{first}:{last}"
-        memo_ttl = (self.settings.range_cache_live_ttl_seconds if live_from <= last
-                    else min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS))
+        memo_ttl = min(self.settings.range_cache_ttl_seconds, MEMO_MAX_SECONDS)
+        if live_from <= last:
+            memo_ttl = self.settings.range_cache_live_ttl_seconds
+        elif rch.first_live(first, step_ms, now_ms - self.live_window_ms - self.recheck_horizon_ms) <= last:
+            memo_ttl = min(memo_ttl, self.settings.range_cache_recheck_seconds)
         remembered = (await self.store.get_many([memo_key]))[0]
         if remembered is not None:
             count("range", Lookup.HIT, total, 0, 0)
@@ -178,12 +188,13 @@ class RangeCache:
                          Lookup.COALESCED, raw=result.raw)
 
     async def _fleet(self, key: str, deadline: float, total: int,
-                     make: Callable[[], Coroutine[Any, Any, ApiResult]]) -> ApiResult:
+                     make: Callable[[], Coroutine[Any, Any, ApiResult]], category: str = "range") -> ApiResult:
         """One process of the fleet answers a request; the others wait for its answer.
 
         Without the shared tier, or when it fails, this process answers alone (as a
         single process does). A holder that dies blocks the others for at most one
         lease (one of them takes over); a failure reaches that flight's waiters only.
+        An instant answer travels with its evaluation time (``<ms>\n`` before the body).
         """
         fleet = self.fleet
         if fleet is None or not fleet.available:
@@ -194,14 +205,14 @@ class RangeCache:
         if claim is None:
             return await make()
         if claim.body is not None:
-            count("range", Lookup.HIT, total, 0, 0)
-            return ApiResult(200, None, Lookup.HIT, raw=claim.body)
+            count(category, Lookup.HIT, total, 0, 0)
+            return _shared_result(200, claim.body, Lookup.HIT, category)
         if claim.holder is not None:
             with tracing.span("shared tier wait"):
                 got = await fleet.wait(key, claim.token, claim.holder, deadline)
             if isinstance(got, SharedAnswer):
-                count("range", Lookup.COALESCED, 0, 0, total)
-                return ApiResult(got.status_code, None, Lookup.COALESCED, raw=got.body)
+                count(category, Lookup.COALESCED, 0, 0, total)
+                return _shared_result(got.status_code, got.body, Lookup.COALESCED, category)
             if isinstance(got, UpstreamFailure):
                 raise UpstreamError(got.error_type, got.message)
             if got is ALONE:
@@ -215,6 +226,8 @@ class RangeCache:
                 raise
         body = result.raw if result.raw is not None else json.dumps(
             result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if category == "instant":
+            body = b"%d\n" % round((result.evaluated_at or 0) * 1000) + body
         await fleet.publish(key, claim.token, SharedAnswer(result.status_code, body))
         return result
 
@@ -226,21 +239,23 @@ class RangeCache:
         """The answer of one range query: stored extents, the missing ones fetched."""
         total = (last - first) // step_ms + 1
         settled_last = min(last, live_from - step_ms)
-        blocks = self._blocks(first, settled_last, step_ms) if settled_last >= first else []
+        length = splitting.block_len(step_ms, self.split_ms)
+        blocks = splitting.blocks(first, settled_last, step_ms, length) if settled_last >= first else []
         # Live points are reused by the very same request only: an upstream may answer an
         # instant near now differently in another range (VictoriaMetrics does).
         live_key = f"{base}:live:{first}:{last}"
         with tracing.span("cache lookup", {"gateway.keys": len(blocks) + 1}):
-            raw = await self.store.get_many([f"{base}:b{bi}" for bi in blocks] + [live_key])
-        stored: list[Extent] = []
-        for data in raw[:-1]:
-            if data is not None:
-                stored.append(Extent.decode(data).clip(first, settled_last))
-        live = Extent.decode(raw[-1]).clip(first, last) if raw[-1] is not None else None
-        covered = normalise([iv for e in stored for iv in e.covered]
-                            + (live.covered if live is not None else []), step_ms)
+            raw = await self.store.get_many([self._block_key(base, length, bi) for bi in blocks] + [live_key])
+        # Each source with the instants it may give this request (not cut here: only the
+        # two edge blocks are cut, once, when the answer is assembled).
+        sources: list[tuple[Extent, int]] = [(Extent.decode(data), settled_last) for data in raw[:-1]
+                                             if data is not None]
+        if raw[-1] is not None:
+            sources.append((Extent.decode(raw[-1]), last))
+        covered = normalise([iv for e, upto in sources for iv in intersect(e.covered, first, upto)], step_ms)
         missing = subtract(first, last, covered, step_ms)
-        pieces = self._pieces(missing, first, last, step_ms, start, end)
+        pieces = self._pieces(missing, first, last, step_ms, start, end,
+                              splitting.part_len(step_ms, self.split_ms))
 
         futures: list[asyncio.Future[_Flight]] = []
         leads: list[bool] = []
@@ -265,7 +280,7 @@ class RangeCache:
             answer = fetched[0].answer
             if fetched[0].extent is not None:
                 await self.store.put_many([(memo_key, answer.raw, memo_ttl)])
-            return ApiResult(answer.status_code, answer.doc, lookup, raw=answer.raw)
+            return ApiResult(answer.status_code, None, lookup, raw=answer.raw)
         if any(f.extent is None for f in fetched):
             # A piece carried warnings, an error or points off the grid: not assembled;
             # the caller gets upstream's own answer for the whole range.
@@ -278,16 +293,16 @@ class RangeCache:
             assert f.extent is not None
             segments.append((f.extent.covered[0], f.extent))
             taken.append(f.extent.covered[0])
-        for source in [*stored, *([live] if live is not None else [])]:
+        for source, upto in sources:
             free = normalise(taken, step_ms)
-            for a, b in source.covered:
+            for a, b in intersect(source.covered, first, upto):
                 for part in subtract(a, b, free, step_ms):
                     segments.append((part, source))
                     taken.append(part)
         segments.sort(key=lambda seg: seg[0])
-        points = sum(e.points() for _, e in segments)
-        with tracing.span("assembly", {"gateway.segments": len(segments), "gateway.points": points}):
-            body = await _cpu(_assembled_body, segments, heavy=points > THREAD_POINTS)
+        size = sum(e.size() for _, e in segments)
+        with tracing.span("assembly", {"gateway.segments": len(segments), "gateway.bytes": size}):
+            body = await _cpu(body_of, segments, step_ms, heavy=size > THREAD_BYTES)
         await self.store.put_many([(memo_key, body, memo_ttl)])
         if not fetched:
             lookup = Lookup.HIT
@@ -298,24 +313,20 @@ class RangeCache:
         count("range", lookup, cached_steps, led_steps, fetched_steps - led_steps)
         return ApiResult(200, None, lookup, raw=body)
 
-    def _blocks(self, a: int, b: int, step: int) -> list[int]:
-        phase = a % step
-        return list(range(((a - phase) // step) // BLOCK_STEPS, ((b - phase) // step) // BLOCK_STEPS + 1))
-
     @staticmethod
-    def _block_span(bi: int, phase: int, step: int) -> Interval:
-        a = phase + bi * BLOCK_STEPS * step
-        return a, a + (BLOCK_STEPS - 1) * step
+    def _block_key(base: str, length: int, index: int) -> str:
+        return f"{base}:b{length}:{index}"
 
     @staticmethod
     def _pieces(missing: list[Interval], first: int, last: int, step: int,
-                start: float, end: float) -> list[_Piece]:
-        """What to fetch: the missing intervals (one span when there are many), in chunks
-        Prometheus accepts; a piece at the request's own edge is sent with its own string."""
+                start: float, end: float, part: int) -> list[_Piece]:
+        """What to fetch: the missing intervals (one span when there are many) cut at part
+        boundaries, in chunks Prometheus accepts; a piece at the request's own edge is sent
+        with its own string. The live tail is fetched with the part it ends."""
         if len(missing) > MAX_PIECES:
             missing = [(missing[0][0], missing[-1][1])]
         out: list[_Piece] = []
-        for a, b in missing:
+        for a, b in splitting.split(missing, step, part):
             while a <= b:
                 chunk_end = min(b, a + (MAX_STEPS - 1) * step)
                 out.append(_Piece(a, chunk_end,
@@ -335,11 +346,8 @@ class RangeCache:
             answer = await self.upstream.ask("/api/v1/query_range", query, "range", deadline, headers)
         extent = None
         if answer.status_code == 200:
-            data = answer.doc.get("data")
-            result = data.get("result") if isinstance(data, dict) else None
-            size = len(result) if isinstance(result, list) else 0
-            heavy = size * ((piece.b - piece.a) // step_ms + 1) > THREAD_POINTS
-            extent = await _cpu(extent_of, answer.doc, piece.a, piece.b, step_ms, heavy=heavy)
+            extent = await _cpu(extent_of, answer.raw, piece.a, piece.b, step_ms,
+                                heavy=len(answer.raw) > THREAD_BYTES)
         if extent is not None:
             await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
         return _Fetched(answer, extent)
@@ -350,30 +358,51 @@ class RangeCache:
         the request's live record for seconds only."""
         live_from = rch.first_live(piece.a, step_ms, cutoff)
         settled_last = min(piece.b, live_from - step_ms)
-        blocks = self._blocks(piece.a, settled_last, step_ms) if settled_last >= piece.a else []
-        keys = [f"{base}:b{bi}" for bi in blocks]
+        length = splitting.block_len(step_ms, self.split_ms)
+        blocks = splitting.blocks(piece.a, settled_last, step_ms, length) if settled_last >= piece.a else []
+        keys = [self._block_key(base, length, bi) for bi in blocks]
         old = await self.store.get_many(keys) if keys else []
+        # Instants settled only recently (within the re-check horizon past the freshness
+        # window) are kept briefly: a block holding any is refetched after
+        # RANGE_CACHE_RECHECK_SECONDS, whatever is merged into it meanwhile, so a sample
+        # later than the freshness window corrects the cache within that bound.
+        now = self.clock()
+        recent_from = rch.first_live(piece.a, step_ms, cutoff - self.recheck_horizon_ms)
+        recheck_at = now + self.settings.range_cache_recheck_seconds
 
         def build() -> list[tuple[str, bytes, float]]:
             items: list[tuple[str, bytes, float]] = []
             if blocks:
-                settled = extent.clip(piece.a, settled_last)
+                settled = extent.clip(piece.a, settled_last, step_ms)
                 phase = piece.a % step_ms
                 for bi, key, data in zip(blocks, keys, old, strict=True):
-                    part = settled.clip(*self._block_span(bi, phase, step_ms))
+                    part = settled.clip(*splitting.block_span(bi, phase, step_ms, length), step_ms)
+                    if part.covered and part.covered[-1][1] >= recent_from:
+                        part.expires = recheck_at
                     if data is not None:
                         part = Extent.decode(data).merge(part, step_ms)
-                    items.append((key, part.encode(), self.settings.range_cache_ttl_seconds))
+                    ttl = self.settings.range_cache_ttl_seconds
+                    if part.expires > 0:
+                        ttl = min(ttl, part.expires - now)
+                    items.append((key, part.encode(), ttl))
             if live_from <= piece.b:
-                live = extent.clip(max(piece.a, live_from), piece.b)
+                live = extent.clip(max(piece.a, live_from), piece.b, step_ms)
                 items.append((live_key, live.encode(), self.settings.range_cache_live_ttl_seconds))
             return items
 
-        items = await _cpu(build, heavy=extent.points() > THREAD_POINTS)
+        items = await _cpu(build, heavy=extent.size() > THREAD_BYTES)
         await self.store.put_many(items)
 
     async def aclose(self) -> None:
         await self.background.aclose()
+
+
+def _shared_result(status: int, body: bytes, lookup: Lookup, category: str) -> ApiResult:
+    """An answer handed over by another process of the fleet (see RangeCache._fleet)."""
+    if category != "instant":
+        return ApiResult(status, None, lookup, raw=body)
+    t_text, _, raw = body.partition(b"\n")
+    return ApiResult(status, None, lookup, int(t_text) / 1000, raw=raw)
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:

@@ -95,19 +95,22 @@ def fmt_ms(ms: int) -> str:
     return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}".rstrip("0")
 
 
-def _json_ts(ms: int) -> int | float:
-    """A timestamp as Prometheus writes it (seconds; a fraction only when there is one)."""
-    return ms // 1000 if ms % 1000 == 0 else ms / 1000
-
-
-def prom_ts(t: int | float) -> str:
-    """A timestamp (seconds) written as Prometheus writes it (jsonutil.MarshalTimestamp):
-    whole seconds, and the milliseconds as three digits when there are any ("…34.770",
-    where json.dumps would write "…34.77"), so assembled bodies equal upstream's bytes."""
-    ms = t * 1000 if isinstance(t, int) else round(t * 1000)
+def ts_text(ms: int) -> bytes:
+    """A timestamp as Prometheus writes it in JSON (jsonutil.MarshalTimestamp): whole
+    seconds, and the milliseconds as three digits when there are any ("…34.770", where
+    json.dumps would write "…34.77"), so assembled bodies equal upstream's bytes."""
     sign = "-" if ms < 0 else ""
     sec, frac = divmod(abs(ms), 1000)
-    return f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}"
+    return (f"{sign}{sec}" if frac == 0 else f"{sign}{sec}.{frac:03d}").encode()
+
+
+def ts_ms(text: bytes) -> int:
+    """A written timestamp back to whole milliseconds (exact for Prometheus' own form)."""
+    whole, _, frac = text.partition(b".")
+    if len(frac) > 3:
+        raise ValueError("sub-millisecond timestamp")
+    ms = abs(int(whole)) * 1000 + (int((frac + b"000")[:3]) if frac else 0)
+    return -ms if whole.startswith(b"-") else ms
 
 
 def repr_time(seconds: float) -> str:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from app.gateway import metrics as gm
 from app.gateway.upstream.jsonsteps import loads_in_steps, paused_gc
 
@@ -34,23 +36,45 @@ class QueryAnswer:
     warnings: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
 class ApiAnswer:
     """One answer of the upstream's HTTP API, success or Prometheus error envelope.
 
     Error envelopes come back as answers, not exceptions, so a caller serving the
     Prometheus API can pass the upstream's errorType and HTTP status through as is.
+    The envelope is checked when the answer arrives but decoded only when someone
+    reads `doc`: a megabyte range answer is cut into extents from its bytes and
+    handed on as it came, never turned into Python objects.
     """
 
-    status_code: int          # upstream HTTP status
-    doc: dict[str, Any]       # the decoded envelope (status, data, errorType, error, warnings, infos)
-    raw: bytes                # the body as received (for pass-through)
+    __slots__ = ("_doc", "_head", "raw", "status_code")
+
+    def __init__(self, status_code: int, doc: dict[str, Any] | None, raw: bytes, head: object = None) -> None:
+        self.status_code = status_code  # upstream HTTP status
+        self._doc = doc
+        self._head = doc.get("status") if doc is not None else head  # the envelope's status
+        self.raw = raw  # the body as received (for pass-through)
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The decoded envelope (status, data, errorType, error, warnings, infos)."""
+        if self._doc is None:
+            self._doc = json.loads(self.raw)
+        return self._doc
 
     @property
     def error_type(self) -> str | None:
-        if self.doc.get("status") == "success":
+        if self._head == "success":
             return None
         return error_type_of(self.doc, self.status_code)
+
+
+class _Head(msgspec.Struct):
+    """An envelope's status; the rest is validated as JSON but not built into objects."""
+
+    status: object = None
+
+
+_HEAD = msgspec.json.Decoder(_Head)
 
 
 def error_type_of(doc: Mapping[str, Any] | None, status: int) -> str:
@@ -61,21 +85,27 @@ def error_type_of(doc: Mapping[str, Any] | None, status: int) -> str:
 
 
 def _api_answer(body: bytes, status: int) -> ApiAnswer:
-    """Decode an API body; raise UpstreamError when it is not a Prometheus envelope."""
+    """Check an API body is an envelope; raise UpstreamError when it is not one."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
-        if status == 404:
-            # An upstream without this endpoint (e.g. /status/flags on Prometheus' own
-            # router says "404 page not found"): a designed answer, not a failure.
-            return ApiAnswer(404, {"status": "error", "errorType": "not_found",
-                                   "error": f"upstream: {snippet}"}, body)
-        raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
-    if not isinstance(doc, dict) or doc.get("status") not in ("success", "error"):
+        head: object = _HEAD.decode(body).status
+        doc: dict[str, Any] | None = None
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        try:  # not an object, not JSON, or what only Python's json reads (NaN, Infinity)
+            loaded = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
+            if status == 404:
+                # An upstream without this endpoint (e.g. /status/flags on Prometheus' own
+                # router says "404 page not found"): a designed answer, not a failure.
+                return ApiAnswer(404, {"status": "error", "errorType": "not_found",
+                                       "error": f"upstream: {snippet}"}, body)
+            raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
+        doc = loaded if isinstance(loaded, dict) else None
+        head = doc.get("status") if doc is not None else None
+    if head not in ("success", "error"):
         # JSON, but no envelope: what parse_answer calls it (a 5xx is the server's failure).
         raise UpstreamError(error_type_of(None, status), f"HTTP {status}, not a Prometheus envelope", status)
-    return ApiAnswer(status, doc, body)
+    return ApiAnswer(status, doc, body, head)
 
 
 def _value(raw: Any) -> float:
