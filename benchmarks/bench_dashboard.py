@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.demo_data import generate, start_prometheus_with_history  # noqa: E402
-from tests.support.procs import start_uvicorn  # noqa: E402
+from tests.support.procs import prometheus_range_requests, start_uvicorn  # noqa: E402
 
 STEP = 15
 WINDOW = 3600
@@ -70,10 +70,7 @@ PANELS = [
 
 def range_requests(prom: str) -> float:
     """Range queries Prometheus has received, from its own /metrics."""
-    text = httpx.get(f"{prom}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("prometheus_http_requests_total{")
-               and 'handler="/api/v1/query_range"' in line)
+    return prometheus_range_requests(prom)
 
 
 def gateway_steps(gateway: str) -> dict[str, float]:

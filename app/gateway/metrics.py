@@ -87,6 +87,11 @@ SHARED_ERRORS = Counter(
     "Failed shared-tier (Redis) commands by reason: timeout, connection, oom, response, corrupt.",
     ["reason"],
 )
+SHARED_TOPOLOGY_CHANGES = Counter(
+    "metrics_gateway_shared_cache_topology_changes_total",
+    "Changes of the shared tier's Redis Cluster slot map this process followed (a master failed "
+    "over to its replica, or slots migrated to another master).",
+)
 SHARED_LOCK_WAIT = Histogram(
     "metrics_gateway_shared_cache_lock_wait_seconds",
     "Time a process waited on another process's fetch (the fleet-wide single flight).",
@@ -187,6 +192,10 @@ def shared_error(reason: str) -> None:
 
 def shared_ok() -> None:
     SHARED_UP.set(1)
+
+
+def shared_topology_change() -> None:
+    SHARED_TOPOLOGY_CHANGES.inc()
 
 
 def shared_lock_wait(seconds: float) -> None:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.support.procs import Proc, start_prometheus, wait_until
+from tests.support.redis_cluster import RedisClusterProcs, start_redis_cluster
 from tests.support.synthetic_backend import (
     LEGACY_GAUGE_SERIES,
     LEGACY_GAUGE_TYPES,
@@ -78,3 +79,14 @@ def no_provider_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
     backend = SyntheticBackend(series=list(NO_PROVIDER_SERIES))
     with synthetic_stack(tmp_path_factory.mktemp("no-provider-stack"), backend, backfill=False) as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcs]:
+    """A real 3-master + 3-replica Redis Cluster on loopback, shared by the tests that do not
+    kill its nodes (slot migrations keep it whole: they only move slots between masters)."""
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,11 +1,11 @@
-"""The shared tier on each kind of Redis its URL can name: a Redis Cluster (one node
-holding every slot) and a Sentinel-managed master, both real redis-server processes
-on loopback; plus the REDIS_URL fallback of the settings root."""
+"""The shared tier on each kind of Redis its URL can name: a Redis Cluster (3 masters,
+3 replicas) and a Sentinel-managed master (3 sentinels), all real redis-server
+processes on loopback; plus the REDIS_URL fallback of the settings root. Failovers,
+redirects and slot migrations: test_redis_cluster.py."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +21,9 @@ from app.gateway.result import Fetched, Sample
 from app.gateway.settings import GatewaySettings
 from app.settings import AppSettings
 from app.vrops.settings import VropsSettings
-from tests.support.procs import REDIS_BIN, Proc, _spawn, free_port, start_redis, wait_until
+from tests.support.procs import REDIS_BIN
+from tests.support.redis_cluster import RedisClusterProcs, SentinelGroup, start_sentinel_group
+from tests.support.tools import needs
 
 pytestmark = pytest.mark.integration
 
@@ -56,38 +58,11 @@ async def exercise(tier: SharedTier) -> None:
     assert outcome == {"d|w": LEAD}
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too, so at most 55535."""
-    for _ in range(200):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
-@pytest.fixture()
-def cluster(tmp_path: Path) -> Iterator[Proc]:
-    proc = start_redis(tmp_path / "cluster", port=cluster_port(),
-                       extra_args=("--cluster-enabled", "yes", "--cluster-config-file",
-                                   str(tmp_path / "cluster" / "nodes.conf")))
-    r = redis_sync.Redis.from_url(proc.url, socket_timeout=5)
-    try:
-        r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        wait_until(lambda: b"cluster_state:ok" in r.execute_command("CLUSTER", "INFO"), 15, what="cluster ok")
-        yield proc
-    finally:
-        r.close()
-        proc.stop()
-
-
-async def test_on_a_redis_cluster(cluster: Proc) -> None:
-    client = make_redis_client(f"redis+cluster://127.0.0.1:{cluster.port}", 1.0)
+@needs("redis-cli")
+async def test_on_a_redis_cluster(redis_cluster: RedisClusterProcs) -> None:
+    """The whole protocol on 3 masters: a batch's keys share its tenant's slot (one script
+    call each), wherever that slot lives."""
+    client = make_redis_client(redis_cluster.url, 1.0)
     assert isinstance(client, RedisCluster)
     tier = SharedTier(GatewaySettings(gateway_cache_lock_lease_seconds=0.2), client, "cafe01")
     try:
@@ -97,37 +72,22 @@ async def test_on_a_redis_cluster(cluster: Proc) -> None:
 
 
 @pytest.fixture()
-def sentinel(tmp_path: Path) -> Iterator[tuple[Proc, int]]:
-    master = start_redis(tmp_path / "master")
-    port = free_port()
-    conf = tmp_path / "sentinel" / "sentinel.conf"
-    conf.parent.mkdir(parents=True)
-    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor gw 127.0.0.1 {master.port} 1\n"
-                    "sentinel down-after-milliseconds gw 5000\n")
-    proc = _spawn([REDIS_BIN, str(conf), "--sentinel"], conf.parent, "sentinel", port=port)
-    try:
-        def knows_master() -> bool:
-            with redis_sync.Redis(port=port, socket_timeout=1) as s:
-                return s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "gw") is not None
-
-        wait_until(knows_master, 15, what="sentinel knows the master")
-        yield master, port
-    finally:
-        proc.stop()
-        master.stop()
+def sentinel(tmp_path: Path) -> Iterator[SentinelGroup]:
+    group = start_sentinel_group(tmp_path)
+    yield group
+    group.stop()
 
 
-async def test_through_sentinel(sentinel: tuple[Proc, int]) -> None:
-    master, port = sentinel
-    client = make_redis_client(f"redis+sentinel://127.0.0.1:{port}/gw/2", 1.0)
+async def test_through_sentinel(sentinel: SentinelGroup) -> None:
+    client = make_redis_client(sentinel.url(2), 1.0)
     assert isinstance(client, Redis)
     tier = SharedTier(GatewaySettings(gateway_cache_lock_lease_seconds=0.2), client, "cafe02")
     try:
         await exercise(tier)
     finally:
         await tier.aclose()
-    with redis_sync.Redis(port=master.port, db=2, socket_timeout=5) as r:
-        assert list(r.scan_iter(match="mg:v1:{cafe02}:fresh:*"))  # written to the master, db 2
+    with redis_sync.Redis(port=sentinel.master_port(), db=2, socket_timeout=5) as r:
+        assert list(r.scan_iter(match="mg:v2:cafe02:*:fresh:*"))  # written to the master, db 2
 
 
 def test_redis_url_is_the_default_and_off_opts_out(monkeypatch: pytest.MonkeyPatch) -> None:

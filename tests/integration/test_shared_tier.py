@@ -182,7 +182,7 @@ async def test_a_vanished_holder_blocks_others_only_for_its_lease(
     await svc.ensure_started()
     assert svc._shared is not None
     for key in service_keys:
-        redis_db.set(svc._shared.keys.of(key).lock, "deadbeefdeadbeef", px=500)
+        redis_db.set(svc._shared.keys.figure(key).lock, "deadbeefdeadbeef", px=500)
     before = queries(prom_stack)
     t0 = time.monotonic()
     got = await svc.summary()
@@ -301,7 +301,7 @@ async def test_answers_with_warnings_are_shared_fresh_but_never_as_last_good(red
         claim = await tier.claim(["warned", "failed"], [True, True], 1.0)
         assert claim is not None
         await tier.publish(claim.token, {"warned": partial, "failed": UpstreamFailure("timeout", "slow")})
-        k, f = tier.keys.of("warned"), tier.keys.of("failed")
+        k, f = tier.keys.figure("warned"), tier.keys.figure("failed")
         assert redis_db.exists(k.fresh) and not redis_db.exists(k.good)
         assert not redis_db.exists(f.fresh) and not redis_db.exists(f.good)  # a failure is never stored
         assert not redis_db.exists(k.lock) and not redis_db.exists(f.lock)  # both released

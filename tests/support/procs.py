@@ -244,6 +244,13 @@ def prometheus_query_requests(prom_url: str) -> float:
                if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line)
 
 
+def prometheus_range_requests(prom_url: str) -> float:
+    """Range-query requests a Prometheus has received, from its own /metrics."""
+    text = httpx.get(f"{prom_url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query_range"' in line)
+
+
 def start_gunicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *, workers: int = 2,
                    port: int | None = None, health_path: str = "/health", timeout: float = 60.0) -> Proc:
     """The API as deployed: gunicorn -c gunicorn.conf.py with `workers` uvicorn workers on loopback.

@@ -81,16 +81,39 @@ def test_failures_and_too_large_markers() -> None:
     assert isinstance(got, tuple) and got[0].fetched_at == ANSWER.fetched_at
 
 
+def _tag(key: str) -> str:
+    return key[key.index("{") + 1:key.index("}")]
+
+
 def test_keys_are_namespaced_versioned_and_slot_tagged() -> None:
     ks = KeySpace("mg", "abc123")
-    k = ks.of("provider|sum(x)")
-    assert k.fresh.startswith(f"mg:v{FORMAT_VERSION}:{{abc123}}:fresh:")
-    # One hash tag per namespace: a batch's keys share a Redis Cluster slot (one script call).
-    assert {key[key.index("{"):key.index("}") + 1] for key in (k.fresh, k.good, k.lock, k.res)} == {"{abc123}"}
-    assert ks.of("provider|sum(x)") == k
-    assert ks.of("provider|sum(y)").fresh != k.fresh
-    assert KeySpace("mg", "def456").of("provider|sum(x)").fresh != k.fresh
-    assert KeySpace("mg", "abc123", version=FORMAT_VERSION + 1).of("provider|sum(x)").fresh != k.fresh
+    k = ks.figure("t1|provider|sum(x)")
+    assert k.fresh.startswith(f"mg:v{FORMAT_VERSION}:abc123:{{{k.tag}}}:fresh:")
+    # One hash tag per tenant and catalog: a request's batch shares a Redis Cluster slot
+    # (one script call), whatever its figures.
+    assert {_tag(key) for key in (k.fresh, k.good, k.lock, k.res)} == {k.tag}
+    assert ks.figure("t1|provider|sum(y)").tag == k.tag
+    assert ks.figure("t2|provider|sum(x)").tag != k.tag
+    assert KeySpace("mg", "def456").figure("t1|provider|sum(x)").tag != k.tag
+    assert ks.figure("t1|provider|sum(x)") == k
+    assert ks.figure("t1|provider|sum(y)").fresh != k.fresh
+    assert KeySpace("mg", "def456").figure("t1|provider|sum(x)").fresh != k.fresh
+    assert KeySpace("mg", "abc123", version=FORMAT_VERSION + 1).figure("t1|provider|sum(x)").fresh != k.fresh
+
+
+def test_range_keys_spread_over_every_slot() -> None:
+    """Range extents, remembered answers and their flights carry their own key's tag:
+    their four keys share a slot (one script), different keys land all over the slots."""
+    from redis.crc import key_slot
+
+    ks = KeySpace("mg", "abc123")
+    one = ks.of("range:b1")
+    assert {_tag(key) for key in (one.fresh, one.good, one.lock, one.res)} == {one.tag}
+    slots = {key_slot(ks.of(f"range:b{i}").fresh.encode()) for i in range(2000)}
+    # 2000 keys over 16384 slots: a per-namespace tag would give 1; a per-key one ~1900.
+    assert len(slots) > 1800
+    thirds = [sum(1 for s in slots if s * 3 // 16384 == m) for m in range(3)]
+    assert max(thirds) < 0.4 * len(slots)  # three masters' slot ranges get a third each
 
 
 def test_catalog_fingerprint_follows_what_shapes_answers() -> None:

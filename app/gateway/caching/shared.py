@@ -20,10 +20,12 @@ flight -> upstream:
 - good: the last good answer with its ``fetched_at``, kept ``STALE_MAX_AGE_SECONDS``,
   so a replica started during an outage serves stale values with their true age.
 
-Keys are namespaced and versioned, ``<prefix>:v<format>:{<catalog hash>}:<kind>:<sha>``
-(the sha of the figure's cache key; the braces keep a namespace in one Redis
-Cluster slot, so one script call serves a batch): a changed catalog or format
-reads none of the old entries.
+Keys are namespaced and versioned, ``<prefix>:v<format>:<catalog hash>:{<tag>}:<kind>:<sha>``
+(the sha of the cache key): a changed catalog or format reads none of the old
+entries. The braces hold the Redis Cluster hash tag, chosen by what must stay
+together: a figure's keys carry its tenant's tag (per tenant and catalog), so one
+script call serves a request's whole batch; range extents, remembered answers and
+their flights carry their own key's, so they spread over every master of a cluster.
 Values are compact JSON, zlib-compressed when that pays, never pickle, and
 bounded in size (a larger answer is not shared, only kept locally).
 
@@ -48,12 +50,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.common.episodes import FailureEpisode
 from app.common.redis import AsyncRedis, make_redis_client
+from app.common.redis_topology import TopologyWatch
 from app.gateway import metrics as gm
 from app.gateway.caching.clock import to_monotonic, to_wall
 from app.gateway.caching.codec import _BIG, Codec, CodecError
@@ -64,7 +68,7 @@ from app.gateway.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger("gateway.shared")
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # 2: hash tags per tenant (figures) and per key (ranges)
 _T = TypeVar("_T")
 
 
@@ -87,37 +91,55 @@ class FigureKeys:
     good: str
     lock: str
     res: str
+    tag: str  # the Redis Cluster hash tag: keys of one tag may meet in one script call
 
 
 class KeySpace:
-    """``<prefix>:v<format>:{<catalog hash>}:<kind>:<sha256 of the cache key>``.
+    """``<prefix>:v<format>:<catalog hash>:{<tag>}:<kind>:<sha256 of the cache key>``.
 
-    The braces make the catalog hash the Redis Cluster hash tag: a namespace lives
-    in one slot, so one script call can serve a whole batch of figures.
+    The braces hold the Redis Cluster hash tag, so the tag decides the slot (and the
+    master). `of(key)` tags a key by its own hash: keys that are read one at a time
+    (range extents, remembered answers, their flights) spread over every slot.
+    `of(key, together=group)` tags it by the group's hash (and the catalog's): every
+    key of a group shares one slot, so one script call can serve a batch of them.
     """
 
     def __init__(self, prefix: str, catalog_hash: str, version: int = FORMAT_VERSION) -> None:
-        self.namespace = f"{prefix}:v{version}:{{{catalog_hash}}}"
-        self._memo: dict[str, FigureKeys] = {}
+        self.catalog_hash = catalog_hash
+        self.namespace = f"{prefix}:v{version}:{catalog_hash}"
+        self._memo: dict[tuple[str, str | None], FigureKeys] = {}
 
-    def of(self, key: str) -> FigureKeys:
-        keys = self._memo.get(key)
+    def of(self, key: str, together: str | None = None) -> FigureKeys:
+        keys = self._memo.get((key, together))
         if keys is None:
             sha = hashlib.sha256(key.encode()).hexdigest()[:32]
-            ns = self.namespace
-            keys = FigureKeys(f"{ns}:fresh:{sha}", f"{ns}:good:{sha}", f"{ns}:lock:{sha}", f"{ns}:res:{sha}")
+            if together is None:
+                tag = sha[:16]
+            else:
+                tag = "g" + hashlib.sha256(f"{self.catalog_hash}|{together}".encode()).hexdigest()[:15]
+            ns = f"{self.namespace}:{{{tag}}}"
+            keys = FigureKeys(f"{ns}:fresh:{sha}", f"{ns}:good:{sha}", f"{ns}:lock:{sha}", f"{ns}:res:{sha}", tag)
             if len(self._memo) >= 8192:  # keys come from the catalog and bounded filters
                 self._memo.clear()
-            self._memo[key] = keys
+            self._memo[(key, together)] = keys
         return keys
+
+    def figure(self, key: str) -> FigureKeys:
+        """A figure's keys, tagged by its tenant: the engine's figure keys lead with the
+        tenant id and ``|``, and one request (one tenant) claims its batch in one call."""
+        return self.of(key, together=key.partition("|")[0])
+
+    def pick(self, key: str, figures: bool) -> FigureKeys:
+        return self.figure(key) if figures else self.of(key)
 
 
 # -- codec --------------------------------------------------------------------------------
 
 
 # -- scripts: one call (one round trip, one command) per batch of figures ------------------
-# Every key of a namespace shares one Redis Cluster slot ({catalog hash} tag), so a
-# batch's keys may meet in one script. Run by EVALSHA (redis-py loads them on NOSCRIPT).
+# A script's keys share one Redis Cluster slot (one hash tag: a tenant's figures, or
+# one range key's four keys); a batch spanning tags runs one call per tag. Run by
+# EVALSHA (redis-py loads them on NOSCRIPT, also on a replica promoted by a failover).
 
 # KEYS: (fresh, lock, good) per figure. ARGV: token, lease ms, then "1"/"0" per figure
 # (also return its last good value).
@@ -265,7 +287,16 @@ class SharedTier:
         self.breaker = CircuitBreaker(settings.gateway_cache_breaker_threshold,
                                       settings.gateway_cache_breaker_reset_seconds,
                                       on_change=gm.set_shared_breaker_state)
-        self.episode = FailureEpisode("shared cache tier (Redis)", log)
+        # A Redis Cluster whose one master is down answers on the others meanwhile: its
+        # episode ends after a breaker period of successes without a failure, not at the
+        # first command a healthy master answers.
+        self.episode = FailureEpisode(
+            "shared cache tier (Redis)", log,
+            settle_seconds=settings.gateway_cache_breaker_reset_seconds if isinstance(client, RedisCluster) else 0.0)
+        # A Redis Cluster's failovers and slot migrations: redirects redis-py follows;
+        # one log line per episode (or a note in the closing line of a failure episode).
+        self.topology = TopologyWatch(client, "shared cache tier (Redis)", log, on_change=gm.shared_topology_change,
+                                      quiet_while=lambda: self.episode.failing)
         self.claim_script = client.register_script(_CLAIM)
         self.poll_script = client.register_script(_POLL)
         self.publish_script = client.register_script(_PUBLISH)
@@ -306,6 +337,7 @@ class SharedTier:
             async with asyncio.timeout(limit):
                 result = await op()
         except (RedisError, RedisClusterException, OSError, TimeoutError, CodecError) as exc:
+            self.topology.check()
             reason = _reason(exc)
             gm.shared_error(reason)
             self.breaker.failure()
@@ -314,8 +346,9 @@ class SharedTier:
             self.episode.failure(f"{reason}: {type(exc).__name__}: {said}")
             return None
         self.breaker.success()
-        if self.episode.failing:
-            self.episode.success()
+        self.topology.check()
+        if self.episode.failing and self.episode.success(self.topology.note):
+            self.topology.note = ""
         gm.shared_ok()
         return result
 
@@ -323,18 +356,41 @@ class SharedTier:
                       budget: float | None) -> Any:
         return await self.guarded(lambda: script(keys=keys, args=args), budget)
 
+    async def per_tag(self, script: Any, items: Sequence[tuple[FigureKeys, Sequence[str], Sequence[Any]]],
+                      head: Sequence[str | bytes | int], budget: float | None) -> list[Any] | None:
+        """Run `script` once per hash tag (a Redis Cluster slot) over `items` (keys, their
+        script keys, their script args), concurrently; each item's reply in order (None
+        where the script returns no list), or None when any call failed. A request's
+        batch has one tag (its tenant's): one call."""
+        groups: dict[str, list[int]] = {}
+        for i, (k, _, _) in enumerate(items):
+            groups.setdefault(k.tag, []).append(i)
+
+        async def one(idx: list[int]) -> Any:
+            rkeys = [rk for i in idx for rk in items[i][1]]
+            return await self.script(script, rkeys, [*head, *(a for i in idx for a in items[i][2])], budget)
+
+        replies = await asyncio.gather(*(one(idx) for idx in groups.values()))
+        if any(r is None for r in replies):
+            return None
+        out: list[Any] = [None] * len(items)
+        for idx, reply in zip(groups.values(), replies, strict=True):
+            if isinstance(reply, list):
+                for i, r in zip(idx, reply, strict=True):
+                    out[i] = r
+        return out
+
     # -- operations -----------------------------------------------------------------------
 
     async def claim(self, keys: Sequence[str], want_good: Sequence[bool], budget: float) -> Claim | None:
         """For each key: its fresh entry, else its lock (won, or who holds it), and
         its last good value where asked. One round trip. None when the tier failed."""
         token = secrets.token_hex(8)
-        rkeys: list[str] = []
-        for key in keys:
-            k = self.keys.of(key)
-            rkeys += (k.fresh, k.lock, k.good)
-        args = [token, self.lease_ms, *("1" if g else "0" for g in want_good)]
-        replies = await self.script(self.claim_script, rkeys, args, budget)
+        items = []
+        for key, good in zip(keys, want_good, strict=True):
+            k = self.keys.figure(key)
+            items.append((k, (k.fresh, k.lock, k.good), ("1" if good else "0",)))
+        replies = await self.per_tag(self.claim_script, items, [token, self.lease_ms], budget)
         if replies is None:
             return None
         claim = Claim(token)
@@ -367,13 +423,14 @@ class SharedTier:
             log.debug("undecodable shared entry ignored: %s", exc)
             return None
 
-    async def poll(self, awaited: Mapping[str, str], token: str,
-                   deadline: float) -> tuple[dict[str, tuple[int, bytes]], bool]:
+    async def poll(self, awaited: Mapping[str, str], token: str, deadline: float,
+                   *, figures: bool = True) -> tuple[dict[str, tuple[int, bytes]], bool]:
         """The one poll loop of the fleet's flights (figures and ranges): poll the flights
         other processes lead (backoff 1 ms .. 25 ms) until each has a final reply (1: an
         outcome, 2: a fresh entry, 4: its holder vanished and the lock is now `token`'s),
         or `deadline` (event-loop time) passes. Returns the final replies by key and
-        whether the tier failed (then the keys without a reply were left pending)."""
+        whether the tier failed (then the keys without a reply were left pending).
+        `figures`: figure keys (tagged by tenant), else keys tagged by themselves."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         pending = dict(awaited)
@@ -385,13 +442,9 @@ class SharedTier:
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * self.POLL_GROWTH, self.POLL_MAX)
                 order = list(pending)
-                rkeys: list[str] = []
-                for key in order:
-                    k = self.keys.of(key)
-                    rkeys += (k.res, k.lock, k.fresh)
-                replies = await self.script(self.poll_script, rkeys,
-                                            [token, self.lease_ms, *(pending[k] for k in order)],
-                                            deadline - loop.time())
+                items = [(k, (k.res, k.lock, k.fresh), (pending[key],))
+                         for key in order for k in (self.keys.pick(key, figures),)]
+                replies = await self.per_tag(self.poll_script, items, [token, self.lease_ms], deadline - loop.time())
                 if replies is None:
                     failed = True
                     break
@@ -443,13 +496,13 @@ class SharedTier:
         no warnings, as last good (STALE_MAX_AGE_SECONDS). Failures are handed over,
         never stored: the next request simply asks again."""
         now_ms = int(time.time() * 1000)
-        rkeys: list[str] = []
-        args: list[str | bytes | int] = [token, 2 * self.lease_ms, int(self.settings.stale_max_age_seconds * 1000)]
+        items: list[tuple[FigureKeys, Sequence[str], Sequence[Any]]] = []
+        head: list[str | bytes | int] = [token, 2 * self.lease_ms, int(self.settings.stale_max_age_seconds * 1000)]
         for key, outcome in outcomes.items():
-            k = self.keys.of(key)
-            rkeys += (k.fresh, k.good, k.res, k.lock)
+            k = self.keys.figure(key)
+            rkeys = (k.fresh, k.good, k.res, k.lock)
             if isinstance(outcome, UpstreamFailure):
-                args += (b"", 0, "0", self.codec.encode_failure(outcome))
+                items.append((k, rkeys, (b"", 0, "0", self.codec.encode_failure(outcome))))
                 continue
             # Back to the wall clock; rounded to the millisecond the grid is made of
             # (the two clocks were read microseconds apart).
@@ -457,26 +510,28 @@ class SharedTier:
             expires_at = fresh_at / 1000
             encoded = self.codec.encode(outcome, expires_at)
             if encoded is None:
-                args += (b"", 0, "0", _BIG)
+                items.append((k, rkeys, (b"", 0, "0", _BIG)))
                 continue
-            args += (encoded, fresh_at if fresh_at > now_ms + 5 else 0, "0" if outcome.warnings else "1", b"")
-        if rkeys:
-            await self.script(self.publish_script, rkeys, args, None)
+            items.append((k, rkeys, (encoded, fresh_at if fresh_at > now_ms + 5 else 0,
+                                     "0" if outcome.warnings else "1", b"")))
+        if items:
+            await self.per_tag(self.publish_script, items, head, None)
 
     @contextlib.asynccontextmanager
-    async def holding(self, keys: Sequence[str], token: str) -> AsyncIterator[None]:
+    async def holding(self, keys: Sequence[str], token: str, *, figures: bool = True) -> AsyncIterator[None]:
         """Keep the locks on `keys` while the body runs (renewed every third of a lease),
-        so only a holder that died or hangs loses them."""
+        so only a holder that died or hangs loses them. `figures`: figure keys (tagged
+        by tenant), else keys tagged by themselves (the range cache's)."""
         if not keys:
             yield
             return
-        locks = [self.keys.of(k).lock for k in keys]
+        items = [(k, (k.lock,), ()) for key in keys for k in (self.keys.pick(key, figures),)]
         interval = self.lease_ms / 3000
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(interval)
-                await self.script(self.renew_script, locks, [token, self.lease_ms], None)
+                await self.per_tag(self.renew_script, items, [token, self.lease_ms], None)
 
         task = asyncio.get_running_loop().create_task(renew())
         try:

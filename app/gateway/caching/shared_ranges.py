@@ -142,7 +142,7 @@ class SharedFlights:
                    deadline: float) -> SharedAnswer | UpstreamFailure | Lead | Alone:
         """Poll the holder's flight until its outcome, its takeover by this process (LEAD),
         a tier failure (ALONE) or `deadline` (event-loop time: a timeout failure)."""
-        final, failed = await self.tier.poll({key: holder}, token, deadline)
+        final, failed = await self.tier.poll({key: holder}, token, deadline, figures=False)
         result: SharedAnswer | UpstreamFailure | Lead | Alone
         if key in final:
             code, data = final[key]
@@ -165,7 +165,7 @@ class SharedFlights:
         return outcome if isinstance(outcome, UpstreamFailure) else ALONE
 
     def holding(self, key: str, token: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return self.tier.holding([key], token)
+        return self.tier.holding([key], token, figures=False)
 
     async def publish(self, key: str, token: str, outcome: SharedAnswer | UpstreamFailure) -> None:
         """Hand the outcome to this flight's waiters and release the lock. Stores nothing

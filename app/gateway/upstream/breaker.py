@@ -27,6 +27,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
+        self._probe_at = 0.0
         self.state: BreakerState = "closed"
         on_change("closed")
 
@@ -42,8 +43,12 @@ class CircuitBreaker:
         if self.state == "open" and self._clock() - self._opened_at >= self.reset_seconds:
             self._set("half_open")
             self._probing = False
-        if self.state == "half_open" and not self._probing:
+        # A probe whose outcome never came (its caller was cancelled, or gave up before
+        # asking) is written off after another reset period: a lost probe must not keep
+        # the circuit half-open for ever.
+        if self.state == "half_open" and (not self._probing or self._clock() - self._probe_at >= self.reset_seconds):
             self._probing = True
+            self._probe_at = self._clock()
             return True
         return False
 
