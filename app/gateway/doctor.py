@@ -42,7 +42,8 @@ from app.gateway.catalog.loader import CatalogError, build_catalog, parse_query,
 from app.gateway.promql.syntax import PromQLError, parse
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
-from app.gateway.upstream.client import QUERY_ERRORS, PrometheusClient
+from app.gateway.upstream.breaker import QUERY_ERRORS
+from app.gateway.upstream.client import PrometheusClient
 
 COUNTER_FUNCS = frozenset({"rate", "irate", "increase", "resets"})
 GAUGE_FUNCS = frozenset({"delta", "idelta", "deriv", "predict_linear", "holt_winters",

@@ -226,3 +226,55 @@ def truncated(category: str, figures: int = 1) -> None:
 
 def offloaded(stage: Literal["parse", "project", "render"]) -> None:
     OFFLOADED.labels(stage).inc()
+
+
+# --- clients of the query API (issue 20): labels only from configured client names -----------------
+
+CLIENT_REQUESTS = Counter(
+    "metrics_gateway_client_requests_total",
+    "Query API requests by client (its configured name; unnamed / anonymous otherwise).",
+    ["client"],
+)
+CLIENT_REJECTED = Counter(
+    "metrics_gateway_client_rejected_total",
+    "Query API requests refused before or while waiting for their turn, by client and reason "
+    "(queue_full, gateway_busy, deadline; or the limit: range, points, lookback, length, blocked, "
+    "series, bytes).",
+    ["client", "reason"],
+)
+CLIENT_QUEUE_WAIT = Histogram(
+    "metrics_gateway_client_queue_wait_seconds",
+    "Time a query API request waited for its turn, by client and lane (upstream, heavy).",
+    ["client", "lane"],
+    buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CLIENT_UPSTREAM_SECONDS = Counter(
+    "metrics_gateway_client_upstream_seconds_total",
+    "Seconds of upstream requests (slot held) spent for each client.",
+    ["client"],
+)
+CLIENT_HEAVY_SECONDS = Counter(
+    "metrics_gateway_client_heavy_seconds_total",
+    "Seconds of CPU-heavy work on big answers (decoding, assembling) done for each client.",
+    ["client"],
+)
+
+
+def client_request(client: str) -> None:
+    CLIENT_REQUESTS.labels(client).inc()
+
+
+def client_rejected(client: str, reason: str) -> None:
+    CLIENT_REJECTED.labels(client, reason).inc()
+
+
+def client_queue_wait(client: str, lane: str, seconds: float) -> None:
+    CLIENT_QUEUE_WAIT.labels(client, lane).observe(seconds)
+
+
+def client_upstream_seconds(client: str, seconds: float) -> None:
+    CLIENT_UPSTREAM_SECONDS.labels(client).inc(seconds)
+
+
+def client_heavy_seconds(client: str, seconds: float) -> None:
+    CLIENT_HEAVY_SECONDS.labels(client).inc(seconds)

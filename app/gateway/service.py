@@ -29,6 +29,7 @@ from app.gateway.catalog.model import Catalog
 from app.gateway.engines.figures import Engine, Filters
 from app.gateway.engines.ranges import RangeCache
 from app.gateway.engines.readiness import ReadinessProbe
+from app.gateway.engines.scheduler import Scheduler
 from app.gateway.result import QueryResult, State
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.client import PrometheusClient
@@ -63,12 +64,15 @@ class GatewayService:
         self.memo = ResponseMemo(settings.response_memo_seconds, max_bytes=settings.response_memo_max_bytes)
         # Extents outlive a restart of the client (a lazy start in another event loop).
         self.range_store = MemoryExtentStore(settings.range_cache_max_bytes)
+        # Who may spend the query API's share of the upstream and of the CPU next.
+        self.scheduler = Scheduler(settings)
 
     async def start(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
             return
         await self.aclose()
         self._loop = asyncio.get_running_loop()
+        self.scheduler.start()
         self._client = PrometheusClient(self.settings, transport=self._transport)
         # Redis clients belong to one event loop too: made here, with the engine.
         self._shared = SharedTier.from_settings(self.settings, self.catalog)

@@ -101,6 +101,29 @@ class GatewaySettings(BaseSettings):
     gateway_cache_breaker_threshold: int = Field(default=3, ge=1)
     gateway_cache_breaker_reset_seconds: float = Field(default=5.0, gt=0)
 
+    # Clients of the query API (issue 20; app/gateway/engines/limits.py, scheduler.py): the
+    # defaults of every client's limits (a token's "limits" in API_TOKENS override them;
+    # 0 or empty: no limit), the API's share of the upstream (the rest of
+    # PROMETHEUS_MAX_CONNECTIONS is the figures'), and the slow-query log threshold.
+    client_max_concurrent_queries: int = Field(default=4, ge=1)
+    client_max_queued_queries: int = Field(default=16, ge=0)
+    client_max_range_seconds: float = Field(default=0.0, ge=0)
+    client_max_lookback_seconds: float = Field(default=0.0, ge=0)
+    client_max_points_per_series: int = Field(default=11000, ge=1)
+    client_max_series: int = Field(default=0, ge=0)
+    client_max_response_bytes: int = Field(default=0, ge=0)
+    client_max_query_length: int = Field(default=0, ge=0)
+    client_blocked_queries: list[str] = Field(default_factory=list)
+    api_max_concurrent_queries: int = Field(default=8, ge=1)
+    api_max_waiting_queries: int = Field(default=256, ge=1)
+    figure_reserved_connections: int = Field(default=8, ge=1)
+    # Heavy CPU work on big API answers (decoding, assembling), at once, across all clients.
+    api_heavy_workers: int = Field(default=1, ge=1, le=16)
+    # The interpreter's thread switch interval while heavy work runs in threads: the event
+    # loop waits at most this long for the interpreter each time it wakes (0: Python's 5 ms).
+    api_heavy_switch_interval_seconds: float = Field(default=0.001, ge=0, le=0.1)
+    slow_query_seconds: float = Field(default=2.0, ge=0)
+
     # Catalog: the packaged default, or a TOML file of the user's.
     catalog_path: Path | None = None
 
@@ -115,6 +138,13 @@ class GatewaySettings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("PROMETHEUS_URL must start with http:// or https://")
         return v.rstrip("/")
+
+    @property
+    def api_upstream_slots(self) -> int:
+        """How many query API requests may be upstream at once: API_MAX_CONCURRENT_QUERIES, but
+        never into the FIGURE_RESERVED_CONNECTIONS of the pool (at most half of it is reserved)."""
+        reserved = min(self.figure_reserved_connections, self.prometheus_max_connections // 2)
+        return max(1, min(self.api_max_concurrent_queries, self.prometheus_max_connections - reserved))
 
     @property
     def shared_cache_url(self) -> str | None:

@@ -57,11 +57,11 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.common import tracing
+from app.common.clients import with_client
 from app.common.exposition import sanitize_accept
 from app.common.paths import route_path
 from app.common.secrets import bearer_token, token_index
-from app.common.tenancy import UNCONFINED, Tenant, with_tenant
+from app.common.tenancy import with_tenant
 from app.security.settings import SecuritySettings, TokenSource
 
 log = logging.getLogger("gateway.security")
@@ -134,11 +134,10 @@ class SecurityMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             if self.tokens.enabled and is_protected(route_path(scope), self.prefixes):
-                refused, tenant = self._check_token(scope)
+                refused, scope = self._granted(scope)
                 if refused is not None:
                     await send({"type": "websocket.close", "code": 1008})
                     return
-                scope = with_tenant(scope, tenant)
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http":
@@ -147,10 +146,7 @@ class SecurityMiddleware:
 
         rejection = self._check_limits(scope)
         if rejection is None and self.tokens.enabled and is_protected(route_path(scope), self.prefixes):
-            rejection, tenant = self._check_token(scope)
-            if rejection is None:
-                scope = with_tenant(scope, tenant)
-                tracing.note({"gateway.client": tenant.id or "unconfined"})
+            rejection, scope = self._granted(scope)
         if rejection is not None:
             for message in rejection:
                 await send(message)
@@ -225,23 +221,23 @@ class SecurityMiddleware:
 
     # -- tokens -------------------------------------------------------------------------
 
-    def _check_token(self, scope: Scope) -> tuple[tuple[Message, Message] | None, Tenant]:
-        """(rejection or None, the token's tenant)."""
+    def _granted(self, scope: Scope) -> tuple[tuple[Message, Message] | None, Scope]:
+        """(rejection or None, the scope carrying the token's tenant and client)."""
         provided = bearer_credentials(scope)
         if provided is None:
             return _json_response(401, "unauthorized",
                                   "this API needs an 'Authorization: Bearer <token>' header",
-                                  {"WWW-Authenticate": REALM}), UNCONFINED
+                                  {"WWW-Authenticate": REALM}), scope
         tokens, tenants = self.tokens.grants()
         index = token_index(provided, tokens)
         if index is None:
             return _json_response(403, "forbidden", "the bearer token is not accepted",
-                                  {"WWW-Authenticate": REALM + ', error="invalid_token"'}), UNCONFINED
+                                  {"WWW-Authenticate": REALM + ', error="invalid_token"'}), scope
         tenant = tenants[index]
         if tenant.scoped and not is_protected(route_path(scope), TENANT_PREFIXES):
             return _json_response(403, "forbidden", "this token is confined to a tenant; this path "
-                                  "serves data without tenant labels"), UNCONFINED
-        return None, tenant
+                                  "serves data without tenant labels"), scope
+        return None, with_client(with_tenant(scope, tenant), self.tokens.client_at(index))
 
 
 _ERROR_SCHEMA = {

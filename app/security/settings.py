@@ -24,6 +24,7 @@ Every token is a ``SecretStr``: the settings' repr, str and JSON dump never show
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.common.clients import Client, ClientConfigError, make_client
 from app.common.episodes import FailureEpisode
 from app.common.secrets import (
     MAX_TOKEN_LENGTH,
@@ -46,15 +48,26 @@ log = logging.getLogger("gateway.security")
 
 
 class ScopedToken(SecretStr):
-    """An API token and the tenant it is confined to.
+    """An API token, the tenant it is confined to and the client it is.
 
     A ``SecretStr`` so that every existing rule about tokens holds for it unchanged:
     its repr, str and JSON dump show only asterisks.
     """
 
-    def __init__(self, secret_value: str, tenant: Tenant = UNCONFINED) -> None:
+    def __init__(self, secret_value: str, tenant: Tenant = UNCONFINED, client: Client | None = None) -> None:
         super().__init__(secret_value)
         self.tenant = tenant
+        self.client = client or unnamed_client(secret_value)
+
+
+# Keys of a token's object that say who the client is, not what it may see.
+CLIENT_KEYS = ("name", "limits")
+
+
+def unnamed_client(token: str) -> Client:
+    """The client of a token configured without a name: keyed by a hash of the token (never
+    shown: its metric label is ``unnamed``), so each such token still queues on its own."""
+    return Client(key="token:" + hashlib.sha256(token.encode()).hexdigest()[:16])
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -93,11 +106,16 @@ def scoped_tokens(mapping: Any) -> list[ScopedToken]:
         if len(token) > MAX_TOKEN_LENGTH or any(c.isspace() or ord(c) < 0x21 for c in token):
             raise ValueError(f"entry #{i}: tokens must be printable, without spaces, "
                              f"at most {MAX_TOKEN_LENGTH} characters")
+        name = limits = None
+        if isinstance(scope, dict) and any(k in scope for k in CLIENT_KEYS):
+            name, limits = scope.get("name"), scope.get("limits")
+            scope = {k: v for k, v in scope.items() if k not in CLIENT_KEYS}
         try:
             tenant = tenant_from_config(scope)
-        except TenantConfigError as exc:
+            client = make_client(name, limits, unnamed_client(token).key)
+        except (TenantConfigError, ClientConfigError) as exc:
             raise ValueError(f"entry #{i}: {exc}") from None
-        out.append(ScopedToken(token, tenant))
+        out.append(ScopedToken(token, tenant, client))
     return out
 
 
@@ -183,6 +201,11 @@ class SecuritySettings(BaseSettings):
         """The tenant of each API_TOKENS entry, in order (UNCONFINED for the list forms)."""
         return [t.tenant if isinstance(t, ScopedToken) else UNCONFINED for t in self.api_tokens]
 
+    def token_clients(self) -> list[Client]:
+        """The client of each API_TOKENS entry, in order (unnamed for the list forms)."""
+        return [t.client if isinstance(t, ScopedToken) else unnamed_client(t.get_secret_value())
+                for t in self.api_tokens]
+
 
 class TokenSource:
     """The accepted tokens, as bytes, and the tenant of each: the settings' entries plus
@@ -201,6 +224,8 @@ class TokenSource:
     def __init__(self, settings: SecuritySettings) -> None:
         self._static = [t.get_secret_value().encode() for t in settings.api_tokens]
         self._static_tenants = settings.token_tenants()
+        self._static_clients = settings.token_clients()
+        self._file_clients: list[Client] = []
         self._file = SecretFile(settings.api_tokens_file, "api_tokens") if settings.api_tokens_file else None
         self._parsed_from: str | None = None
         self._from_file: list[bytes] = []
@@ -223,6 +248,13 @@ class TokenSource:
             self._parse_file(text)
         return self._static + self._from_file, self._static_tenants + self._file_tenants
 
+    def client_at(self, index: int) -> Client:
+        """The client of the token at `index` of the last grants() (API_TOKENS first)."""
+        static = len(self._static_clients)
+        if index < static:
+            return self._static_clients[index]
+        return self._file_clients[index - static]
+
     def _parse_file(self, text: str) -> None:
         if text.lstrip().startswith("{"):
             try:
@@ -234,9 +266,12 @@ class TokenSource:
                 return
             self._from_file = [t.get_secret_value().encode() for t in entries]
             self._file_tenants = [t.tenant for t in entries]
+            self._file_clients = [t.client for t in entries]
         else:
-            self._from_file = [line.encode() for line in lines_of(text)]
+            lines = lines_of(text)
+            self._from_file = [line.encode() for line in lines]
             self._file_tenants = [UNCONFINED] * len(self._from_file)
+            self._file_clients = [unnamed_client(line) for line in lines]
         self._parsed_from = text
         self._invalid.success()
 

@@ -329,3 +329,43 @@ def test_failed_exports_are_counted_and_logged_once_per_episode(caplog: pytest.L
     assert count("failed") - failed == 4 and count("exported") - exported == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.tracing"]
     assert len(lines) == 2 and "failing" in lines[0] and "recovered" in lines[1]
+
+
+def test_slow_query_line_and_queue_wait_carry_the_trace(exporter: InMemorySpanExporter,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """One client limited to one upstream query at a time sends two at once: the second
+    waits its turn (a `scheduler wait` span, the request span's queue wait), and each
+    slow-query line (SLOW_QUERY_SECONDS=0: every request) names its own trace."""
+    import asyncio
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        return _on_grid(request)
+
+    traces = ["a" * 32, "b" * 32]
+    with respx.mock() as mock, caplog.at_level(logging.WARNING, logger="gateway.slow_query"):
+        mock.post(f"{PROM}/api/v1/query_range").mock(side_effect=slow)
+        app = create_app(AppSettings(gateway=GatewaySettings(
+            prometheus_url=PROM, slow_query_seconds=0, client_max_concurrent_queries=1)))
+
+        async def both() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+                return list(await asyncio.gather(*(
+                    c.get("/api/v1/query_range", headers={"traceparent": f"00-{t}-{CALLER_SPAN}-01"},
+                          params={"query": f"sum(up{{n=\"{i}\"}})", "start": "1700000000",
+                                  "end": "1700000015", "step": "15"})
+                    for i, t in enumerate(traces))))
+
+        answers = asyncio.run(both())
+    assert [r.status_code for r in answers] == [200, 200]
+    spans = exporter.get_finished_spans()
+    servers = {format(s.context.trace_id, "032x"): dict(s.attributes or {})
+               for s in spans if s.kind is trace.SpanKind.SERVER}
+    assert set(servers) == set(traces)
+    waits = [s for s in _by_name(spans, "scheduler wait")]
+    assert len(waits) == 1  # the one that waited its turn
+    waited = format(waits[0].context.trace_id, "032x")
+    assert servers[waited]["gateway.queue_wait_seconds"] > 0.1
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.slow_query"]
+    assert sorted(d["trace_id"] for d in lines) == sorted(traces)

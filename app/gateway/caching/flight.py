@@ -93,10 +93,14 @@ class SingleFlight(Generic[T]):
 async def wait(futures: Sequence[asyncio.Future[Any]], deadline: float,
                late: Callable[[], Exception]) -> list[Any]:
     """Every outcome by `deadline` (event-loop time), raising the first that is an
-    exception; `late()` when one is not settled in time."""
+    exception (even when another is not settled: what went wrong says more than that
+    time ran out, e.g. a part refused its turn); `late()` when one is not settled in time."""
     if futures:
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         await asyncio.wait(futures, timeout=remaining)
+    for fut in futures:
+        if fut.done() and isinstance(fut.result(), BaseException):
+            raise fut.result()
     out: list[Any] = []
     for fut in futures:
         if not fut.done():

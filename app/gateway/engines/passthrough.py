@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from app.gateway import metrics as gm
 from app.gateway.caching.flight import Background, SingleFlight, wait
+from app.gateway.engines.scheduler import upstream_slot
 from app.gateway.result import ApiResult, Lookup
 from app.gateway.upstream.answers import UpstreamError
 
@@ -34,7 +35,7 @@ class Answer(Protocol):
 class ApiClient(Protocol):
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None) -> Answer: ...
+                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None) -> Answer: ...
 
 
 _Passed = Answer | UpstreamError
@@ -81,9 +82,16 @@ class Passthrough:
 
     async def ask(self, path: str, params: Sequence[tuple[str, str]], category: str, deadline: float,
                   headers: Mapping[str, str] | None) -> Answer:
-        """One upstream API request with what is left of the caller's deadline (event-loop time)."""
-        return await self.client.api("POST", path, list(params), category=category, headers=headers,
-                                     timeout=deadline - asyncio.get_running_loop().time())
+        """One upstream API request with what is left of the caller's deadline (event-loop time),
+        in its turn (app/gateway/engines/scheduler.py: the client's slot, its byte limit)."""
+        async with upstream_slot(category, deadline) as ticket:
+            # Outside a request (no ticket): the client's own defaults.
+            extra: dict[str, Any] = {} if ticket is None else {"max_bytes": ticket.limits.max_response_bytes}
+            answer = await self.client.api("POST", path, list(params), category=category, headers=headers,
+                                           timeout=deadline - asyncio.get_running_loop().time(), **extra)
+            if ticket is not None:
+                ticket.scheduler.upstream.sizes.add(ticket.client.key, len(answer.raw))
+            return answer
 
     async def answer(self, path: str, params: Sequence[tuple[str, str]], deadline: float,
                      headers: Mapping[str, str] | None, key: str | None) -> ApiResult:

@@ -40,6 +40,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -63,6 +64,8 @@ from app.gateway.engines.passthrough import (
     settled,
     unfinished,
 )
+from app.gateway.engines.scheduler import Rejected
+from app.gateway.engines.scheduler import heavy as run_heavy
 from app.gateway.promql.reach import AT_LEAST_NOW, Reach, Uncacheable, range_reach
 from app.gateway.promql.timing import fmt_ms, ms_of, repr_time, step_ms_of
 from app.gateway.result import ApiResult, Lookup, UpstreamFailure
@@ -349,7 +352,8 @@ class RangeCache:
             extent = await _cpu(extent_of, answer.raw, piece.a, piece.b, step_ms,
                                 heavy=len(answer.raw) > THREAD_BYTES)
         if extent is not None:
-            await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
+            with suppress(Rejected):  # no turn left to store it: answered, not kept
+                await self._keep(base, live_key, extent, piece, step_ms, rch, cutoff)
         return _Fetched(answer, extent)
 
     async def _keep(self, base: str, live_key: str, extent: Extent, piece: _Piece, step_ms: int,
@@ -406,7 +410,9 @@ def _shared_result(status: int, body: bytes, lookup: Lookup, category: str) -> A
 
 
 async def _cpu(fn: Callable[..., _T], *args: Any, heavy: bool) -> _T:
-    """Run CPU work in a worker thread when it is big enough to stall the event loop."""
+    """Run CPU work in a worker thread when it is big enough to stall the event loop (in the
+    scheduler's heavy lane: its turn, counted against the client that asked; Rejected when
+    its turn would come after the request's deadline)."""
     if heavy:
-        return await asyncio.to_thread(fn, *args)
+        return await run_heavy(fn, *args)
     return fn(*args)

@@ -9,6 +9,7 @@ from typing import Any
 
 import promql_parser as pp
 
+from app.gateway.promql.syntax import operands
 from app.gateway.promql.timing import _go_round, ms_of
 
 
@@ -92,18 +93,8 @@ def reach(node: Any, preprocess_time: int | None = None) -> Reach:
             return Reach(fixed=_max(inner.fixed, shifted))
         rel = None if inner.relative is None else inner.relative - off
         return Reach(relative=rel, fixed=inner.fixed)
-    if isinstance(node, pp.NumberLiteral | pp.StringLiteral):
-        return Reach()
-    children: list[Any]
-    if isinstance(node, pp.Call):
-        children = list(node.args)
-    elif isinstance(node, pp.AggregateExpr):
-        children = [node.expr] + ([node.param] if node.param is not None else [])
-    elif isinstance(node, pp.BinaryExpr):
-        children = [node.lhs, node.rhs]
-    elif isinstance(node, pp.ParenExpr | pp.UnaryExpr):
-        children = [node.expr]
-    else:
+    children = operands(node)
+    if children is None:
         raise Uncacheable(f"unknown syntax node {type(node).__name__}")
     out = Reach()
     for child in children:

@@ -52,6 +52,23 @@ def value_type(node: pp.Expr) -> str:
     return "unknown"
 
 
+def operands(node: pp.Expr) -> list[pp.Expr] | None:
+    """The direct sub-expressions of an operator (call arguments, an aggregation's expression
+    and parameter, both sides, what parentheses or a sign hold); [] for a literal; None for
+    anything else (selectors, subqueries: each walker reads those itself)."""
+    if isinstance(node, pp.Call):
+        return list(node.args)
+    if isinstance(node, pp.AggregateExpr):
+        return [node.expr] + ([node.param] if node.param is not None else [])
+    if isinstance(node, pp.BinaryExpr):
+        return [node.lhs, node.rhs]
+    if isinstance(node, pp.ParenExpr | pp.UnaryExpr):
+        return [node.expr]
+    if isinstance(node, pp.NumberLiteral | pp.StringLiteral):
+        return []
+    return None
+
+
 def selectors(node: pp.Expr) -> list[pp.VectorSelector]:
     found: list[pp.VectorSelector] = []
 

@@ -11,6 +11,8 @@ from fastapi import Response
 
 from app.common import tracing
 from app.gateway.catalog.names import FigureNames
+from app.gateway.engines import limits
+from app.gateway.engines.scheduler import Ticket, current, upstream_slot
 from app.gateway.promql.syntax import PromQLError, enforce, enforce_match, parse
 from app.gateway.result import Lookup
 from app.gateway.routes.confine import Caller
@@ -75,10 +77,13 @@ class ApiContext:
     async def upstream(self, method: str, path: str, params: Sequence[tuple[str, str]], caller: Caller,
                        timeout: float | None = None) -> ApiAnswer:
         await self.service.ensure_started()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (timeout or self.settings.request_deadline_seconds)
         try:
-            return await self.service.client.api(method, path, params,
-                                                 timeout=timeout or self.settings.request_deadline_seconds,
-                                                 headers=caller.headers)
+            async with upstream_slot("api", until) as ticket:
+                return await self.service.client.api(
+                    method, path, params, timeout=until - loop.time(), headers=caller.headers,
+                    max_bytes=ticket.limits.max_response_bytes if ticket else None)
         except UpstreamError as exc:
             raise from_upstream(exc) from None
 
@@ -90,6 +95,7 @@ class ApiContext:
         await service.ensure_started()
         p = Params(tuple(params))
         until = asyncio.get_running_loop().time() + deadline
+        ticket_of().deadline = until
         rest = p.without("query", "start", "end", "step", "time")
         try:
             if path == "/api/v1/query_range":
@@ -105,12 +111,23 @@ class ApiContext:
             raise from_upstream(exc) from None
         body = result.raw if result.raw is not None else json.dumps(
             result.doc, ensure_ascii=False, separators=(",", ":")).encode()
+        ticket = ticket_of()
+        ticket.stats.bytes = len(body)
+        if result.status_code == 200:
+            ticket.stats.series = limits.check_answer(ticket, body)
         out = {"X-Gateway-Cache": str(result.lookup)}
         if result.evaluated_at is not None:
             # The instant an instant query was evaluated at (the gateway's "now" when the
             # client sent no time): reported even when no sample carries it.
             out["X-Gateway-Evaluation-Time"] = repr(result.evaluated_at)
         return Response(body, status_code=result.status_code, media_type=JSON, headers=out)
+
+
+def ticket_of() -> Ticket:
+    """The request's ticket (client, limits, costs), set by the edge for all the work it causes."""
+    ticket = current()
+    assert ticket is not None, "API work outside the edge's guard"
+    return ticket
 
 
 def passthrough(answer: ApiAnswer, lookup: Lookup | None = None) -> Response:

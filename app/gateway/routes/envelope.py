@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from fastapi import Response
 
+from app.gateway.engines.limits import too_large
+from app.gateway.engines.scheduler import Rejected, current
 from app.gateway.result import Lookup
 from app.gateway.upstream.answers import UpstreamError
 
@@ -38,12 +41,13 @@ class ApiError(Exception):
     """An answer in Prometheus' error envelope."""
 
     def __init__(self, error_type: str, message: str, headers: Mapping[str, str] | None = None, *,
-                 upstream: bool = False) -> None:
+                 upstream: bool = False, status: int | None = None) -> None:
         super().__init__(f"{error_type}: {message}")
         self.error_type = error_type
         self.message = message
         self.headers = dict(headers or {})
         self.upstream = upstream  # the upstream failed (not the request)
+        self.status = status or ERROR_STATUS.get(error_type, 500)
 
 
 def bad_data(message: str) -> ApiError:
@@ -60,11 +64,18 @@ def error_response(exc: ApiError, cache_header: bool = False) -> Response:
     headers = dict(exc.headers)
     if cache_header and exc.upstream:
         headers["X-Gateway-Cache"] = str(Lookup.FAILED)
-    return Response(body, status_code=ERROR_STATUS.get(exc.error_type, 500), media_type=JSON, headers=headers)
+    return Response(body, status_code=exc.status, media_type=JSON, headers=headers)
 
 
 def from_upstream(exc: UpstreamError) -> ApiError:
-    """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours."""
+    """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours.
+    No turn for the request (its client's queue full, or its deadline passed waiting): 429.
+    An answer over the size cap is the client's: said in its words, counted against it."""
+    if isinstance(exc, Rejected):
+        return ApiError("unavailable", f"too many queries: {exc.message}",
+                        {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, status=429)
+    if exc.error_type == "too_large" and (ticket := current()) is not None:
+        return ApiError("execution", too_large(ticket, exc.message))
     if exc.error_type == "circuit_open":
         return ApiError("unavailable", f"upstream Prometheus: {exc.message}",
                         {"Retry-After": "1"}, upstream=True)

@@ -24,7 +24,9 @@ label. Only the enforced copy of a parameter ever goes upstream. Its upstream he
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +34,15 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 
+from app.common import tracing
+from app.common.clients import client_of
 from app.gateway.catalog.names import merge_metadata
+from app.gateway.engines import limits
+from app.gateway.engines.limits import LimitExceeded
+from app.gateway.engines.scheduler import enter, leave
+from app.gateway.engines.stats import QueryNote, log_if_slow, server_timing
 from app.gateway.promql.syntax import PromQLError, tenant_selector
-from app.gateway.routes.apicall import ApiContext, passthrough, rebuilt
+from app.gateway.routes.apicall import ApiContext, passthrough, rebuilt, ticket_of
 from app.gateway.routes.confine import Caller, caller_of, confine_alerts, confine_rules, families_of
 from app.gateway.routes.envelope import JSON, ApiError, bad_data, error_response, invalid_param
 from app.gateway.routes.openapi import DURATION, LIMIT, MATCH, STR, TIME, Param, document
@@ -52,10 +60,36 @@ SYNTHETIC_BUILDINFO = {"version": "2.24.0", "revision": "", "branch": "", "build
 Handler = Callable[[ApiContext, Params, Caller, Mapping[str, str]], Awaitable[Response]]
 
 
+async def until_gone(request: Request, work: Awaitable[Response]) -> Response:
+    """`work`, cancelled when the caller goes away (its slot or place in the queue freed
+    at once, not at the deadline). The answer then goes nowhere: 499, as nginx logs it."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
+
+
 # -- query / query_range ------------------------------------------------------------------------
 
 async def _query(api: ApiContext, p: Params, caller: Caller, _: Mapping[str, str]) -> Response:
     at = time_param(p, "time", None)
+    now = time.time()
+    ticket = ticket_of()
+    ticket.stats.time = at
+    limits.check_instant(ticket, p.get("query"), now if at is None else at, now)
     deadline, items = api.budget(p)
     expr = api.prepare(p.get("query"), caller, prefixed=True)
     items = Params(tuple(items)).replaced("query", expr)
@@ -74,6 +108,9 @@ async def _query_range(api: ApiContext, p: Params, caller: Caller, _: Mapping[st
     if (_ns(end) - _ns(start)) // max(1, int(step * 1e9)) > MAX_POINTS:
         raise bad_data("exceeded maximum resolution of 11,000 points per timeseries. "
                        "Try decreasing the query resolution (?step=XX)")
+    ticket = ticket_of()
+    ticket.stats.start, ticket.stats.end, ticket.stats.step = start, end, step
+    limits.check_range(ticket, p.get("query"), start, end, step, time.time())
     deadline, items = api.budget(p)
     expr = api.prepare(p.get("query"), caller, prefixed=False)
     items = Params(tuple(items)).replaced("query", expr)
@@ -87,6 +124,7 @@ async def _exemplars(api: ApiContext, p: Params, caller: Caller, _: Mapping[str,
     end = time_param(p, "end", None)
     if start is not None and end is not None and end < start:
         raise bad_data("end timestamp must not be before start timestamp")
+    limits.check_expression(ticket_of(), p.get("query"))
     expr = api.prepare(p.get("query"), caller, prefixed=False)
     items = Params(p.items).replaced("query", expr)
     return passthrough(await api.upstream("POST", "/api/v1/query_exemplars", items, caller))
@@ -250,11 +288,32 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
 
     def endpoint(route: ApiRoute) -> Callable[..., Awaitable[Response]]:
         async def serve(request: Request) -> Response:
+            """The caller's ticket (client, limits, costs) set for all the work the request
+            causes, the work cancelled when the caller goes away, refusals in Prometheus'
+            envelope, and what it cost (Server-Timing, the slow-query log)."""
+            ticket = service.scheduler.ticket(client_of(request))
+            tracing.note({"gateway.client": ticket.label})
+            note = QueryNote(request.url.path)
+            started = time.perf_counter()
+            token = enter(ticket)
             try:
                 p = await read_params(request)
-                return await route.handler(api, p, caller_of(request), request.path_params)
+                note.query = p.get("query")
+                response = await until_gone(request, route.handler(api, p, caller_of(request), request.path_params))
             except ApiError as exc:
-                return error_response(exc, route.cache_header)
+                response = error_response(exc, route.cache_header)
+            except LimitExceeded as exc:
+                response = error_response(ApiError(exc.error_type, exc.message, status=exc.status),
+                                          route.cache_header)
+            finally:
+                leave(token)
+            total = time.perf_counter() - started
+            tracing.note({"gateway.queue_wait_seconds": ticket.stats.queue_seconds})
+            response.headers["Server-Timing"] = server_timing(ticket, total)
+            note.status = response.status_code
+            note.cache = response.headers.get("X-Gateway-Cache", "")
+            log_if_slow(ticket, note, total, service.settings.slow_query_seconds)
+            return response
 
         if "{name}" not in route.path:
             return serve

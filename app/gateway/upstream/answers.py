@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from app.gateway import metrics as gm
+from app.gateway.upstream.breaker import REFUSES_GATEWAY
 from app.gateway.upstream.jsonsteps import loads_in_steps, paused_gc
 
 
@@ -84,8 +85,18 @@ def error_type_of(doc: Mapping[str, Any] | None, status: int) -> str:
     return str(given or ("server_error" if status >= 500 else "bad_response"))
 
 
+# Prometheus' errorType for an HTTP status it sends without an envelope.
+_STATUS_ERROR_TYPE = {404: "not_found", 406: "not_acceptable", 422: "execution"}
+
+
 def _api_answer(body: bytes, status: int) -> ApiAnswer:
-    """Check an API body is an envelope; raise UpstreamError when it is not one."""
+    """Check an API body is an envelope; raise UpstreamError when it is not one.
+
+    A 204 (Prometheus' answer to an exemplar query without a selector) and a 4xx
+    without an envelope are the upstream's answers to the caller: passed on as they came.
+    """
+    if status == 204:
+        return ApiAnswer(204, {"status": "success", "data": None}, body)
     try:
         head: object = _HEAD.decode(body).status
         doc: dict[str, Any] | None = None
@@ -94,11 +105,12 @@ def _api_answer(body: bytes, status: int) -> ApiAnswer:
             loaded = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             snippet = body[:80].decode("utf-8", "replace").replace("\n", " ")
-            if status == 404:
-                # An upstream without this endpoint (e.g. /status/flags on Prometheus' own
+            if 400 <= status < 500 and status not in REFUSES_GATEWAY:
+                # E.g. an upstream without this endpoint (/status/flags on Prometheus' own
                 # router says "404 page not found"): a designed answer, not a failure.
-                return ApiAnswer(404, {"status": "error", "errorType": "not_found",
-                                       "error": f"upstream: {snippet}"}, body)
+                etype = _STATUS_ERROR_TYPE.get(status, "bad_data")
+                return ApiAnswer(status, {"status": "error", "errorType": etype,
+                                          "error": f"upstream: {snippet}"}, body)
             raise UpstreamError("bad_response", f"HTTP {status}, not JSON: {snippet!r}", status) from None
         doc = loaded if isinstance(loaded, dict) else None
         head = doc.get("status") if doc is not None else None

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -30,14 +31,17 @@ from app.gateway.upstream.answers import (
     _api_answer,
     parse_off_loop,
 )
-from app.gateway.upstream.breaker import CircuitBreaker
+from app.gateway.upstream.breaker import QUERY_ERRORS, CircuitBreaker, judge
 
 _T = TypeVar("_T")
 
 log = logging.getLogger("gateway.prometheus")
 
-# Failures that say nothing about the upstream's health (the query was at fault).
-QUERY_ERRORS = frozenset({"bad_data", "execution", "not_found", "too_large"})
+# Categories whose expressions are a caller's (the query API), not the catalog's: what
+# their queries cause is theirs, never the upstream's (app.gateway.upstream.breaker.judge).
+CLIENT_CATEGORIES = frozenset({"api", "range", "instant"})
+
+__all__ = ["CLIENT_CATEGORIES", "QUERY_ERRORS", "BearerFileAuth", "PrometheusClient"]
 
 
 
@@ -85,8 +89,26 @@ class PrometheusClient:
         self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
         self.up: bool | None = None  # unknown until the first request
         self.last_success: float | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    def _ask_upstream(self) -> None:
+        """A caller's query ran out of time, which says nothing about the upstream: ask it
+        `vector(1)` (one probe at a time), whose outcome the breaker does count."""
+        if self._probe is not None and not self._probe.done():
+            return
+
+        async def probe() -> None:
+            with suppress(UpstreamError):
+                await self.query("vector(1)", timeout=min(2.0, self.settings.request_deadline_seconds),
+                                 category="probe")
+
+        self._probe = asyncio.get_running_loop().create_task(probe())
 
     async def aclose(self) -> None:
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+            with suppress(asyncio.CancelledError, UpstreamError):
+                await self._probe
         await self._http.aclose()
 
     async def query(self, expr: str, *, timeout: float, category: str,
@@ -161,14 +183,17 @@ class PrometheusClient:
         return await self._exchange("POST", self.query_url, form, timeout, headers)
 
     async def _exchange(self, method: str, url: str, params: Sequence[tuple[str, str]],
-                        timeout: float, headers: Mapping[str, str] | None) -> tuple[int, bytes]:
-        """One request within `timeout` seconds and the size cap: (HTTP status, body).
+                        timeout: float, headers: Mapping[str, str] | None,
+                        max_bytes: int | None = None) -> tuple[int, bytes]:
+        """One request within `timeout` seconds and the size cap (`max_bytes` when smaller):
+        (HTTP status, body).
 
         POST bodies are encoded here, not by httpx, so repeated keys (`match[]`) and
         their order reach the upstream exactly as given.
         """
         timeout = max(timeout, 0.001)
         limit = self.settings.prometheus_max_response_bytes
+        limit = min(limit, max_bytes or limit)
         extra: dict[str, str] = dict(headers or {})
         content: bytes | None = None
         query: httpx.QueryParams | None = None
@@ -195,6 +220,10 @@ class PrometheusClient:
                 return resp.status_code, b"".join(chunks)
         except httpx.ConnectError as exc:
             raise UpstreamError("unreachable", f"cannot connect: {exc}") from None
+        except httpx.ConnectTimeout:
+            raise UpstreamError("unreachable", f"no connection within {timeout:.2f}s") from None
+        except httpx.PoolTimeout:
+            raise UpstreamError("pool", f"no free upstream connection within {timeout:.2f}s") from None
         except httpx.TimeoutException:
             raise UpstreamError("timeout", f"no answer within {timeout:.2f}s") from None
         except httpx.HTTPError as exc:
@@ -202,7 +231,7 @@ class PrometheusClient:
 
     async def api(self, method: str, path: str, params: Sequence[tuple[str, str]], *,
                   timeout: float, category: str = "api",
-                  headers: Mapping[str, str] | None = None) -> ApiAnswer:
+                  headers: Mapping[str, str] | None = None, max_bytes: int | None = None) -> ApiAnswer:
         """One request to the upstream's HTTP API (`path` relative to PROMETHEUS_URL).
 
         Same rules as the figures: breaker first (open: fail at once), `timeout` as
@@ -210,13 +239,14 @@ class PrometheusClient:
         params go upstream (a `timeout` param only when the caller includes one).
         An upstream error envelope is returned, not raised; transport failures,
         non-envelope bodies and our own missing credentials raise UpstreamError.
+        `max_bytes`: a smaller size cap (the caller's limit).
         """
         if method not in ("GET", "POST"):
             raise ValueError(f"method {method!r}: GET or POST")
         url = f"{self.settings.prometheus_url}{path}"
 
         async def exchange() -> tuple[int, bytes]:
-            return await self._exchange(method, url, params, timeout, headers)
+            return await self._exchange(method, url, params, timeout, headers, max_bytes)
 
         async def decode(status: int, body: bytes) -> ApiAnswer:
             return _api_answer(body, status)
@@ -242,16 +272,21 @@ class PrometheusClient:
         return answer.doc.get("data")
 
     def _record(self, category: str, started: float, exc: UpstreamError | None) -> None:
+        """Count one outcome, and feed the breaker what it says about the upstream
+        (app.gateway.upstream.breaker.judge): what a caller's query caused never counts against it."""
         seconds = time.perf_counter() - started
-        answered = exc is None or exc.error_type in QUERY_ERRORS
-        if answered:
+        client_query = category in CLIENT_CATEGORIES
+        verdict = judge(None if exc is None else exc.error_type, None if exc is None else exc.status,
+                        client_query=client_query)
+        self.breaker.record(verdict)
+        if verdict == "up":
             # The upstream answered: healthy, even if this query was at fault.
-            self.breaker.success()
             self.up = True
             self.last_success = time.time()
             self.episode.success()
-        elif exc is not None:
-            self.breaker.failure()
+        elif verdict == "down" and exc is not None:
             self.up = False
             self.episode.failure(f"{exc.error_type}: {exc.message}")
-        gm.observe_upstream(category, seconds, None if exc is None else exc.error_type, answered)
+        elif client_query:
+            self._ask_upstream()
+        gm.observe_upstream(category, seconds, None if exc is None else exc.error_type, verdict == "up")

@@ -1,0 +1,252 @@
+"""The fair scheduler alone (app/gateway/engines/scheduler.py): round-robin across clients,
+per-client concurrency, bounded queues, deadlines, cancellation; and the edge's
+cancellation when the caller goes away (promapi.until_gone)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.common.clients import Client, Limits
+from app.gateway.engines.scheduler import FairQueue, Rejected, Scheduler, Ticket
+from app.gateway.routes.promapi import until_gone
+from app.gateway.settings import GatewaySettings
+
+SCHED = Scheduler(GatewaySettings())
+
+
+def ticket(name: str, **limits: Any) -> Ticket:
+    return Ticket(Client(f"name:{name}", name), Limits(**{"max_concurrent_queries": 8, "max_queued_queries": 100,
+                                                          **limits}), SCHED)
+
+
+async def run_all(queue: FairQueue, jobs: list[tuple[Ticket, float]], order: list[str],
+                  deadline: float | None = None) -> list[Any]:
+    async def one(t: Ticket, hold: float) -> None:
+        async with queue.slot(t, deadline=deadline):
+            order.append(t.label)
+            await asyncio.sleep(hold)
+
+    tasks = []
+    for t, hold in jobs:
+        tasks.append(asyncio.create_task(one(t, hold)))
+        await asyncio.sleep(0)  # arrival order
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_flooding_client_does_not_starve_a_light_one() -> None:
+    async def main() -> list[str]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=100)
+        a, b = ticket("a"), ticket("b")
+        order: list[str] = []
+        # Ten of A's queued first, then one of B's: B goes second, not eleventh.
+        await run_all(queue, [(a, 0.01)] * 10 + [(b, 0.01)], order)
+        return order
+
+    order = asyncio.run(main())
+    assert order.index("b") == 1, order
+    assert len(order) == 11
+
+
+def test_round_robin_alternates_between_waiting_clients() -> None:
+    async def main() -> list[str]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=100)
+        a, b = ticket("a"), ticket("b")
+        order: list[str] = []
+        await run_all(queue, [(a, 0.005)] * 4 + [(b, 0.005)] * 4, order)
+        return order
+
+    order = asyncio.run(main())
+    assert order == ["a", "b"] * 4, order
+
+
+def test_per_client_concurrency_leaves_room_for_others() -> None:
+    async def main() -> tuple[int, list[str]]:
+        queue = FairQueue("upstream", capacity=4, max_waiting=100)
+        a, b = ticket("a", max_concurrent_queries=1), ticket("b")
+        order: list[str] = []
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            for _ in range(20):
+                peak = max(peak, queue._clients.get(a.client.key, type("z", (), {"running": 0})).running)
+                await asyncio.sleep(0.002)
+
+        w = asyncio.create_task(watch())
+        await run_all(queue, [(a, 0.01)] * 3 + [(b, 0.01)] * 2, order)
+        await w
+        return peak, order
+
+    peak, order = asyncio.run(main())
+    assert peak == 1
+    assert order[:3].count("b") == 2, order  # both of B's ran while A's waited on its own limit
+
+
+def test_bounded_queue_refuses_at_once() -> None:
+    async def main() -> list[Any]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=100)
+        return await run_all(queue, [(ticket("a", max_queued_queries=2), 0.05) for _ in range(5)], [])
+
+    outcomes = asyncio.run(main())
+    refused = [o for o in outcomes if isinstance(o, Rejected)]
+    assert len(refused) == 2 and all(r.reason == "queue_full" for r in refused)
+    assert all("'a'" in r.message for r in refused)
+
+
+def test_gateway_wide_bound_on_waiters() -> None:
+    async def main() -> list[Any]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=2)
+        return await run_all(queue, [(ticket(f"c{i}"), 0.05) for i in range(5)], [])
+
+    outcomes = asyncio.run(main())
+    assert [o.reason for o in outcomes if isinstance(o, Rejected)] == ["gateway_busy", "gateway_busy"]
+
+
+def test_a_waiter_leaves_at_its_deadline() -> None:
+    async def main() -> tuple[list[Any], float]:
+        loop = asyncio.get_running_loop()
+        queue = FairQueue("upstream", capacity=1, max_waiting=10)
+        t0 = loop.time()
+        outcomes = await run_all(queue, [(ticket("a"), 0.5), (ticket("b"), 0.0)], [], deadline=t0 + 0.1)
+        return outcomes, loop.time() - t0
+
+    outcomes, took = asyncio.run(main())
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], Rejected) and outcomes[1].reason == "deadline"
+    assert queue_empty_after(outcomes)
+    assert took < 0.7
+
+
+def queue_empty_after(outcomes: list[Any]) -> bool:
+    return all(o is None or isinstance(o, Rejected) for o in outcomes)
+
+
+def test_a_cancelled_waiter_frees_its_place() -> None:
+    async def main() -> tuple[list[str], int, int]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=10)
+        a, b, c = ticket("a"), ticket("b"), ticket("c")
+        order: list[str] = []
+
+        async def one(t: Ticket, hold: float) -> None:
+            async with queue.slot(t):
+                order.append(t.label)
+                await asyncio.sleep(hold)
+
+        first = asyncio.create_task(one(a, 0.05))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(one(b, 0.0))
+        await asyncio.sleep(0)
+        last = asyncio.create_task(one(c, 0.0))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(first, last, return_exceptions=True)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return order, queue.waiting, queue.in_use
+
+    order, waiting, in_use = asyncio.run(main())
+    assert order == ["a", "c"]
+    assert waiting == 0 and in_use == 0
+
+
+def test_the_work_stops_when_the_caller_goes_away() -> None:
+    async def main() -> tuple[Response, bool]:
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""},
+                          receive)
+        cancelled = False
+
+        async def work() -> Response:
+            nonlocal cancelled
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            return Response(b"late")
+
+        return await asyncio.wait_for(until_gone(request, work()), 2), cancelled
+
+    response, cancelled = asyncio.run(main())
+    assert response.status_code == 499 and cancelled
+
+
+def test_clients_with_big_answers_get_fewer_slots_at_once() -> None:
+    async def main() -> tuple[int, float]:
+        queue = FairQueue("upstream", capacity=8, max_waiting=100)
+        a, b = ticket("a"), ticket("b")
+        queue.sizes.add(a.client.key, 7 * 1024 * 1024)  # its answers: 7 MB
+        assert queue.cost_of(a) == 2 and queue.cost_of(b) == 1
+        peak = 0
+        b_waited = -1.0
+
+        async def one() -> None:
+            nonlocal peak
+            async with queue.slot(a, cost=queue.cost_of(a)):
+                peak = max(peak, queue._clients[a.client.key].running)
+                await asyncio.sleep(0.05)
+
+        async def light() -> None:
+            nonlocal b_waited
+            await asyncio.sleep(0.01)  # A holds all it may by now
+            async with queue.slot(b):
+                b_waited = b.stats.queue_seconds
+
+        await asyncio.gather(*(one() for _ in range(6)), light())
+        return peak, b_waited
+
+    peak, b_waited = asyncio.run(main())
+    assert peak == 2  # half the capacity, two units each
+    assert 0 <= b_waited < 0.01  # another client's first request does not wait
+
+
+def test_work_that_cannot_finish_before_its_deadline_is_not_started() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        queue = FairQueue("upstream", capacity=8, max_waiting=100)
+        a = ticket("a")
+        queue.held.add(a.client.key, 1.0)  # its queries hold a slot ~1 s
+
+        async def one(deadline: float) -> None:
+            request = Ticket(a.client, a.limits, SCHED)  # each call its own request
+            async with queue.slot(request, deadline=deadline):
+                await asyncio.sleep(0.05)
+
+        far = loop.time() + 5
+        return await asyncio.gather(one(far), one(loop.time() + 0.3), return_exceptions=True)
+
+    first, second = asyncio.run(main())
+    assert first is None  # a lone query always runs (the estimate keeps learning)
+    assert isinstance(second, Rejected) and second.reason == "deadline"
+
+
+def test_the_queue_counts_requests_not_their_parts() -> None:
+    async def main() -> list[Any]:
+        queue = FairQueue("upstream", capacity=1, max_waiting=100)
+        split = ticket("a", max_queued_queries=1)  # one request, five parts
+        other = Ticket(split.client, split.limits, SCHED)  # a second request of the same client
+
+        async def part(t: Ticket) -> None:
+            async with queue.slot(t):
+                await asyncio.sleep(0.01)
+
+        tasks = [asyncio.create_task(part(split)) for _ in range(5)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(part(other)))
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert outcomes[:5] == [None] * 5  # every part of the admitted request runs
+    assert isinstance(outcomes[5], Rejected) and outcomes[5].reason == "queue_full"
