@@ -93,6 +93,11 @@ async def cold_phase(prom: str, gateway: str, rounds: int) -> dict[str, float]:
     return {k: ms(v) for k, v in times.items()} | {"figures": float(len(exprs))}
 
 
+def need_wrk() -> None:
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install -y wrk")
+
+
 def wrk(url: str, connections: int, seconds: int) -> float:
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", url],
                          capture_output=True, text=True, check=True).stdout
@@ -153,8 +158,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=6, help="wrk duration per warm run")
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed: apt-get install -y wrk")
+    need_wrk()
 
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     backend = SyntheticBackend()

@@ -13,6 +13,7 @@ from typing import Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from app.common import tracing
 from app.gateway.result import Lookup
 
 BreakerState = Literal["closed", "open", "half_open"]
@@ -155,6 +156,8 @@ def observe_upstream(category: str, seconds: float, error_type: str | None,
 
 
 def range_steps(cached: int, fetched: int, coalesced: int = 0) -> None:
+    tracing.note({"gateway.range.steps_cached": cached, "gateway.range.steps_fetched": fetched,
+                  "gateway.range.steps_coalesced": coalesced})
     if cached:
         RANGE_CACHE_STEPS.labels("cache").inc(cached)
     if fetched:
@@ -169,6 +172,7 @@ def range_cache_bytes(size: int) -> None:
 
 def cache_outcome(category: str, outcome: Lookup, count: int = 1) -> None:
     CACHE_EVENTS.labels(category, str(outcome)).inc(count)
+    tracing.count_lookup(str(outcome), count)
 
 
 def set_breaker_state(state: BreakerState) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from app.common import tracing
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
 from app.gateway.caching.figures import QueryCache
@@ -161,16 +162,21 @@ class GatewayService:
 
     def recall(self, key: tuple[str, ...], tenant: Tenant = UNCONFINED) -> Rendered | None:
         hit = self.memo.get((tenant.id, *key))
-        return Rendered(*hit) if hit is not None else None
+        if hit is None:
+            return None
+        tracing.count_lookup("memo")
+        return Rendered(*hit)
 
     async def render(self, results: Sequence[QueryResult], make: Callable[[], tuple[bytes, str]]) -> Rendered:
         """Run a renderer: on the event loop for small answers, in a worker thread for big ones
         (rendering 50k series takes half a second, which /health and every other request
         would otherwise wait for)."""
-        if sum(len(r.samples) for r in results) >= self.settings.offload_min_series:
-            gm.offloaded("render")
-            return Rendered(*await asyncio.to_thread(make))
-        return Rendered(*make())
+        series = sum(len(r.samples) for r in results)
+        with tracing.span("render", {"gateway.figures": len(results), "gateway.series": series}):
+            if series >= self.settings.offload_min_series:
+                gm.offloaded("render")
+                return Rendered(*await asyncio.to_thread(make))
+            return Rendered(*make())
 
     def remember(self, key: tuple[str, ...], ttl_category: str, results: Sequence[QueryResult],
                  rendered: Rendered, tenant: Tenant = UNCONFINED) -> Rendered:

@@ -28,7 +28,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.routing import BaseRoute, Host, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.common import tracing
 from app.common.paths import route_path
+from app.monitoring.registry import multiprocess_values_active
 
 UNMATCHED = "<unmatched>"
 OTHER_METHOD = "OTHER"
@@ -132,34 +134,19 @@ def _has_host_routes(routes: Iterable[BaseRoute]) -> bool:
     return any(isinstance(r, Host) for r in routes)
 
 
-class PrometheusMiddleware:
-    """Counts and times every HTTP request by route template."""
+class RouteTemplates:
+    """Route templates by (method, root_path, path), for metrics labels and span names."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        router: Router,
-        app_name: str,
-        excluded_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
-    ) -> None:
-        self.app = app
+    def __init__(self, router: Router) -> None:
         self.router = router
-        self.app_name = app_name
-        self.excluded_paths = frozenset(excluded_paths)
         # (method, root_path, route path) -> template; bounded, so raw paths
         # cannot grow it without limit. Cleared when the route list changes.
         self._cache: LRUCache[tuple[str, str, str], str] = LRUCache(_TEMPLATE_CACHE_SIZE)
         self._cache_routes = -1
         self._cacheable = True
-        # Metric children per label set: `.labels()` costs a lock and validation
-        # on every call. Bounded: templates come from the route table (or the one
-        # UNMATCHED value), methods and status codes from small fixed sets.
-        # (Labels are never removed from these metrics, so children stay valid.)
-        self._timers: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._counters: dict[tuple[str, str, str], Any] = {}
 
-    def template_for(self, scope: Scope, path: str, method: str) -> str:
+    def of(self, scope: Scope, path: str, method: str) -> str:
+        """The route template of `path` (the router-relative path of `scope`), cached."""
         routes = self.router.routes
         if len(routes) != self._cache_routes:
             self._cache.clear()
@@ -176,6 +163,44 @@ class PrometheusMiddleware:
         if self._cacheable:
             self._cache[key] = template
         return template
+
+    def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
+        """The server span's name (``GET /prometheus/metrics/{category}``) and ``http.route``."""
+        method: str = scope.get("method", "")
+        if scope["type"] != "http":
+            return route_path(scope), {}
+        template = self.of(scope, route_path(scope), method)
+        name = f"{method if method in _KNOWN_METHODS else 'HTTP'} {template}"
+        return name, {"http.route": template}
+
+
+class PrometheusMiddleware:
+    """Counts and times every HTTP request by route template."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        router: Router,
+        app_name: str,
+        excluded_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
+    ) -> None:
+        self.app = app
+        self.templates = RouteTemplates(router)
+        self.app_name = app_name
+        self.excluded_paths = frozenset(excluded_paths)
+        # Metric children per label set: `.labels()` costs a lock and validation
+        # on every call. Bounded: templates come from the route table (or the one
+        # UNMATCHED value), methods and status codes from small fixed sets.
+        # (Labels are never removed from these metrics, so children stay valid.)
+        self._timers: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        # Exemplars (the trace of a request, on its latency bucket) need in-process values:
+        # prometheus_client's multiprocess files have no place for them and drop them.
+        self._exemplars = tracing.enabled() and not multiprocess_values_active()
+
+    def template_for(self, scope: Scope, path: str, method: str) -> str:
+        return self.templates.of(scope, path, method)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,7 +241,7 @@ class PrometheusMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             in_progress.dec()
-            duration.observe(elapsed)
+            duration.observe(elapsed, tracing.exemplar() if self._exemplars else None)
             key = (method, template, str(status_code))
             counter = self._counters.get(key)
             if counter is None:

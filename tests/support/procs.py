@@ -23,6 +23,8 @@ import httpx
 from tests.support.tools import path_of
 
 PROMETHEUS_BIN = path_of("prometheus")
+# A build whose `tracing:` exports spans (scripts/setup-tracing-prometheus), or TEST_PROMETHEUS_BIN.
+TRACING_PROMETHEUS_BIN = str(Path(__file__).resolve().parents[2] / ".tools/prometheus-tracing/usr/bin/prometheus")
 PROMTOOL_BIN = path_of("promtool")
 REDIS_BIN = path_of("redis-server")
 
@@ -102,7 +104,8 @@ def _spawn(cmd: list[str], workdir: Path, name: str, env: dict[str, str] | None 
 
 def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
                      scrape_interval: str = "1s", extra_config: str = "",
-                     timeout: float = 30.0, extra_args: tuple[str, ...] = ()) -> Proc:
+                     timeout: float = 30.0, extra_args: tuple[str, ...] = (),
+                     binary: str = PROMETHEUS_BIN) -> Proc:
     """A real Prometheus on loopback with the given scrape_configs block (YAML list)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ def start_prometheus(workdir: Path, scrape_configs_yaml: str = "", *,
     )
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(
-        [PROMETHEUS_BIN, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
+        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
          "--storage.tsdb.retention.time=1h", "--log.level=warn", *extra_args],
         workdir, "prometheus", port=port, url=url,
@@ -205,6 +208,27 @@ def start_uvicorn(workdir: Path, app: str, env: dict[str, str] | None = None, *,
         proc.stop()
         raise RuntimeError(f"{app} did not start:\n{proc.log()}") from None
     return proc
+
+
+def tracing_prometheus() -> str | None:
+    """A Prometheus binary that exports spans: TEST_PROMETHEUS_BIN, the one
+    scripts/setup-tracing-prometheus fetched, or the system one if it can; else None."""
+    for candidate in (os.environ.get("TEST_PROMETHEUS_BIN"), TRACING_PROMETHEUS_BIN, PROMETHEUS_BIN):
+        if candidate and prometheus_can_trace(candidate):
+            return candidate
+    return None
+
+
+def prometheus_can_trace(binary: str = PROMETHEUS_BIN) -> bool:
+    """True when the Prometheus binary holds the OpenTelemetry SDK, i.e. its ``tracing:``
+    config exports spans. Debian's package (2.42+ds) is built without it: that config is
+    accepted and nothing is ever exported."""
+    import mmap
+    try:
+        with open(binary, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(b"go.opentelemetry.io/otel/sdk/trace") >= 0
+    except (OSError, ValueError):
+        return False
 
 
 def promtool_check_metrics(body: bytes) -> subprocess.CompletedProcess[bytes]:

@@ -5,6 +5,9 @@ without stopping the upstream (which other tests share).
     proxy.down()   # new connections refused, open ones closed
     proxy.up()     # same port again
     proxy.stop()
+
+`record=True` keeps what clients sent (the first TAP_BYTES), so a test can read the
+requests that reached the upstream (`proxy.sent()`), headers and all.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ import threading
 
 from tests.support.procs import free_port
 
+TAP_BYTES = 4 * 1024 * 1024
+
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, port: int | None = None) -> None:
+    def __init__(self, target_host: str, target_port: int, port: int | None = None, *,
+                 record: bool = False) -> None:
         self.target = (target_host, target_port)
+        self._record = record
+        self._sent = bytearray()
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -34,9 +42,12 @@ class TcpProxy:
     def _call(self, coro: object) -> None:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    tap: bytearray | None = None) -> None:
         try:
             while data := await reader.read(65536):
+                if tap is not None and len(tap) < TAP_BYTES:
+                    tap.extend(data[:TAP_BYTES - len(tap)])
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -53,7 +64,8 @@ class TcpProxy:
             return
         self._streams.update((writer, up_writer))
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            tap = self._sent if self._record else None
+            await asyncio.gather(self._pipe(reader, up_writer, tap), self._pipe(up_reader, writer))
         finally:
             self._streams.difference_update((writer, up_writer))
 
@@ -71,6 +83,10 @@ class TcpProxy:
 
     def up(self) -> None:
         self._call(self._up())
+
+    def sent(self) -> bytes:
+        """What clients sent through the proxy so far (with `record=True`)."""
+        return bytes(self._sent)
 
     def down(self) -> None:
         self._call(self._down())

@@ -209,7 +209,7 @@ async def test_template_cache_is_bounded() -> None:
     async with client(app) as c:
         for i in range(300):
             await c.get(f"/random/{i}")
-    assert len(middleware._cache) <= middleware._cache.maxsize
+    assert len(middleware.templates._cache) <= middleware.templates._cache.maxsize
 
 
 def test_resolve_template_directly() -> None:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
+from app.common import tracing
 from app.common.tenancy import UNCONFINED, Tenant
 from app.gateway import metrics as gm
 from app.gateway.caching.figures import CacheClass, QueryCache
@@ -245,8 +246,9 @@ class FleetFetch:
         that fetches them; alone (as without the tier) when the tier fails."""
         loop, shared = asyncio.get_running_loop(), self.shared
         by_key = {j.key: j for j in jobs}
-        claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
-                                   deadline - loop.time())
+        with tracing.span("shared tier claim", {"gateway.keys": len(by_key)}):
+            claim = await shared.claim(list(by_key), [self.cache.last_good(j.key, j.cls) is None for j in jobs],
+                                       deadline - loop.time())
         if claim is None:
             gm.shared_event(category, "error", len(jobs))
             await self.batches.fetch(jobs, category, deadline, headers)
@@ -270,7 +272,8 @@ class FleetFetch:
         async def follow() -> None:
             if not claim.awaited:
                 return
-            got = await shared.wait(claim.awaited, claim.token, deadline)
+            with tracing.span("shared tier wait", {"gateway.keys": len(claim.awaited)}):
+                got = await shared.wait(claim.awaited, claim.token, deadline)
             takeover, alone = [], []
             for key, outcome in got.items():
                 job = by_key[key]

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from app.common import tracing
 from app.gateway.caching.shared import ALONE
 from app.gateway.caching.shared_ranges import SharedAnswer, SharedFlights
 from app.gateway.engines.passthrough import count
@@ -34,14 +35,16 @@ class FleetAnswer:
         if fleet is None or not fleet.available:
             return await make()
         loop = asyncio.get_running_loop()
-        claim = await fleet.claim(key, deadline - loop.time())
+        with tracing.span("shared tier claim"):
+            claim = await fleet.claim(key, deadline - loop.time())
         if claim is None:
             return await make()
         if claim.body is not None:
             count(category, Lookup.HIT, total, 0, 0)
             return _shared_result(200, claim.body, Lookup.HIT, category)
         if claim.holder is not None:
-            got = await fleet.wait(key, claim.token, claim.holder, deadline)
+            with tracing.span("shared tier wait"):
+                got = await fleet.wait(key, claim.token, claim.holder, deadline)
             if isinstance(got, SharedAnswer):
                 count(category, Lookup.COALESCED, 0, 0, total)
                 return _shared_result(got.status_code, got.body, Lookup.COALESCED, category)

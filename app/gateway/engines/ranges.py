@@ -43,6 +43,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from app.common import tracing
 from app.gateway.caching.extents import Interval, intersect, normalise, subtract
 from app.gateway.caching.flight import Background, SingleFlight
 from app.gateway.caching.fragments import Extent, body_of, extent_of
@@ -238,7 +239,8 @@ class RangeCache:
 
         segments = _segments([f.extent for f in fetched if f.extent is not None], sources, first, step_ms)
         size = sum(e.size() for _, e in segments)
-        body = await _cpu(body_of, segments, step_ms, heavy=size > THREAD_BYTES)
+        with tracing.span("assembly", {"gateway.segments": len(segments), "gateway.bytes": size}):
+            body = await _cpu(body_of, segments, step_ms, heavy=size > THREAD_BYTES)
         await self.store.put_many([(plan.memo_key, body, plan.memo_ttl)])
         if not fetched:
             lookup = Lookup.HIT
@@ -254,8 +256,10 @@ class RangeCache:
         step_ms = req.step.ms
         query = [("query", req.query.text), ("start", piece.start), ("end", piece.end),
                  ("step", req.step.text), *req.params]
-        answer = await self.upstream.ask("/api/v1/query_range", query, "range", req.origin.deadline,
-                                         req.origin.headers)
+        with tracing.span("range piece", {"gateway.range.start": piece.start, "gateway.range.end": piece.end,
+                                          "gateway.range.steps": (piece.b - piece.a) // step_ms + 1}):
+            answer = await self.upstream.ask("/api/v1/query_range", query, "range", req.origin.deadline,
+                                             req.origin.headers)
         extent = None
         if answer.status_code == 200:
             extent = await _cpu(extent_of, answer.raw, piece.a, piece.b, step_ms,
@@ -328,7 +332,8 @@ class Blocks:
         settled_last = min(last, plan.live_from - step_ms)
         length = splitting.block_len(step_ms, split_ms)
         blocks = splitting.blocks(first, settled_last, step_ms, length) if settled_last >= first else []
-        raw = await self.store.get_many([self.key(plan.base, length, bi) for bi in blocks] + [live_key])
+        with tracing.span("cache lookup", {"gateway.keys": len(blocks) + 1}):
+            raw = await self.store.get_many([self.key(plan.base, length, bi) for bi in blocks] + [live_key])
         sources = [(Extent.decode(data), settled_last) for data in raw[:-1] if data is not None]
         if raw[-1] is not None:
             sources.append((Extent.decode(raw[-1]), last))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from app.common import tracing
 from app.gateway.caching.flight import Background, SingleFlight
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import UpstreamError
@@ -47,7 +48,8 @@ class ReadinessProbe:
 
     async def _probe(self) -> Readiness:
         try:
-            await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds, category="ready")
+            with tracing.quiet():  # no trace per probe
+                await self.client.query(READY_QUERY, timeout=self.settings.request_deadline_seconds, category="ready")
             outcome: Readiness = (True, "ready")
         except UpstreamError as exc:
             outcome = (False, exc.error_type)

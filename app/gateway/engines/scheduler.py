@@ -37,6 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from app.common import tracing
 from app.common.clients import Client, Limits
 from app.gateway import metrics as gm
 from app.gateway.settings import GatewaySettings
@@ -197,8 +198,9 @@ class FairQueue:
         if not self._ring and self._fits(state, cost, limit):
             self._grant(state, cost)
         else:
-            await self._wait(ticket, state, cost, limit, deadline,
-                             ticket.limits.max_queued_queries if queue is None else queue)
+            with tracing.span("scheduler wait", {"gateway.lane": self.name, "gateway.client": ticket.label}):
+                await self._wait(ticket, state, cost, limit, deadline,
+                                 ticket.limits.max_queued_queries if queue is None else queue)
         waited = time.perf_counter() - started
         ticket.stats.queue_seconds += waited
         gm.client_queue_wait(ticket.label, self.name, waited)

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from app.common import tracing
 from app.gateway.engines.scheduler import Ticket
 
 log = logging.getLogger("gateway.slow_query")
@@ -51,5 +52,8 @@ def log_if_slow(ticket: Ticket, note: QueryNote, total: float, threshold: float)
         "upstream_queries": s.upstream_queries, "series": s.series, "bytes": s.bytes,
         "cache": note.cache, "status": note.status,
     }
+    ids = tracing.current_ids()  # in the line itself too, whatever LOG_FORMAT says
+    if ids is not None:
+        line["trace_id"], line["span_id"] = ids
     log.warning(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
     return True

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import Response
 
+from app.common import tracing
 from app.gateway.catalog.names import FigureNames
 from app.gateway.engines import limits
 from app.gateway.engines.scheduler import Ticket, current, upstream_slot
@@ -38,6 +39,7 @@ class ApiContext:
     def prepare(self, expr: str, caller: Caller, *, prefixed: bool) -> Query:
         """The query, parsed once: sent as the caller wrote it unless figure names were
         expanded or a tenant's matchers enforced, both printed in one pass of its tree."""
+        tracing.note({"gateway.query_hash": tracing.query_hash(expr)})  # the caller's text: one panel, one hash
         try:
             tree = parse(expr)
         except PromQLError as exc:

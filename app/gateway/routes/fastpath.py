@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.common import tracing
 from app.common.exposition import negotiate, wants_json
 from app.common.paths import route_path
 from app.common.tenancy import TENANT_SCOPE_KEY, UNCONFINED, Tenant
@@ -82,6 +83,7 @@ class MemoFastPath:
             tenant_id = tenant.id if isinstance(tenant, Tenant) else UNCONFINED.id
             hit = service.memo.get((tenant_id, *key)) if service is not None else None
             if hit is not None:
+                tracing.count_lookup("memo")
                 body, media_type = hit
                 if media_type.startswith("text/") and "charset=" not in media_type.lower():
                     media_type += "; charset=utf-8"  # as starlette's Response says it

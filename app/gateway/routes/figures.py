@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 
+from app.common import tracing
 from app.common.exposition import render_families
 from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
@@ -149,8 +150,9 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         if (hit := recall(request, key, tenant)) is not None:
             return hit
         results = await service.summary(tenant)
-        doc = _with_scope(json_render.summary(cat, results, service.client.up), tenant)
-        rendered = Rendered(json_render.dumps(doc), JSON_TYPE)
+        with tracing.span("render", {"gateway.figures": len(results)}):
+            doc = _with_scope(json_render.summary(cat, results, service.client.up), tenant)
+            rendered = Rendered(json_render.dumps(doc), JSON_TYPE)
         return answer(service.remember(key, "summary", list(results.values()), rendered, tenant))
 
     @router.get("/docs", summary="Markdown documentation of every figure, from the catalog",

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 
+from app.common import tracing
 from app.common.clients import client_of
 from app.gateway.catalog.names import merge_metadata
 from app.gateway.engines import limits
@@ -263,6 +264,7 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             causes, the work cancelled when the caller goes away, refusals in Prometheus'
             envelope, and what it cost (Server-Timing, the slow-query log)."""
             ticket = service.scheduler.ticket(client_of(request))
+            tracing.note({"gateway.client": ticket.label})
             note = QueryNote(request.url.path)
             started = time.perf_counter()
             token = enter(ticket)
@@ -278,6 +280,7 @@ def create_promapi_router(service: GatewayService) -> APIRouter:
             finally:
                 leave(token)
             total = time.perf_counter() - started
+            tracing.note({"gateway.queue_wait_seconds": ticket.stats.queue_seconds})
             response.headers["Server-Timing"] = server_timing(ticket, total)
             note.status = response.status_code
             note.cache = response.headers.get("X-Gateway-Cache", "")

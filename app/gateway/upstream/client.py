@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from app.common import tracing
 from app.common.episodes import FailureEpisode
 from app.common.secrets import SecretFile, SecretUnavailable, redact_url
 from app.gateway import metrics as gm
@@ -57,8 +58,9 @@ class BearerFileAuth(httpx.Auth):
 
 
 class UpstreamHttp:
-    """The pooled connections to the upstream: credentials, TLS, limits, one request
-    within its time and the size cap, transport failures in the one error vocabulary."""
+    """The pooled connections to the upstream: credentials, TLS, limits, client spans,
+    one request within its time and the size cap, transport failures in the one error
+    vocabulary."""
 
     def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
@@ -81,6 +83,7 @@ class UpstreamHttp:
             timeout=httpx.Timeout(settings.request_deadline_seconds,
                                   connect=settings.connect_timeout_seconds),
         )
+        tracing.instrument_client(self._http)  # client spans, traceparent sent upstream
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -186,6 +189,14 @@ class PrometheusClient:
         return await self._guarded(category, timeout, exchange, decode, lambda _: None)
 
     async def _guarded(self, category: str, timeout: float,
+                       exchange: Callable[[], Awaitable[tuple[int, bytes]]],
+                       decode: Callable[[int, bytes], Awaitable[_T]],
+                       verdict: Callable[[_T], UpstreamError | None]) -> _T:
+        """_attempt in a span of its own: breaker, HTTP exchange (the client span) and decoding."""
+        with tracing.span("upstream", {"gateway.category": category, "gateway.timeout_seconds": timeout}):
+            return await self._attempt(category, timeout, exchange, decode, verdict)
+
+    async def _attempt(self, category: str, timeout: float,
                        exchange: Callable[[], Awaitable[tuple[int, bytes]]],
                        decode: Callable[[int, bytes], Awaitable[_T]],
                        verdict: Callable[[_T], UpstreamError | None]) -> _T:
