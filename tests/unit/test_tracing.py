@@ -256,7 +256,7 @@ app = create_app()
 with TestClient(app) as client:
     client.get("/prometheus/metrics/summary")
     client.get("/health")
-    http = app.state.gateway.client._http
+    http = app.state.gateway.client.http._http
 print(json.dumps({
     "enabled": tracing.enabled(),
     # (redis' own observability module loads the metrics SDK when installed: not ours)
