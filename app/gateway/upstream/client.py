@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -137,38 +137,38 @@ class UpstreamHttp:
 
 
 class PrometheusClient:
-    """One pooled httpx.AsyncClient for the life of the app."""
+    """The one upstream client, for the life of the app: instant queries and the HTTP API
+    under the breaker and a total deadline, over one pool (UpstreamHttp), every outcome
+    recorded once (UpstreamHealth)."""
 
     def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None,
                  breaker: CircuitBreaker | None = None) -> None:
         self.settings = settings
         self.query_url = f"{settings.prometheus_url}/api/v1/query"
         self.http = UpstreamHttp(settings, transport)
-        self.breaker = breaker or CircuitBreaker(settings.breaker_failure_threshold,
-                                                 settings.breaker_reset_seconds)
-        self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
-        self.up: bool | None = None  # unknown until the first request
-        self.last_success: float | None = None
-        self._probe: asyncio.Task[None] | None = None
+        self.health = UpstreamHealth(settings, breaker or CircuitBreaker(settings.breaker_failure_threshold,
+                                                                         settings.breaker_reset_seconds),
+                                     self._probe_once)
+        self.breaker = self.health.breaker
+        self.episode = self.health.episode
 
-    def _ask_upstream(self) -> None:
-        """A caller's query ran out of time, which says nothing about the upstream: ask it
-        `vector(1)` (one probe at a time), whose outcome the breaker does count."""
-        if self._probe is not None and not self._probe.done():
-            return
+    @property
+    def up(self) -> bool | None:
+        """Did the upstream answer the last request (None: unknown until the first)?"""
+        return self.health.up
 
-        async def probe() -> None:
-            with suppress(UpstreamError):
-                await self.query("vector(1)", timeout=min(2.0, self.settings.request_deadline_seconds),
-                                 category="probe")
+    @property
+    def last_success(self) -> float | None:
+        return self.health.last_success
 
-        self._probe = asyncio.get_running_loop().create_task(probe())
+    async def _probe_once(self) -> None:
+        """`vector(1)`, whose outcome the breaker does count (see UpstreamHealth)."""
+        with suppress(UpstreamError):
+            await self.query("vector(1)", timeout=min(2.0, self.settings.request_deadline_seconds),
+                             category="probe")
 
     async def aclose(self) -> None:
-        if self._probe is not None and not self._probe.done():
-            self._probe.cancel()
-            with suppress(asyncio.CancelledError, UpstreamError):
-                await self._probe
+        await self.health.aclose()
         await self.http.aclose()
 
     async def query(self, expr: str, *, timeout: float, category: str,
@@ -217,19 +217,19 @@ class PrometheusClient:
                 status, body = await exchange()
             result = await decode(status, body)
         except UpstreamError as exc:
-            self._record(category, started, exc)
+            self.health.record(category, started, exc)
             raise
         except SecretUnavailable as exc:
             raise UpstreamError("credentials_unavailable", str(exc)) from None
         except TimeoutError:
             timed_out = UpstreamError("timeout", f"no complete answer within {timeout:.2f}s")
-            self._record(category, started, timed_out)
+            self.health.record(category, started, timed_out)
             raise timed_out from None
         except Exception as unexpected:  # the breaker must see every outcome
             odd = UpstreamError("bad_response", f"{type(unexpected).__name__}: {unexpected}")
-            self._record(category, started, odd)
+            self.health.record(category, started, odd)
             raise odd from None
-        self._record(category, started, verdict(result))
+        self.health.record(category, started, verdict(result))
         return result
 
     async def _read(self, expr: str, timeout: float,
@@ -284,7 +284,34 @@ class PrometheusClient:
                                 answer.status_code)
         return answer.doc.get("data")
 
-    def _record(self, category: str, started: float, exc: UpstreamError | None) -> None:
+
+class UpstreamHealth:
+    """What the outcomes say about the upstream: the breaker fed by their verdict
+    (app.gateway.upstream.breaker.judge), whether it is up and when it last answered,
+    one log line per episode, the metrics; and, when a caller's query ran out of time
+    (which says nothing about the upstream), a probe of its own (`probe`, one at a time)
+    whose outcome the breaker does count."""
+
+    def __init__(self, settings: GatewaySettings, breaker: CircuitBreaker,
+                 probe: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.breaker = breaker
+        self.episode = FailureEpisode(f"upstream Prometheus {redact_url(settings.prometheus_url)}", log)
+        self.up: bool | None = None  # unknown until the first request
+        self.last_success: float | None = None
+        self._probe_work = probe
+        self._probe: asyncio.Task[None] | None = None
+
+    def _ask_upstream(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_work())
+
+    async def aclose(self) -> None:
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+            with suppress(asyncio.CancelledError, UpstreamError):
+                await self._probe
+
+    def record(self, category: str, started: float, exc: UpstreamError | None) -> None:
         """Count one outcome, and feed the breaker what it says about the upstream
         (app.gateway.upstream.breaker.judge): what a caller's query caused never counts against it."""
         seconds = time.perf_counter() - started
