@@ -7,6 +7,7 @@ one place so the README table and the code cannot disagree about names.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,11 @@ class GatewaySettings(BaseSettings):
     prometheus_ca_file: Path | None = None
     prometheus_max_connections: int = Field(default=50, ge=1, le=1000)
     prometheus_max_response_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    # What the upstream is asked to compress (Accept-Encoding): "auto" asks a Prometheus on this
+    # host or its own network (loopback, private addresses, cluster-local names) for plain bytes,
+    # since gzipping a week-long answer costs Prometheus more than the bytes cost such a network;
+    # anything else, gzip. An Accept-Encoding in PROMETHEUS_HEADERS always wins.
+    prometheus_compression: Literal["auto", "gzip", "identity"] = "auto"
 
     # Time budget: one deadline per request; the remainder is sent as `timeout`.
     request_deadline_seconds: float = Field(default=3.0, gt=0, le=60)

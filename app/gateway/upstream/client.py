@@ -9,6 +9,7 @@ fed to the circuit breaker, and logged once per episode.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
@@ -57,6 +58,29 @@ class BearerFileAuth(httpx.Auth):
         yield request
 
 
+_LOCAL_SUFFIXES = (".local", ".internal", ".svc", ".cluster.local", ".localhost")
+
+
+def on_local_network(url: str) -> bool:
+    """Whether the upstream is on this host or its own network: a loopback, private or
+    link-local address, or a name that only resolves inside one (no dot, .svc, .local, ...)."""
+    host = (httpx.URL(url).host or "").rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost" or "." not in host or host.endswith(_LOCAL_SUFFIXES)
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def accept_encoding(settings: GatewaySettings) -> str:
+    """PROMETHEUS_COMPRESSION as an Accept-Encoding: a local upstream spends more CPU gzipping
+    megabyte answers than the bytes cost (benchmarks.md, week-long panels), a remote one less."""
+    mode = settings.prometheus_compression
+    if mode == "auto":
+        mode = "identity" if on_local_network(settings.prometheus_url) else "gzip"
+    return "identity" if mode == "identity" else "gzip, deflate"
+
+
 class UpstreamHttp:
     """The pooled connections to the upstream: credentials, TLS, limits, client spans,
     one request within its time and the size cap, transport failures in the one error
@@ -65,6 +89,8 @@ class UpstreamHttp:
     def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         headers = {"Accept": "application/json", **settings.prometheus_headers}
+        if not any(name.lower() == "accept-encoding" for name in settings.prometheus_headers):
+            headers["Accept-Encoding"] = accept_encoding(settings)
         auth: httpx.Auth | None = None
         if settings.prometheus_bearer_token is not None:
             headers["Authorization"] = f"Bearer {settings.prometheus_bearer_token.get_secret_value()}"
