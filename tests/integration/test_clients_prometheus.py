@@ -200,8 +200,9 @@ def test_concurrency_over_the_limit_is_a_429_with_retry_after(gateway_proc: Any)
 
 
 def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
-    """One upstream slot for the API: A queues six queries, B one; B waits for at most
-    the one of A's that is running, not for all six."""
+    """One upstream slot for the API: A queues six distinct queries (identical ones would be
+    coalesced into one upstream query), B one; B waits for at most the one or two of A's
+    already granted, not for all six."""
     gw = gateway_proc({"a": {"name": "a"}, "b": {"name": "b"}}, API_MAX_CONCURRENT_QUERIES="1",
                       REQUEST_DEADLINE_SECONDS="60")  # no deadline in play: the order alone
     with httpx.Client(base_url=gw.url, timeout=30) as c:
@@ -210,14 +211,14 @@ def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
         alone = time.perf_counter() - t0
     done: dict[str, float] = {}
 
-    def ask(token: str, key: str) -> None:
+    def ask(token: str, key: str, query: str = MEDIUM) -> None:
         with httpx.Client(base_url=gw.url, timeout=90) as c:
-            r = c.post("/api/v1/query", data={"query": MEDIUM}, headers=bearer(token))
+            r = c.post("/api/v1/query", data={"query": query}, headers=bearer(token))
             assert r.status_code == 200, r.text
             done[key] = time.perf_counter()
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=ask, args=("a", f"a{i}")) for i in range(6)]
+    threads = [threading.Thread(target=ask, args=("a", f"a{i}", f"({MEDIUM}) * {i + 1}")) for i in range(6)]
     for t in threads:
         t.start()
     time.sleep(0.2)
