@@ -218,10 +218,13 @@ def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
             done[key] = time.perf_counter()
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=ask, args=("a", f"a{i}", f"({MEDIUM}) * {i + 1}")) for i in range(6)]
+    # A's queries are four times MEDIUM (0.25 s on a quiet machine), so most are still waiting
+    # when B arrives; each is distinct, since identical ones would be coalesced upstream.
+    heavy = MEDIUM.replace("[15m:", "[1h:")
+    threads = [threading.Thread(target=ask, args=("a", f"a{i}", f"({heavy}) * {i + 1}")) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    time.sleep(0.1)  # A's six are queued first
     b_sent = time.perf_counter()
     ask("b", "b")
     b_took = done["b"] - b_sent
@@ -229,10 +232,13 @@ def test_a_flooding_client_does_not_starve_another(gateway_proc: Any) -> None:
         t.join(60)
     a_done = sorted(v for k, v in done.items() if k.startswith("a"))
     assert len(a_done) == 6
-    # B is served after the few of A's already granted or in flight when it arrived (its HTTP
-    # edge takes a moment on a loaded machine), never after all six as first-come would serve it.
-    assert sum(1 for v in a_done if v < done["b"]) <= 3, (b_took, alone, [v - start for v in a_done])
-    assert b_took < (a_done[-1] - b_sent) / 2, (b_took, alone, [v - start for v in a_done])
+    why = (b_took, alone, b_sent - start, [v - start for v in a_done])
+    # Of A's queries still unanswered when B arrived (most of them: else this proves nothing),
+    # B waits for the one or two already granted, never for all as first-come would serve it.
+    waiting = [v for v in a_done if v > b_sent]
+    assert len(waiting) >= 4, why
+    assert sum(1 for v in waiting if v < done["b"]) <= 2, why
+    assert b_took < (a_done[-1] - b_sent) / 2, why
 
 
 def test_the_summary_keeps_its_connections_while_the_api_is_saturated(gateway_proc: Any) -> None:
