@@ -19,7 +19,7 @@ import pytest
 from app.gateway.caching.extents import label_key, normalise, storable, subtract
 from app.gateway.caching.fragments import FLOAT_SEP, HIST_SEP, Extent, body_of, cut, extent_of
 from app.gateway.caching.stores import MemoryExtentStore
-from app.gateway.engines.ranges import RangeCache
+from app.gateway.engines.ranges import RangeCache, pieces_of
 from app.gateway.engines.splitting import BLOCK_STEPS, block_len, part_len, split
 from app.gateway.promql.reach import Reach, Uncacheable, instant_reach, range_reach
 from app.gateway.promql.request import Origin, instant_query, range_query
@@ -293,6 +293,20 @@ def test_long_ranges_are_cut_at_step_aligned_part_boundaries() -> None:
     assert all((a - phase) % day == 0 for a, _ in parts[1:])  # each later part starts a part
     assert parts[0][0] == first and parts[-1][1] == last
     assert all(b + step == a2 for (_, b), (a2, _) in itertools.pairwise(parts))
+
+
+def test_a_short_missing_interval_across_a_part_boundary_is_one_fetch() -> None:
+    """A refresh's new edge and its freshness window straddling a boundary (an hourly
+    panel refreshed just after 23:00 and a 6 h part) are one upstream query, not two;
+    a missing interval longer than a part is still cut at the boundaries."""
+    hour, part = 3600 * S, 6 * 3600 * S
+    req = range_query("up", "0", repr(2 * 86400), "3600")
+    pieces = pieces_of([(part - hour, part)], req, part)
+    assert [(p.a, p.b) for p in pieces] == [(part - hour, part)]
+    pieces = pieces_of([(part - hour, part), (3 * part, 3 * part + hour)], req, part)
+    assert [(p.a, p.b) for p in pieces] == [(part - hour, part), (3 * part, 3 * part + hour)]
+    pieces = pieces_of([(0, 2 * part)], req, part)  # long: cut
+    assert [(p.a, p.b) for p in pieces] == [(0, part - hour), (part, 2 * part - hour), (2 * part, 2 * part)]
 
 
 # -- the store ------------------------------------------------------------------------------
