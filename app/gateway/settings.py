@@ -112,7 +112,7 @@ class GatewaySettings(BaseSettings):
     # 0 or empty: no limit), the API's share of the upstream (the rest of
     # PROMETHEUS_MAX_CONNECTIONS is the figures'), and the slow-query log threshold.
     client_max_concurrent_queries: int = Field(default=4, ge=1)
-    client_max_queued_queries: int = Field(default=16, ge=0)
+    client_max_queued_queries: int = Field(default=100, ge=0)  # Mimir: 100 per tenant
     client_max_range_seconds: float = Field(default=0.0, ge=0)
     client_max_lookback_seconds: float = Field(default=0.0, ge=0)
     client_max_points_per_series: int = Field(default=11000, ge=1)

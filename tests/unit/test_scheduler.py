@@ -250,3 +250,27 @@ def test_the_queue_counts_requests_not_their_parts() -> None:
     outcomes = asyncio.run(main())
     assert outcomes[:5] == [None] * 5  # every part of the admitted request runs
     assert isinstance(outcomes[5], Rejected) and outcomes[5].reason == "queue_full"
+
+
+def test_one_client_opening_a_week_long_dashboard_is_queued_not_refused() -> None:
+    """With the default limits, one token (a Grafana datasource) opening 20 week-long panels
+    of 8 split parts each: every part gets its turn, none is refused (a queue of 16 refused
+    the dashboard: the 4 slots were held by one panel's parts, 19 panels waited)."""
+    sched = Scheduler(GatewaySettings())
+
+    async def main() -> list[Any]:
+        queue = sched.upstream
+        client = Client("name:grafana", "grafana")
+
+        async def panel() -> None:
+            t = sched.ticket(client)
+
+            async def part() -> None:
+                async with queue.slot(t):
+                    await asyncio.sleep(0.001)
+
+            await asyncio.gather(*(part() for _ in range(8)))
+
+        return await asyncio.gather(*(panel() for _ in range(20)), return_exceptions=True)
+
+    assert asyncio.run(main()) == [None] * 20
