@@ -47,6 +47,9 @@ from app.gateway.upstream.jsonsteps import paused_gc
 _T = TypeVar("_T")
 
 
+_Body = bytes  # (Stats has a field named `bytes`)
+
+
 class Rejected(UpstreamError):
     """No slot for this request: its client's queue (or the gateway's) is full, or its
     deadline passed while it waited. An UpstreamError so that it travels the same paths
@@ -74,6 +77,7 @@ class Stats:
     time: float | None = None
     series: int | None = None
     bytes: int | None = None
+    answer: _Body | None = None  # the body sent, its series counted only if the log line needs them
 
 
 @dataclass(eq=False, slots=True)

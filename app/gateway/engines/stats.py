@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from app.common import tracing
+from app.gateway.engines.limits import series_in
 from app.gateway.engines.scheduler import Ticket
 
 log = logging.getLogger("gateway.slow_query")
@@ -49,7 +50,8 @@ def log_if_slow(ticket: Ticket, note: QueryNote, total: float, threshold: float)
         "range_seconds": None if s.start is None or s.end is None else s.end - s.start,
         "duration_seconds": round(total, 4), "queue_seconds": round(s.queue_seconds, 4),
         "upstream_seconds": round(s.upstream_seconds, 4), "heavy_seconds": round(s.heavy_seconds, 4),
-        "upstream_queries": s.upstream_queries, "series": s.series, "bytes": s.bytes,
+        "upstream_queries": s.upstream_queries, "bytes": s.bytes,
+        "series": s.series if s.series is not None or s.answer is None else series_in(s.answer),
         "cache": note.cache, "status": note.status,
     }
     ids = tracing.current_ids()  # in the line itself too, whatever LOG_FORMAT says

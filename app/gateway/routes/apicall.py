@@ -145,6 +145,7 @@ class ApiContext:
         ticket.stats.bytes = len(body)
         if result.status_code == 200:
             ticket.stats.series = limits.check_answer(ticket, body)
+            ticket.stats.answer = body
         out = {"X-Gateway-Cache": str(result.lookup)}
         if result.evaluated_at is not None:
             # The instant an instant query was evaluated at (the gateway's "now" when the
