@@ -13,7 +13,11 @@ are ratios that survive a noisy 2-core machine:
 3. 100 concurrent clients for 10 s: upstream requests Prometheus received
    (its own prometheus_http_requests_total) per query per TTL window.
 
-Usage: .venv/bin/python benchmarks/bench_gateway.py [--rounds 40] [--markdown out.md]
+With --week, Prometheus also holds the generated week of GatewayZ-shaped history
+(benchmarks/dataset.py, rebuilt so that it ends now): the figures then read ~600 more
+series, as on a production Prometheus.
+
+Usage: .venv/bin/python benchmarks/bench_gateway.py [--rounds 40] [--week] [--markdown out.md]
 Needs prometheus, promtool and wrk (Debian packages) on PATH.
 """
 
@@ -43,6 +47,8 @@ from tests.support.procs import (  # noqa: E402
     start_uvicorn,
     wait_until,
 )
+from benchmarks.dataset import ensure  # noqa: E402
+from tests.support.history import start_prometheus_on  # noqa: E402
 from tests.support.synthetic_backend import SyntheticBackend, scrape_config  # noqa: E402
 
 
@@ -157,15 +163,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--seconds", type=int, default=6, help="wrk duration per warm run")
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--week", action="store_true",
+                    help="Prometheus holds the generated week (benchmarks/dataset.py, rebuilt to end now) "
+                         "besides scraping the backend: the figures read ~600 more series")
     args = ap.parse_args()
     need_wrk()
 
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     backend = SyntheticBackend()
     target = backend.start()
-    backend.backfill(work / "prom" / "data", job="backend")
     scrape = scrape_config(target)
-    prom = start_prometheus(work / "prom", scrape)
+    if args.week:
+        ds = ensure(7, 580, max_age=120)  # ends now: its series are inside the figures' 5 m windows
+        prom = start_prometheus_on(ds, work / "prom", config="global:\n  scrape_interval: 1s\n"
+                                   f"scrape_configs:\n{scrape}")
+        print(f"Prometheus holds the week: {ds.series} series, {ds.days:g} days, ending "
+              f"{time.time() - ds.end:.0f} s ago", flush=True)
+    else:
+        backend.backfill(work / "prom" / "data", job="backend")
+        prom = start_prometheus(work / "prom", scrape)
     procs: list[Proc] = [prom]
     try:
         wait_until(lambda: httpx.post(f"{prom.url}/api/v1/query",

@@ -67,6 +67,7 @@ HISTORY_END = 0.0  # set from the dataset: every query reads inside its week
 class Phase:
     b_ms: list[float] = field(default_factory=list)
     b_status: Counter[int] = field(default_factory=Counter)
+    b_errors: dict[str, str] = field(default_factory=dict)  # one body per failing status
     b_upstream_ms: list[float] = field(default_factory=list)  # Server-Timing: upstream share
     widget_ms: list[float] = field(default_factory=list)
     widget_status: Counter[str] = field(default_factory=Counter)
@@ -90,6 +91,8 @@ async def b_loop(c: httpx.AsyncClient, phase: Phase, until: float, headers: dict
         r = await c.get("/api/v1/query", params={"query": B_QUERY, "time": t}, headers=headers)
         phase.b_ms.append((time.perf_counter() - t0) * 1000)
         phase.b_status[r.status_code] += 1
+        if r.status_code != 200:
+            phase.b_errors.setdefault(str(r.status_code), r.text[:300])
         timing = dict(p.split(";dur=") for p in r.headers.get("server-timing", "").split(", ") if ";dur=" in p)
         if "upstream" in timing:
             phase.b_upstream_ms.append(float(timing["upstream"]))
@@ -183,6 +186,7 @@ def row(name: str, quiet: Phase, flood: Phase) -> dict[str, Any]:
         "b_ratio": round(flood.p90(flood.b_ms) / max(quiet.p90(quiet.b_ms), 1e-9), 2),
         "b_flood_upstream_p90_ms": round(flood.p90(flood.b_upstream_ms), 1) if flood.b_upstream_ms else None,
         "b_non_200": sum(v for k, v in flood.b_status.items() if k != 200),
+        "b_errors": flood.b_errors,
         "widget_worst_ms": round(max(flood.widget_ms, default=0.0), 1),
         "widget_status": dict(flood.widget_status),
         "a_completed": flood.a_completed,

@@ -98,13 +98,30 @@ def test_bounded_queue_refuses_at_once() -> None:
     assert all("'a'" in r.message for r in refused)
 
 
-def test_gateway_wide_bound_on_waiters() -> None:
+def test_gateway_wide_bound_on_waiting_requests_spares_a_clients_first() -> None:
+    """The gateway-wide bound counts requests (not their split parts) and never refuses a
+    client's first waiting request: one client's week-long parts filled it for everybody
+    (a neighbour's small query got 429 "the gateway has 256 queries waiting")."""
     async def main() -> list[Any]:
         queue = FairQueue("upstream", capacity=1, max_waiting=2)
-        return await run_all(queue, [(ticket(f"c{i}"), 0.05) for i in range(5)], [])
+        a, b = ticket("a"), ticket("b")
+        a2, a3 = Ticket(a.client, a.limits, SCHED), Ticket(a.client, a.limits, SCHED)
+
+        async def one(t: Ticket) -> None:
+            async with queue.slot(t):
+                await asyncio.sleep(0.02)
+
+        tasks = [asyncio.create_task(one(ticket("first")))]  # runs
+        await asyncio.sleep(0)
+        for t in (a, a, a, a, a, a2, a3, b):  # a: one request of five parts, then two more requests
+            tasks.append(asyncio.create_task(one(t)))
+            await asyncio.sleep(0)
+        return await asyncio.gather(*tasks, return_exceptions=True)
 
     outcomes = asyncio.run(main())
-    assert [o.reason for o in outcomes if isinstance(o, Rejected)] == ["gateway_busy", "gateway_busy"]
+    assert outcomes[:7] == [None] * 7  # the first, a's five parts and a's second request
+    assert isinstance(outcomes[7], Rejected) and outcomes[7].reason == "gateway_busy"  # a's third
+    assert outcomes[8] is None  # b's first waiting request, though two requests wait
 
 
 def test_a_waiter_leaves_at_its_deadline() -> None:
@@ -274,3 +291,36 @@ def test_one_client_opening_a_week_long_dashboard_is_queued_not_refused() -> Non
         return await asyncio.gather(*(panel() for _ in range(20)), return_exceptions=True)
 
     assert asyncio.run(main()) == [None] * 20
+
+
+def test_a_heavy_client_runs_one_at_a_time_while_others_are_active() -> None:
+    """A client whose upstream requests take long (a week-long flood) uses its whole limit
+    alone, and one slot at a time while another client has asked lately: the upstream's
+    other cores stay free for the neighbour's small queries."""
+    def peak(with_neighbour: bool, heavy: bool) -> int:
+        async def main() -> int:
+            queue = FairQueue("upstream", capacity=8, max_waiting=100)
+            a = ticket("a", max_concurrent_queries=4)
+            if heavy:
+                queue.held.add(a.client.key, 0.5)
+            running, most = 0, 0
+
+            async def part() -> None:
+                nonlocal running, most
+                async with queue.slot(a):
+                    running += 1
+                    most = max(most, running)
+                    await asyncio.sleep(0.15 if heavy else 0.01)  # heavy stays heavy: its holds are long
+                    running -= 1
+
+            if with_neighbour:
+                async with queue.slot(ticket("b")):
+                    pass
+            await asyncio.gather(*(part() for _ in range(4)))
+            return most
+
+        return asyncio.run(main())
+
+    assert peak(with_neighbour=False, heavy=True) == 4
+    assert peak(with_neighbour=True, heavy=False) == 4
+    assert peak(with_neighbour=True, heavy=True) == 1

@@ -126,6 +126,7 @@ class _Waiter:
 
 @dataclass(eq=False, slots=True)
 class _Client:
+    key: str
     running: int = 0
     units: int = 0  # capacity held
     waiting: deque[_Waiter] = field(default_factory=deque)
@@ -133,6 +134,13 @@ class _Client:
 
 
 BYTES_PER_UNIT = 2 * 1024 * 1024
+# A client whose upstream requests hold their slot this long (moving average) is heavy: while
+# another client has asked within ACTIVE_SECONDS, a heavy client runs one upstream request at
+# a time, so the upstream's other cores stay free for the others' small queries (on a 2-core
+# Prometheus, a week-long flood at 2 parts at once made a neighbour's p90 16x its quiet p90;
+# at one, 2.5x). Alone, it uses its whole limit: the throttle costs nothing when nobody waits.
+HEAVY_SECONDS = 0.1
+ACTIVE_SECONDS = 1.0
 
 
 class _Moving(dict[str, float]):
@@ -163,6 +171,7 @@ class FairQueue:
         # are: the work one of its requests costs, learned from the last ones.
         self.held = _Moving()
         self.sizes = _Moving()
+        self._seen: dict[str, float] = {}  # client key -> when it last asked (clients active lately)
 
     def cost_of(self, ticket: Ticket) -> int:
         """Units one upstream request of this client takes: 1, plus one per BYTES_PER_UNIT its
@@ -181,8 +190,21 @@ class FairQueue:
         return max(1, self.capacity // 2)
 
     def _fits(self, state: _Client, cost: int, limit: int) -> bool:
-        return (state.running < limit and self.in_use + cost <= self.capacity
+        return (state.running < self._limit(state.key, limit) and self.in_use + cost <= self.capacity
                 and state.units + cost <= self.client_units)
+
+    def _limit(self, key: str, limit: int) -> int:
+        """A client's concurrency now: one for a heavy client while others are active."""
+        if limit <= 1 or self.held.get(key, 0.0) < HEAVY_SECONDS:
+            return limit
+        since = time.monotonic() - ACTIVE_SECONDS
+        return 1 if any(k != key and t >= since for k, t in self._seen.items()) else limit
+
+    def _saw(self, key: str) -> None:
+        now = time.monotonic()
+        self._seen[key] = now
+        if len(self._seen) > 64:  # keep only the clients active lately (bounded)
+            self._seen = {k: t for k, t in self._seen.items() if t >= now - ACTIVE_SECONDS}
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket, *, cost: int = 1, deadline: float | None = None,
@@ -197,7 +219,8 @@ class FairQueue:
         cost = max(1, min(cost, self.max_cost))
         limit = limit or ticket.limits.max_concurrent_queries or self.capacity
         key = ticket.client.key
-        state = self._clients.setdefault(key, _Client())
+        state = self._clients.setdefault(key, _Client(key))
+        self._saw(key)
         started = time.perf_counter()
         if not self._ring and self._fits(state, cost, limit):
             self._grant(state, cost)
@@ -252,9 +275,12 @@ class FairQueue:
             raise self._reject(ticket, "queue_full",
                                f"client {ticket.label!r} already has {len(queued)} queries waiting "
                                f"(its limit); retry later")
-        if self.waiting >= self.max_waiting:
+        # The gateway-wide bound counts requests too, and never refuses a client's first
+        # waiting request: one client's split parts cannot fill it for everybody.
+        if queued and id(ticket) not in queued and self._waiting_requests() >= self.max_waiting:
             self._forget_idle(key, state)
-            raise self._reject(ticket, "gateway_busy", f"the gateway has {self.waiting} queries waiting; retry later")
+            raise self._reject(ticket, "gateway_busy", f"the gateway has {self.max_waiting} queries waiting; "
+                               "retry later")
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), cost, limit, id(ticket))
         state.waiting.append(waiter)
@@ -281,6 +307,9 @@ class FairQueue:
             raise
         finally:
             self.waiting -= 1
+
+    def _waiting_requests(self) -> int:
+        return sum(len({w.request for w in st.waiting}) for st in self._ring.values())
 
     def _drop(self, key: str, state: _Client, waiter: _Waiter) -> None:
         try:
