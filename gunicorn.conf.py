@@ -19,6 +19,10 @@ merges them (app/monitoring/registry.py). Three hooks keep that directory right:
                  after none.
 ``on_exit``      (master) removes the directory if this file created it.
 
+``on_starting`` also creates the workers' shared "who asked lately" board of the query
+API's scheduler (app/common/activity.py), so the fair scheduler's throttle of a flooding
+client sees its neighbours on every worker.
+
 If ``PROMETHEUS_MULTIPROC_DIR`` is unset, a private temporary directory is
 created here, before any worker imports prometheus_client, and exported to the
 workers (they are forked from this process and inherit its environment).
@@ -82,6 +86,12 @@ def on_starting(server: _Any) -> None:
         else:
             entry.unlink(missing_ok=True)
     server.log.info("prometheus multiprocess directory %s emptied", path)
+    # The query API's "who asked lately" board (app/common/activity.py), shared by the
+    # workers forked after this: a client's flood on one worker is throttled while its
+    # neighbour asks on another. Standard library only: nothing else of the app loads here.
+    from app.common.activity import share_across_fork
+
+    share_across_fork()
 
 
 def child_exit(server: _Any, worker: _Any) -> None:

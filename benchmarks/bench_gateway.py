@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.gateway.catalog.loader import load_catalog  # noqa: E402
+from benchmarks.dataset import ensure  # noqa: E402
+from tests.support.history import start_prometheus_on  # noqa: E402
 from tests.support.procs import (  # noqa: E402
     Proc,
     prometheus_query_requests,
@@ -47,8 +49,6 @@ from tests.support.procs import (  # noqa: E402
     start_uvicorn,
     wait_until,
 )
-from benchmarks.dataset import ensure  # noqa: E402
-from tests.support.history import start_prometheus_on  # noqa: E402
 from tests.support.synthetic_backend import SyntheticBackend, scrape_config  # noqa: E402
 
 

@@ -5,6 +5,7 @@ cancellation when the caller goes away (promapi.until_gone)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -294,15 +295,15 @@ def test_one_client_opening_a_week_long_dashboard_is_queued_not_refused() -> Non
 
 
 def test_a_heavy_client_runs_one_at_a_time_while_others_are_active() -> None:
-    """A client whose upstream requests take long (a week-long flood) uses its whole limit
-    alone, and one slot at a time while another client has asked lately: the upstream's
-    other cores stay free for the neighbour's small queries."""
+    """A client keeping the upstream busy (a week-long flood) uses its whole limit alone,
+    and one slot at a time while another client has asked lately: the upstream's other
+    cores stay free for the neighbour's small queries. A light client is never throttled."""
     def peak(with_neighbour: bool, heavy: bool) -> int:
         async def main() -> int:
             queue = FairQueue("upstream", capacity=8, max_waiting=100)
             a = ticket("a", max_concurrent_queries=4)
-            if heavy:
-                queue.held.add(a.client.key, 0.5)
+            if heavy:  # it has kept the upstream busy: 10 s of slots lately, two per second
+                queue.usage.add(a.client.key, 10.0, time.monotonic())
             running, most = 0, 0
 
             async def part() -> None:
@@ -310,7 +311,7 @@ def test_a_heavy_client_runs_one_at_a_time_while_others_are_active() -> None:
                 async with queue.slot(a):
                     running += 1
                     most = max(most, running)
-                    await asyncio.sleep(0.15 if heavy else 0.01)  # heavy stays heavy: its holds are long
+                    await asyncio.sleep(0.01)
                     running -= 1
 
             if with_neighbour:
@@ -324,3 +325,28 @@ def test_a_heavy_client_runs_one_at_a_time_while_others_are_active() -> None:
     assert peak(with_neighbour=False, heavy=True) == 4
     assert peak(with_neighbour=True, heavy=False) == 4
     assert peak(with_neighbour=True, heavy=True) == 1
+
+
+def test_a_split_request_is_refused_when_all_its_parts_cannot_finish_in_time() -> None:
+    """A request's parts run at most the client's concurrency at once: eight parts of
+    0.3 s, one at a time, need 2.4 s. With 1.5 s left it is refused at its first turn (a
+    429 now) instead of timing out half way through (a 503 at the deadline)."""
+    async def main(left: float) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        queue = FairQueue("upstream", capacity=8, max_waiting=100)
+        a = ticket("a", max_concurrent_queries=1)
+        queue.held.add(a.client.key, 0.3)
+        busy = Ticket(a.client, a.limits, SCHED)
+        split = Ticket(a.client, a.limits, SCHED)
+
+        async def part(t: Ticket, hold: float) -> None:
+            async with queue.slot(t, deadline=loop.time() + left):
+                await asyncio.sleep(hold)
+
+        first = asyncio.create_task(part(busy, 0.01))  # running: the split request waits its turn
+        await asyncio.sleep(0)
+        return await asyncio.gather(first, *(part(split, 0.001) for _ in range(8)), return_exceptions=True)
+
+    refused = asyncio.run(main(1.5))
+    assert all(isinstance(o, Rejected) and o.reason == "deadline" for o in refused[1:])
+    assert asyncio.run(main(5.0)) == [None] * 9

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import sys
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from app.common import tracing
+from app.common.activity import Board
 from app.common.clients import Client, Limits
 from app.gateway import metrics as gm
 from app.gateway.settings import GatewaySettings
@@ -90,6 +92,7 @@ class Ticket:
     stats: Stats = field(default_factory=Stats)
     deadline: float | None = None  # event-loop time by which the request must be answered
     lanes: set[str] = field(default_factory=set)  # lanes where one of its parts has had a turn
+    refused: Rejected | None = None  # one part refused for the deadline: the others are too
 
     @property
     def label(self) -> str:
@@ -134,12 +137,15 @@ class _Client:
 
 
 BYTES_PER_UNIT = 2 * 1024 * 1024
-# A client whose upstream requests hold their slot this long (moving average) is heavy: while
-# another client has asked within ACTIVE_SECONDS, a heavy client runs one upstream request at
-# a time, so the upstream's other cores stay free for the others' small queries (on a 2-core
-# Prometheus, a week-long flood at 2 parts at once made a neighbour's p90 16x its quiet p90;
-# at one, 2.5x). Alone, it uses its whole limit: the throttle costs nothing when nobody waits.
-HEAVY_SECONDS = 0.1
+# A client keeping the upstream busy this many seconds per second (its slots' time, decayed
+# over USAGE_SECONDS) is heavy: while another client has asked within ACTIVE_SECONDS, a heavy
+# client runs one upstream request at a time, so the upstream's other cores stay free for the
+# others' small queries (on a 2-core Prometheus, a week-long flood at two parts at once made
+# a neighbour's p90 16x its quiet p90; at one, 2.5x). Alone, it uses its whole limit: the
+# throttle costs nothing when nobody else asks. A dashboard's refresh is a burst of small
+# queries, far below half an upstream second per second.
+HEAVY_SHARE = 0.5
+USAGE_SECONDS = 5.0
 ACTIVE_SECONDS = 1.0
 
 
@@ -153,6 +159,23 @@ class _Moving(dict[str, float]):
             self.clear()
         old = self.get(key)
         self[key] = value if old is None else 0.7 * old + 0.3 * value
+
+
+class _Usage(dict[str, tuple[float, float]]):
+    """Upstream seconds per second by client key, decayed over USAGE_SECONDS; bounded in
+    entries like _Moving."""
+
+    def add(self, key: str, seconds: float, now: float) -> None:
+        if len(self) >= _Moving.MAX_KEYS and key not in self:
+            self.clear()
+        self[key] = (self._decayed(key, now) + seconds, now)
+
+    def share(self, key: str, now: float) -> float:
+        return self._decayed(key, now) / USAGE_SECONDS
+
+    def _decayed(self, key: str, now: float) -> float:
+        busy, at = self.get(key, (0.0, now))
+        return busy * math.exp(-(now - at) / USAGE_SECONDS)
 
 
 class FairQueue:
@@ -171,7 +194,8 @@ class FairQueue:
         # are: the work one of its requests costs, learned from the last ones.
         self.held = _Moving()
         self.sizes = _Moving()
-        self._seen: dict[str, float] = {}  # client key -> when it last asked (clients active lately)
+        self.usage = _Usage()
+        self.board = Board()  # who asked lately, across the server's workers (app/common/activity.py)
 
     def cost_of(self, ticket: Ticket) -> int:
         """Units one upstream request of this client takes: 1, plus one per BYTES_PER_UNIT its
@@ -195,16 +219,10 @@ class FairQueue:
 
     def _limit(self, key: str, limit: int) -> int:
         """A client's concurrency now: one for a heavy client while others are active."""
-        if limit <= 1 or self.held.get(key, 0.0) < HEAVY_SECONDS:
-            return limit
-        since = time.monotonic() - ACTIVE_SECONDS
-        return 1 if any(k != key and t >= since for k, t in self._seen.items()) else limit
-
-    def _saw(self, key: str) -> None:
         now = time.monotonic()
-        self._seen[key] = now
-        if len(self._seen) > 64:  # keep only the clients active lately (bounded)
-            self._seen = {k: t for k, t in self._seen.items() if t >= now - ACTIVE_SECONDS}
+        if limit <= 1 or self.usage.share(key, now) < HEAVY_SHARE:
+            return limit
+        return 1 if self.board.others_active(key, ACTIVE_SECONDS) else limit
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket, *, cost: int = 1, deadline: float | None = None,
@@ -216,11 +234,13 @@ class FairQueue:
         `deadline`: event-loop time by which the slot must be granted, else Rejected;
         `queue`: how many of the client's requests may wait (default: its ``max_queued_queries``).
         """
+        if ticket.refused is not None:
+            raise ticket.refused
         cost = max(1, min(cost, self.max_cost))
         limit = limit or ticket.limits.max_concurrent_queries or self.capacity
         key = ticket.client.key
         state = self._clients.setdefault(key, _Client(key))
-        self._saw(key)
+        self.board.mark(key)
         started = time.perf_counter()
         if not self._ring and self._fits(state, cost, limit):
             self._grant(state, cost)
@@ -231,7 +251,7 @@ class FairQueue:
         waited = time.perf_counter() - started
         ticket.stats.queue_seconds += waited
         gm.client_queue_wait(ticket.label, self.name, waited)
-        expected = self.held.get(key)
+        expected = self._expected(ticket, state, limit)
         if (deadline is not None and expected is not None and self.name not in ticket.lanes
                 and state.running + len(state.waiting) > 1
                 and asyncio.get_running_loop().time() + expected > deadline):
@@ -239,15 +259,36 @@ class FairQueue:
             # out (a client's lone query always runs, so the estimate keeps learning; the
             # other parts of a request under way are not refused half way through).
             self._release(key, state, cost)
-            raise self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
-                               f"{expected:.1f}s and this one's deadline is nearer; retry later")
+            ticket.refused = self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
+                                          f"{expected:.1f}s and this one's deadline is nearer; retry later")
+            self._cancel(ticket, state)
+            raise ticket.refused
         ticket.lanes.add(self.name)
         held_from = time.perf_counter()
         try:
             yield
         finally:
             self.held.add(key, time.perf_counter() - held_from)
+            self.usage.add(key, time.perf_counter() - held_from, time.monotonic())
             self._release(key, state, cost)
+
+    def _expected(self, ticket: Ticket, state: _Client, limit: int) -> float | None:
+        """How long the request will hold this lane, from its client's recent slots: its
+        parts waiting with this one run at most the client's current concurrency at once
+        (a week split in eight parts, one at a time, takes eight slots' time)."""
+        held = self.held.get(ticket.client.key)
+        if held is None:
+            return None
+        parts = 1 + sum(1 for w in state.waiting if w.request == id(ticket))
+        return held * math.ceil(parts / max(1, self._limit(ticket.client.key, limit)))
+
+    @staticmethod
+    def _cancel(ticket: Ticket, state: _Client) -> None:
+        """The request's other parts waiting here leave with its refusal (their waiters see it
+        when they wake)."""
+        for w in state.waiting:
+            if w.request == id(ticket) and not w.fut.done() and ticket.refused is not None:
+                w.fut.set_exception(ticket.refused)
 
     def _release(self, key: str, state: _Client, cost: int) -> None:
         state.running -= 1
@@ -292,7 +333,7 @@ class FairQueue:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(waiter.fut)
         except BaseException as exc:
-            if waiter.fut.done() and not waiter.fut.cancelled():
+            if waiter.fut.done() and not waiter.fut.cancelled() and waiter.fut.exception() is None:
                 # Granted as we gave up: hand the slot back.
                 state.running -= 1
                 state.units -= cost
