@@ -52,8 +52,9 @@ def open_resources(settings: VropsSettings) -> VropsResources:
     )
 
 
-def vrops_resources(request: Request) -> VropsResources:
-    """FastAPI dependency: the resources the app's lifespan opened."""
+async def vrops_resources(request: Request) -> VropsResources:
+    """FastAPI dependency: the resources the app's lifespan opened (async: a plain-def
+    dependency costs a thread-pool round trip per request)."""
     res: VropsResources | None = getattr(request.app.state, "vrops", None)
     if res is None:
         raise RuntimeError("vROps resources not opened: serve the router from app.main.create_app "

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from starlette.requests import HTTPConnection
 
 from app.common import tracing
 from app.common.exposition import render_families
@@ -58,8 +59,16 @@ SHED_RESPONSES: dict[int | str, dict[str, object]] = {
 Fmt = Annotated[Literal["json", "text"] | None,
                 Query(description="`json` for JSON, `text` for Prometheus exposition")]
 FilterValues = Annotated[list[str] | None, Query(description="exact label value; repeatable")]
-# The caller's tenant (set by the security middleware from its token; unconfined without one).
-Caller = Annotated[Tenant, Depends(tenant_of)]
+
+
+async def _caller(conn: HTTPConnection) -> Tenant:
+    """The caller's tenant (set by the security middleware from its token; unconfined
+    without one). Async on purpose: FastAPI runs a plain-def dependency in its thread pool,
+    a thread round trip on every cold figure request for a dictionary lookup."""
+    return tenant_of(conn)
+
+
+Caller = Annotated[Tenant, Depends(_caller)]
 
 
 def _with_scope(doc: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
