@@ -56,7 +56,7 @@ def ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
 
-async def cold_phase(prom: str, gateway: str, rounds: int) -> dict[str, float]:
+async def cold_phase(prom: str, gateway_url: str, rounds: int) -> dict[str, float]:
     catalog = load_catalog()
     exprs = [q.expr for q in catalog.summary_queries()]
     joined = " or ".join(f'label_replace({e}, "q", "{i}", "", "")' for i, e in enumerate(exprs))
@@ -69,11 +69,26 @@ async def cold_phase(prom: str, gateway: str, rounds: int) -> dict[str, float]:
 
         for _ in range(3):  # warm connections and Prometheus' caches alike
             await one(joined)
-            (await client.get(f"{gateway}/prometheus/metrics/summary")).raise_for_status()
-        for _ in range(rounds):
+            (await client.get(f"{gateway_url}/prometheus/metrics/summary")).raise_for_status()
+        async def gateway() -> None:
+            t = time.perf_counter()
+            r = await client.get(f"{gateway_url}/prometheus/metrics/summary")
+            times["gateway"].append(time.perf_counter() - t)
+            body = r.json()
+            assert body["status"] == "ok", body["errors"]
+            assert all(p["state"] == "fresh" for s in body["provenance"].values() for p in s.values())
+
+        async def single() -> None:
             t = time.perf_counter()
             await one(joined)
             times["single"].append(time.perf_counter() - t)
+
+        for n in range(rounds):
+            # The two compared figures back to back, in alternating order, before the
+            # round's bursts: both meet Prometheus in the same state (measured after the
+            # 63-request bursts, the gateway's figure carried their after-effects alone).
+            for step in ((single, gateway) if n % 2 == 0 else (gateway, single)):
+                await step()
 
             t = time.perf_counter()
             for e in exprs:
@@ -90,12 +105,6 @@ async def cold_phase(prom: str, gateway: str, rounds: int) -> dict[str, float]:
                     await one(e, fresh)
             times["legacy"].append(time.perf_counter() - t)
 
-            t = time.perf_counter()
-            r = await client.get(f"{gateway}/prometheus/metrics/summary")
-            times["gateway"].append(time.perf_counter() - t)
-            body = r.json()
-            assert body["status"] == "ok", body["errors"]
-            assert all(p["state"] == "fresh" for s in body["provenance"].values() for p in s.values())
     return {k: ms(v) for k, v in times.items()} | {"figures": float(len(exprs))}
 
 
