@@ -415,3 +415,28 @@ async def test_ttl_is_configured_per_category(make: Any) -> None:
     await agg.run([Q["d"]], "business")
     (r,) = await agg.run([Q["d"]], "business")
     assert r.state is State.FRESH and route.call_count == 3  # TTL 0 for business: fetched each time
+
+
+@respx.mock
+async def test_a_request_joining_a_fetch_that_runs_out_of_its_leaders_time_asks_again(make: Any) -> None:
+    """A request that joined another request's fetch inherits that request's deadline: when
+    the fetch times out while the joiner has most of its own time left, the joiner asks again
+    (one more upstream request) and fails, if it must, at its own deadline, not at once."""
+    started: list[float] = []
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        started.append(time.perf_counter())
+        await asyncio.sleep(30)
+        raise AssertionError("unreachable")
+
+    respx.post(QUERY_URL).mock(side_effect=hang)
+    agg = make(request_deadline_seconds=0.4)
+    first = asyncio.create_task(agg.run(ABC, "test"))
+    await asyncio.sleep(0.3)  # the first request's fetch has 0.1 s left; the next one 0.4 s
+    t = time.perf_counter()
+    second = await agg.run(ABC, "test")
+    took = time.perf_counter() - t
+    assert all(r.state is State.FAILED and r.error is not None and r.error.error_type == "timeout"
+               for r in [*second, *await first])
+    assert took >= 0.3, f"failed after {took:.3f}s with the other request's timeout"
+    assert len(started) == 2

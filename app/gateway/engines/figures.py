@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from app.common import tracing
@@ -104,6 +105,28 @@ def _scoped(expr: str, filters: tuple[tuple[str, tuple[str, ...]], ...],
 
 
 
+# A request whose joined fetch timed out asks again only with at least this share of its
+# deadline left (less could not get an answer anyway).
+RETRY_MIN_FRACTION = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """One request's figures: what they are and their keys, by index."""
+
+    queries: Sequence[CatalogQuery]
+    keys: list[str]
+    classes: list[CacheClass]
+    exprs: list[str]
+
+
+def _timed_out(fut: asyncio.Future[Settled]) -> bool:
+    if not fut.done():
+        return False
+    outcome = fut.result()[0]
+    return isinstance(outcome, UpstreamFailure) and outcome.error_type == "timeout"
+
+
 class Engine:
     def __init__(self, settings: GatewaySettings, client: PrometheusClient, cache: QueryCache,
                  shared: SharedTier | None = None) -> None:
@@ -147,26 +170,23 @@ class Engine:
                 raise Shed(self.filtered_fetches.retry_after())
 
         results: dict[int, QueryResult] = {}
-        waiting: dict[int, asyncio.Future[Settled]] = {}
-        to_fetch: list[_Job] = []
-        coalesced: set[int] = set()
-        for i, (q, key) in enumerate(zip(queries, keys, strict=True)):
-            fetched = cached[i]
+        for i, (q, fetched) in enumerate(zip(queries, cached, strict=True)):
             if fetched is not None:
                 results[i] = self._from_fetched(q, fetched, Lookup.HIT)
-                continue
-            fut, leader = self.flights.join(key)
-            if leader:
-                to_fetch.append(_Job(q, key, classes[i], exprs[i], fut))
-            else:
-                coalesced.add(i)
-            waiting[i] = fut
-        if to_fetch:
-            self.background.spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
-
+        claim = _Claim(queries, keys, classes, exprs)
+        waiting, coalesced = self._lead_or_join(claim, [i for i in range(len(queries)) if i not in results],
+                                                category, deadline, tenant)
         if waiting:
-            remaining = max(0.0, deadline - loop.time())
-            await asyncio.wait(waiting.values(), timeout=remaining)
+            await asyncio.wait(waiting.values(), timeout=max(0.0, deadline - loop.time()))
+            # A request that joined another's fetch inherits that request's deadline: when the
+            # fetch ran out of *its* time while this request has time of its own left, this
+            # one asks again (once) instead of failing at once with the other's timeout.
+            again = [i for i in coalesced if _timed_out(waiting[i])]
+            if again and deadline - loop.time() > RETRY_MIN_FRACTION * self.settings.request_deadline_seconds:
+                more, joined = self._lead_or_join(claim, again, category, deadline, tenant)
+                waiting.update(more)
+                coalesced = (coalesced - set(again)) | joined
+                await asyncio.wait(more.values(), timeout=max(0.0, deadline - loop.time()))
         for i, fut in waiting.items():
             q = queries[i]
             if fut.done():
@@ -188,6 +208,24 @@ class Engine:
         for lookup, n in counts.items():
             gm.cache_outcome(category, lookup, n)
         return ordered
+
+    def _lead_or_join(self, claim: _Claim, indices: list[int], category: str, deadline: float,
+                      tenant: Tenant) -> tuple[dict[int, asyncio.Future[Settled]], set[int]]:
+        """Each figure's future: a fetch this request leads (spawned here, in one batch), or
+        one in flight for another request (the second value: those joined)."""
+        waiting: dict[int, asyncio.Future[Settled]] = {}
+        to_fetch: list[_Job] = []
+        joined: set[int] = set()
+        for i in indices:
+            fut, leader = self.flights.join(claim.keys[i])
+            if leader:
+                to_fetch.append(_Job(claim.queries[i], claim.keys[i], claim.classes[i], claim.exprs[i], fut))
+            else:
+                joined.add(i)
+            waiting[i] = fut
+        if to_fetch:
+            self.background.spawn(self._fetch(to_fetch, category, deadline, tenant.headers()))
+        return waiting, joined
 
     def _from_fetched(self, q: CatalogQuery, fetched: Fetched, lookup: Lookup) -> QueryResult:
         age = max(0.0, time.time() - fetched.fetched_at)
