@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.common.clients import Client, Limits
-from app.gateway.engines.scheduler import FairQueue, Rejected, Scheduler, Ticket
+from app.gateway.engines.scheduler import PACE, FairQueue, Rejected, Scheduler, Ticket
 from app.gateway.routes.promapi import until_gone
 from app.gateway.settings import GatewaySettings
 
@@ -350,3 +350,33 @@ def test_a_split_request_is_refused_when_all_its_parts_cannot_finish_in_time() -
     refused = asyncio.run(main(1.5))
     assert all(isinstance(o, Rejected) and o.reason == "deadline" for o in refused[1:])
     assert asyncio.run(main(5.0)) == [None] * 9
+
+
+def test_a_throttled_heavy_client_waits_a_quarter_of_its_last_turn_before_the_next() -> None:
+    """Throttled, a heavy client's next turn comes PACE x its last slot's time after it ends
+    (the upstream is kept short of saturation); alone, its turns follow at once."""
+    def gaps(with_neighbour: bool) -> list[float]:
+        async def main() -> list[float]:
+            queue = FairQueue("upstream", capacity=8, max_waiting=100)
+            a = ticket("a", max_concurrent_queries=4)
+            queue.usage.add(a.client.key, 10.0, time.monotonic())
+            if with_neighbour:
+                async with queue.slot(ticket("b")):
+                    pass
+            spans: list[tuple[float, float]] = []
+
+            async def part() -> None:
+                async with queue.slot(a):
+                    t = time.monotonic()
+                    await asyncio.sleep(0.08)
+                spans.append((t, time.monotonic()))
+
+            await asyncio.gather(*(part() for _ in range(3)))
+            spans.sort()
+            return [b0 - a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False)]
+
+        return asyncio.run(main())
+
+    paced = gaps(with_neighbour=True)
+    assert PACE == 0.25 and all(g >= 0.8 * 0.25 * 0.08 for g in paced), paced  # a quarter of 80 ms
+    assert all(g < 0 for g in gaps(with_neighbour=False))  # alone: overlapping, no pause

@@ -131,6 +131,7 @@ class _Waiter:
 class _Client:
     key: str
     running: int = 0
+    not_before: float = 0.0  # monotonic time of its next turn at the earliest (paced)
     units: int = 0  # capacity held
     waiting: deque[_Waiter] = field(default_factory=deque)
     served_at: int = 0  # the grant counter at its last grant: least recently served goes first
@@ -147,6 +148,11 @@ BYTES_PER_UNIT = 2 * 1024 * 1024
 HEAVY_SHARE = 0.5
 USAGE_SECONDS = 5.0
 ACTIVE_SECONDS = 1.0
+# ... and, throttled, it waits PACE times its last slot's time before its next turn: the
+# upstream (2 cores here, shared with the gateway and the clients themselves) is kept just
+# short of saturation, where a small query's wait grows fastest. The flood keeps ~80% of
+# one upstream core.
+PACE = 0.25
 
 
 class _Moving(dict[str, float]):
@@ -215,14 +221,16 @@ class FairQueue:
 
     def _fits(self, state: _Client, cost: int, limit: int) -> bool:
         return (state.running < self._limit(state.key, limit) and self.in_use + cost <= self.capacity
-                and state.units + cost <= self.client_units)
+                and state.units + cost <= self.client_units and state.not_before <= time.monotonic())
 
     def _limit(self, key: str, limit: int) -> int:
         """A client's concurrency now: one for a heavy client while others are active."""
-        now = time.monotonic()
-        if limit <= 1 or self.usage.share(key, now) < HEAVY_SHARE:
-            return limit
-        return 1 if self.board.others_active(key, ACTIVE_SECONDS) else limit
+        return 1 if limit > 1 and self._throttled(key) else limit
+
+    def _throttled(self, key: str) -> bool:
+        """A client keeping the upstream busy while another client is active."""
+        return (self.usage.share(key, time.monotonic()) >= HEAVY_SHARE
+                and self.board.others_active(key, ACTIVE_SECONDS))
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket, *, cost: int = 1, deadline: float | None = None,
@@ -268,8 +276,12 @@ class FairQueue:
         try:
             yield
         finally:
-            self.held.add(key, time.perf_counter() - held_from)
-            self.usage.add(key, time.perf_counter() - held_from, time.monotonic())
+            spent = time.perf_counter() - held_from
+            self.held.add(key, spent)
+            self.usage.add(key, spent, time.monotonic())
+            if self._throttled(key):
+                state.not_before = time.monotonic() + PACE * spent
+                asyncio.get_running_loop().call_later(PACE * spent, self._dispatch)
             self._release(key, state, cost)
 
     def _expected(self, ticket: Ticket, state: _Client, limit: int) -> float | None:
