@@ -10,8 +10,10 @@ in the master, before the workers fork) makes every :class:`Board` created after
 write to the same anonymous shared mapping. Without it (one uvicorn process, tests)
 each board is private to its scheduler.
 
-The board is approximate by design: slots are found by a hash of the client's
-scheduling key with a short probe; a write races with another worker's write at worst
+Each process marks its own slot per client (a hash of the client's scheduling key and
+the process id), so the board also tells how many of the server's processes a client is
+asking at once (the scheduler paces a throttled client by it). The board is approximate
+by design: slots are found by hash with a short probe; a write races with another worker's write at worst
 into one wrong mark, which only makes a throttle start or end one mark late. It holds
 only hashes and times, never a token or a name. ``time.monotonic`` is the one clock: it is
 system-wide on Linux, so marks compare across processes.
@@ -21,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import struct
 import time
 
 SLOTS = 512
 PROBE = 8
-_SLOT = struct.Struct("<Qd")  # key hash (0: free), monotonic time of the last mark
+_SLOT = struct.Struct("<QQd")  # key hash (0: free), process id, monotonic time of the last mark
 WRITE_EVERY = 0.1  # seconds between two marks of one client by one process
 READ_EVERY = 0.05  # seconds a scan of the board is reused
 FORGET = 60.0  # a mark this old frees its slot for another client
@@ -47,35 +50,45 @@ def _hash(key: str) -> int:
 
 
 class Board:
-    """Marks of clients' requests; ``others_active`` tells whether anybody else asked lately."""
+    """Marks of clients' requests, one per client and process: ``others_active`` tells
+    whether anybody else asked lately, ``processes`` how many processes a client asked."""
 
     def __init__(self) -> None:
         self._map = _shared if _shared is not None else mmap.mmap(-1, SLOTS * _SLOT.size)
         self._written: dict[int, float] = {}
-        self._scan: tuple[float, float, set[int]] = (-1.0, 0.0, set())  # at, window, hashes
+        self._scan: tuple[float, float, list[tuple[int, int]]] = (-1.0, 0.0, [])  # at, window, (hash, pid)
 
     def mark(self, key: str) -> None:
         """The client asked now (written at most every WRITE_EVERY seconds per client)."""
-        h, now = _hash(key), time.monotonic()
+        h, pid, now = _hash(key), os.getpid(), time.monotonic()
         if now - self._written.get(h, -1e9) < WRITE_EVERY:
             return
         if len(self._written) > 4 * SLOTS:
             self._written.clear()
         self._written[h] = now
-        start = h % SLOTS
+        start = (h ^ pid * 0x9E3779B97F4A7C15) % SLOTS
         for i in range(PROBE):
             offset = ((start + i) % SLOTS) * _SLOT.size
-            old, at = _SLOT.unpack_from(self._map, offset)
-            if old in (h, 0) or now - at > FORGET:
-                _SLOT.pack_into(self._map, offset, h, now)
+            old, old_pid, at = _SLOT.unpack_from(self._map, offset)
+            if (old, old_pid) == (h, pid) or old == 0 or now - at > FORGET:
+                _SLOT.pack_into(self._map, offset, h, pid, now)
                 return
-        _SLOT.pack_into(self._map, start * _SLOT.size, h, now)  # all taken lately: evict the first
+        _SLOT.pack_into(self._map, start * _SLOT.size, h, pid, now)  # all taken lately: evict the first
 
     def others_active(self, key: str, within: float) -> bool:
         """Whether a client other than `key` asked within the last `within` seconds."""
+        h = _hash(key)
+        return any(other != h for other, _ in self._recent(within))
+
+    def processes(self, key: str, within: float) -> int:
+        """How many processes `key` asked within the last `within` seconds (at least one)."""
+        h = _hash(key)
+        return max(1, len({pid for other, pid in self._recent(within) if other == h}))
+
+    def _recent(self, within: float) -> list[tuple[int, int]]:
         now = time.monotonic()
-        at, window, hashes = self._scan
+        at, window, marks = self._scan
         if now - at > READ_EVERY or window != within:
-            hashes = {h for h, t in _SLOT.iter_unpack(self._map) if h and now - t <= within}
-            self._scan = (now, within, hashes)
-        return bool(hashes - {_hash(key)})
+            marks = [(h, pid) for h, pid, t in _SLOT.iter_unpack(self._map) if h and now - t <= within]
+            self._scan = (now, within, marks)
+        return marks

@@ -56,3 +56,21 @@ def test_many_clients_fit_and_a_full_probe_evicts() -> None:
     for i in range(activity.SLOTS * 2):  # more clients than slots: bounded, never an error
         board.mark(f"client-{i}")
     assert board.others_active("client-0", 5.0)
+
+
+def _mark_twice_in_child(key: str) -> None:
+    Board().mark(key)
+    Board().mark("b")
+
+
+def test_the_board_counts_the_processes_a_client_asks(shared: None) -> None:
+    parent = Board()
+    parent.mark("a")
+    assert parent.processes("a", 5.0) == 1
+    child = multiprocessing.get_context("fork").Process(target=_mark_twice_in_child, args=("a",))
+    child.start()
+    child.join(10)
+    time.sleep(activity.READ_EVERY + 0.01)
+    assert parent.processes("a", 5.0) == 2  # a asked this process and the forked one
+    assert parent.processes("b", 5.0) == 1
+    assert parent.processes("nobody", 5.0) == 1  # at least the asking one

@@ -151,7 +151,7 @@ ACTIVE_SECONDS = 1.0
 # ... and, throttled, it waits PACE times its last slot's time before its next turn: the
 # upstream (2 cores here, shared with the gateway and the clients themselves) is kept just
 # short of saturation, where a small query's wait grows fastest. The flood keeps ~80% of
-# one upstream core.
+# one upstream core, whichever of a server's workers its requests land on.
 PACE = 0.25
 
 
@@ -280,8 +280,11 @@ class FairQueue:
             self.held.add(key, spent)
             self.usage.add(key, spent, time.monotonic())
             if self._throttled(key):
-                state.not_before = time.monotonic() + PACE * spent
-                asyncio.get_running_loop().call_later(PACE * spent, self._dispatch)
+                # Under gunicorn each worker serving the client runs one at a time: together
+                # they keep the same duty as one process would ((1 + PACE) per turn overall).
+                pause = (self.board.processes(key, ACTIVE_SECONDS) * (1 + PACE) - 1) * spent
+                state.not_before = time.monotonic() + pause
+                asyncio.get_running_loop().call_later(pause, self._dispatch)
             self._release(key, state, cost)
 
     def _expected(self, ticket: Ticket, state: _Client, limit: int) -> float | None:
