@@ -238,7 +238,7 @@ CLIENT_REQUESTS = Counter(
 CLIENT_REJECTED = Counter(
     "metrics_gateway_client_rejected_total",
     "Query API requests refused before or while waiting for their turn, by client and reason "
-    "(queue_full, gateway_busy, deadline; or the limit: range, points, lookback, length, blocked, "
+    "(queue_full, gateway_busy, deadline, throttled; or the limit: range, points, lookback, length, blocked, "
     "series, bytes).",
     ["client", "reason"],
 )

@@ -380,3 +380,39 @@ def test_a_throttled_heavy_client_waits_a_quarter_of_its_last_turn_before_the_ne
     paced = gaps(with_neighbour=True)
     assert PACE == 0.25 and all(g >= 0.8 * 0.25 * 0.08 for g in paced), paced  # a quarter of 80 ms
     assert all(g < 0 for g in gaps(with_neighbour=False))  # alone: overlapping, no pause
+
+
+def test_a_paced_request_past_its_deadline_is_told_429_not_an_upstream_timeout() -> None:
+    """When a request's deadline went on the turns its client was paced to, the answer is
+    429 with Retry-After (the gateway's fairness, not an upstream failure); the same
+    timeout for a request that was never paced stays Prometheus' 503 timeout."""
+    from app.gateway.engines import scheduler
+    from app.gateway.routes.envelope import from_upstream
+    from app.gateway.upstream.answers import UpstreamError
+
+    def answer(throttled: bool) -> tuple[int, dict[str, str]]:
+        t = ticket("flood")
+        t.throttled = throttled
+        token = scheduler.enter(t)
+        try:
+            err = from_upstream(UpstreamError("timeout", "request deadline reached before the upstream answered"))
+        finally:
+            scheduler.leave(token)
+        return err.status, err.headers
+
+    assert answer(True) == (429, {"Retry-After": "1"})
+    assert answer(False)[0] == 503
+
+
+def test_a_turn_granted_under_the_throttle_marks_the_request() -> None:
+    async def main() -> tuple[bool, bool]:
+        queue = FairQueue("upstream", capacity=8, max_waiting=100)
+        heavy, light = ticket("a"), ticket("b")
+        queue.usage.add(heavy.client.key, 10.0, time.monotonic())
+        async with queue.slot(light):
+            pass
+        async with queue.slot(heavy):
+            pass
+        return heavy.throttled, light.throttled
+
+    assert asyncio.run(main()) == (True, False)

@@ -93,6 +93,7 @@ class Ticket:
     deadline: float | None = None  # event-loop time by which the request must be answered
     lanes: set[str] = field(default_factory=set)  # lanes where one of its parts has had a turn
     refused: Rejected | None = None  # one part refused for the deadline: the others are too
+    throttled: bool = False  # a turn of its was paced (its client keeps the upstream busy)
 
     @property
     def label(self) -> str:
@@ -272,6 +273,8 @@ class FairQueue:
             self._cancel(ticket, state)
             raise ticket.refused
         ticket.lanes.add(self.name)
+        if self._throttled(key):
+            ticket.throttled = True
         held_from = time.perf_counter()
         try:
             yield
@@ -291,11 +294,13 @@ class FairQueue:
         """How long the request will hold this lane, from its client's recent slots: its
         parts waiting with this one run at most the client's current concurrency at once
         (a week split in eight parts, one at a time, takes eight slots' time)."""
-        held = self.held.get(ticket.client.key)
+        key = ticket.client.key
+        held = self.held.get(key)
         if held is None:
             return None
         parts = 1 + sum(1 for w in state.waiting if w.request == id(ticket))
-        return held * math.ceil(parts / max(1, self._limit(ticket.client.key, limit)))
+        paced = self.board.processes(key, ACTIVE_SECONDS) * (1 + PACE) if self._throttled(key) else 1.0
+        return held * math.ceil(parts / max(1, self._limit(key, limit))) * paced
 
     @staticmethod
     def _cancel(ticket: Ticket, state: _Client) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from fastapi import Response
 
+from app.gateway import metrics as gm
 from app.gateway.engines.limits import too_large
 from app.gateway.engines.scheduler import Rejected, current
 from app.gateway.result import Lookup
@@ -74,6 +75,13 @@ def from_upstream(exc: UpstreamError) -> ApiError:
     if isinstance(exc, Rejected):
         return ApiError("unavailable", f"too many queries: {exc.message}",
                         {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, status=429)
+    if exc.error_type == "timeout" and (paced := current()) is not None and paced.throttled:
+        # Its deadline went on the turns its client was paced to (it keeps the upstream busy
+        # while others ask): the gateway's choice, so "not now", not an upstream failure.
+        gm.client_rejected(paced.label, "throttled")
+        return ApiError("unavailable", f"too many queries: client {paced.label!r} keeps the upstream busy "
+                        "while others wait, so its queries take turns; this one did not finish before its "
+                        "deadline; retry later", {"Retry-After": "1"}, status=429)
     if exc.error_type == "too_large" and (ticket := current()) is not None:
         return ApiError("execution", too_large(ticket, exc.message))
     if exc.error_type == "circuit_open":
