@@ -42,7 +42,7 @@ def share_across_fork() -> None:
     after this, in this process or in a child forked from it, marks and reads the same one."""
     global _shared
     if _shared is None:
-        _shared = mmap.mmap(-1, SLOTS * _SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
+        _shared = mmap.mmap(-1, 2 * SLOTS * _SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
 
 
 def _hash(key: str) -> int:
@@ -51,10 +51,13 @@ def _hash(key: str) -> int:
 
 class Board:
     """Marks of clients' requests, one per client and process: ``others_active`` tells
-    whether anybody else asked lately, ``processes`` how many processes a client asked."""
+    whether anybody else asked lately, ``processes`` how many processes a client asked;
+    and turns: ``hold_turn``/``turn_elsewhere`` keep a throttled client to one upstream
+    query at a time (and its pauses) across the server's processes."""
 
     def __init__(self) -> None:
-        self._map = _shared if _shared is not None else mmap.mmap(-1, SLOTS * _SLOT.size)
+        # Two tables: "asked lately" marks, then turns (until when a process holds a client's turn).
+        self._map = _shared if _shared is not None else mmap.mmap(-1, 2 * SLOTS * _SLOT.size)
         self._written: dict[int, float] = {}
         self._scan: tuple[float, float, list[tuple[int, int]]] = (-1.0, 0.0, [])  # at, window, (hash, pid)
 
@@ -66,14 +69,28 @@ class Board:
         if len(self._written) > 4 * SLOTS:
             self._written.clear()
         self._written[h] = now
+        self._put(0, h, pid, now, now)
+
+    def hold_turn(self, key: str, until: float) -> None:
+        """This process holds `key`'s turn until `until` (monotonic): running, then pausing."""
+        self._put(SLOTS, _hash(key), os.getpid(), until, time.monotonic())
+
+    def turn_elsewhere(self, key: str) -> float:
+        """Until when another process holds `key`'s turn (0.0: none does now)."""
+        h, pid, now = _hash(key), os.getpid(), time.monotonic()
+        table = memoryview(self._map)[SLOTS * _SLOT.size:]
+        return max((t for other, p, t in _SLOT.iter_unpack(table) if other == h and p != pid and t > now),
+                   default=0.0)
+
+    def _put(self, base: int, h: int, pid: int, value: float, now: float) -> None:
         start = (h ^ pid * 0x9E3779B97F4A7C15) % SLOTS
         for i in range(PROBE):
-            offset = ((start + i) % SLOTS) * _SLOT.size
+            offset = (base + (start + i) % SLOTS) * _SLOT.size
             old, old_pid, at = _SLOT.unpack_from(self._map, offset)
             if (old, old_pid) == (h, pid) or old == 0 or now - at > FORGET:
-                _SLOT.pack_into(self._map, offset, h, pid, now)
+                _SLOT.pack_into(self._map, offset, h, pid, value)
                 return
-        _SLOT.pack_into(self._map, start * _SLOT.size, h, pid, now)  # all taken lately: evict the first
+        _SLOT.pack_into(self._map, (base + start) * _SLOT.size, h, pid, value)  # all taken: evict the first
 
     def others_active(self, key: str, within: float) -> bool:
         """Whether a client other than `key` asked within the last `within` seconds."""
@@ -89,6 +106,7 @@ class Board:
         now = time.monotonic()
         at, window, marks = self._scan
         if now - at > READ_EVERY or window != within:
-            marks = [(h, pid) for h, pid, t in _SLOT.iter_unpack(self._map) if h and now - t <= within]
+            table = memoryview(self._map)[:SLOTS * _SLOT.size]
+            marks = [(h, pid) for h, pid, t in _SLOT.iter_unpack(table) if h and now - t <= within]
             self._scan = (now, within, marks)
         return marks

@@ -74,3 +74,22 @@ def test_the_board_counts_the_processes_a_client_asks(shared: None) -> None:
     assert parent.processes("a", 5.0) == 2  # a asked this process and the forked one
     assert parent.processes("b", 5.0) == 1
     assert parent.processes("nobody", 5.0) == 1  # at least the asking one
+
+
+def _hold_in_child(key: str, seconds: float) -> None:
+    Board().hold_turn(key, time.monotonic() + seconds)
+
+
+def test_a_turn_held_by_another_process_is_seen_until_it_ends(shared: None) -> None:
+    parent = Board()
+    assert parent.turn_elsewhere("flood") == 0.0
+    parent.hold_turn("flood", time.monotonic() + 5)
+    assert parent.turn_elsewhere("flood") == 0.0  # its own turn is not "elsewhere"
+    child = multiprocessing.get_context("fork").Process(target=_hold_in_child, args=("flood", 0.3))
+    child.start()
+    child.join(10)
+    until = parent.turn_elsewhere("flood")
+    assert until > time.monotonic() and parent.turn_elsewhere("other") == 0.0
+    time.sleep(max(0.0, until - time.monotonic()) + 0.01)
+    assert parent.turn_elsewhere("flood") == 0.0  # the pause ended
+    assert not parent.others_active("a", 5.0)  # turns are not "asked lately" marks

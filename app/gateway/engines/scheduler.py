@@ -154,6 +154,8 @@ ACTIVE_SECONDS = 1.0
 # short of saturation, where a small query's wait grows fastest. The flood keeps ~80% of
 # one upstream core, whichever of a server's workers its requests land on.
 PACE = 0.25
+TURN_LEASE_SECONDS = 60.0  # a turn held by a process that died is free after this at the latest
+TURN_POLL_SECONDS = 0.1  # a turn held elsewhere is looked at again after this at the latest
 
 
 class _Moving(dict[str, float]):
@@ -203,6 +205,7 @@ class FairQueue:
         self.sizes = _Moving()
         self.usage = _Usage()
         self.board = Board()  # who asked lately, across the server's workers (app/common/activity.py)
+        self._timer: asyncio.TimerHandle | None = None
 
     def cost_of(self, ticket: Ticket) -> int:
         """Units one upstream request of this client takes: 1, plus one per BYTES_PER_UNIT its
@@ -221,8 +224,28 @@ class FairQueue:
         return max(1, self.capacity // 2)
 
     def _fits(self, state: _Client, cost: int, limit: int) -> bool:
-        return (state.running < self._limit(state.key, limit) and self.in_use + cost <= self.capacity
-                and state.units + cost <= self.client_units and state.not_before <= time.monotonic())
+        if not (state.running < self._limit(state.key, limit) and self.in_use + cost <= self.capacity
+                and state.units + cost <= self.client_units and state.not_before <= time.monotonic()):
+            return False
+        if self.name == "upstream" and self._throttled(state.key):
+            # One turn at a time across the server's workers: wait while another holds it.
+            until = self.board.turn_elsewhere(state.key)
+            if until > 0.0:
+                self._wake(until)
+                return False
+        return True
+
+    def _wake(self, at: float) -> None:
+        """Dispatch again at monotonic time `at` (a turn held elsewhere ends; bounded wait)."""
+        if self._timer is not None:
+            return
+        delay = min(max(0.005, at - time.monotonic()), TURN_POLL_SECONDS)
+
+        def fire() -> None:
+            self._timer = None
+            self._dispatch()
+
+        self._timer = asyncio.get_running_loop().call_later(delay, fire)
 
     def _limit(self, key: str, limit: int) -> int:
         """A client's concurrency now: one for a heavy client while others are active."""
@@ -273,8 +296,10 @@ class FairQueue:
             self._cancel(ticket, state)
             raise ticket.refused
         ticket.lanes.add(self.name)
-        if self._throttled(key):
+        turn = self.name == "upstream" and self._throttled(key)
+        if turn:
             ticket.throttled = True
+            self.board.hold_turn(key, time.monotonic() + TURN_LEASE_SECONDS)
         held_from = time.perf_counter()
         try:
             yield
@@ -282,11 +307,12 @@ class FairQueue:
             spent = time.perf_counter() - held_from
             self.held.add(key, spent)
             self.usage.add(key, spent, time.monotonic())
-            if self._throttled(key):
-                # Under gunicorn each worker serving the client runs one at a time: together
-                # they keep the same duty as one process would ((1 + PACE) per turn overall).
-                pause = (self.board.processes(key, ACTIVE_SECONDS) * (1 + PACE) - 1) * spent
+            if turn or self._throttled(key):
+                # Its next turn, in this worker or another, comes after a pause.
+                pause = PACE * spent
                 state.not_before = time.monotonic() + pause
+                if turn:
+                    self.board.hold_turn(key, state.not_before)
                 asyncio.get_running_loop().call_later(pause, self._dispatch)
             self._release(key, state, cost)
 
@@ -299,6 +325,7 @@ class FairQueue:
         if held is None:
             return None
         parts = 1 + sum(1 for w in state.waiting if w.request == id(ticket))
+        # Throttled, its turns are taken one at a time by all the server's workers it asks.
         paced = self.board.processes(key, ACTIVE_SECONDS) * (1 + PACE) if self._throttled(key) else 1.0
         return held * math.ceil(parts / max(1, self._limit(key, limit))) * paced
 
