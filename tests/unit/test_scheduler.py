@@ -5,6 +5,7 @@ cancellation when the caller goes away (promapi.until_gone)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -373,7 +374,7 @@ def test_a_throttled_heavy_client_waits_a_quarter_of_its_last_turn_before_the_ne
 
             await asyncio.gather(*(part() for _ in range(3)))
             spans.sort()
-            return [b0 - a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False)]
+            return [b0 - a1 for (_, a1), (b0, _) in itertools.pairwise(spans)]
 
         return asyncio.run(main())
 
