@@ -107,6 +107,14 @@ _current: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("gatewa
 GIVE_UP_EARLY = 0.1
 
 
+def throttled(ticket: Ticket) -> Rejected:
+    """The refusal of a request whose deadline went on the turns its client was paced to
+    (counted against the client as ``throttled``)."""
+    gm.client_rejected(ticket.label, "throttled")
+    return Rejected("throttled", f"client {ticket.label!r} keeps the upstream busy while others wait, so its "
+                    "queries take turns; this one did not finish before its deadline; retry later", 1.0)
+
+
 def current() -> Ticket | None:
     """The ticket of the API request this code runs for (None for the figures and background work)."""
     return _current.get()

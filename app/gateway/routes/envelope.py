@@ -8,9 +8,8 @@ from collections.abc import Mapping
 
 from fastapi import Response
 
-from app.gateway import metrics as gm
 from app.gateway.engines.limits import too_large
-from app.gateway.engines.scheduler import Rejected, current
+from app.gateway.engines.scheduler import Rejected, current, throttled
 from app.gateway.result import Lookup
 from app.gateway.upstream.answers import UpstreamError
 
@@ -72,16 +71,13 @@ def from_upstream(exc: UpstreamError) -> ApiError:
     """A transport-level upstream failure as Prometheus' envelope: never a 500 of ours.
     No turn for the request (its client's queue full, or its deadline passed waiting): 429.
     An answer over the size cap is the client's: said in its words, counted against it."""
-    if isinstance(exc, Rejected):
-        return ApiError("unavailable", f"too many queries: {exc.message}",
-                        {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, status=429)
     if exc.error_type == "timeout" and (paced := current()) is not None and paced.throttled:
         # Its deadline went on the turns its client was paced to (it keeps the upstream busy
         # while others ask): the gateway's choice, so "not now", not an upstream failure.
-        gm.client_rejected(paced.label, "throttled")
-        return ApiError("unavailable", f"too many queries: client {paced.label!r} keeps the upstream busy "
-                        "while others wait, so its queries take turns; this one did not finish before its "
-                        "deadline; retry later", {"Retry-After": "1"}, status=429)
+        exc = throttled(paced)
+    if isinstance(exc, Rejected):
+        return ApiError("unavailable", f"too many queries: {exc.message}",
+                        {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}, status=429)
     if exc.error_type == "too_large" and (ticket := current()) is not None:
         return ApiError("execution", too_large(ticket, exc.message))
     if exc.error_type == "circuit_open":
