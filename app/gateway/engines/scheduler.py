@@ -198,7 +198,7 @@ class _Usage(dict[str, tuple[float, float]]):
 class FairQueue:
     """`capacity` units shared by clients, handed out round-robin to the clients waiting."""
 
-    def __init__(self, name: str, capacity: int, max_waiting: int) -> None:
+    def __init__(self, name: str, capacity: int, max_waiting: int, board: Board | None = None) -> None:
         self.name = name
         self.capacity = capacity
         self.max_waiting = max_waiting
@@ -212,7 +212,9 @@ class FairQueue:
         self.held = _Moving()
         self.sizes = _Moving()
         self.usage = _Usage()
-        self.board = Board()  # who asked lately, across the server's workers (app/common/activity.py)
+        # Who asked lately, across the server's workers (app/common/activity.py): the
+        # scheduler's lanes share one.
+        self.board = board or Board()
         self._timer: asyncio.TimerHandle | None = None
 
     def cost_of(self, ticket: Ticket) -> int:
@@ -232,10 +234,11 @@ class FairQueue:
         return max(1, self.capacity // 2)
 
     def _fits(self, state: _Client, cost: int, limit: int) -> bool:
-        if not (state.running < self._limit(state.key, limit) and self.in_use + cost <= self.capacity
+        throttled = self._throttled(state.key)
+        if not (state.running < (1 if throttled else limit) and self.in_use + cost <= self.capacity
                 and state.units + cost <= self.client_units and state.not_before <= time.monotonic()):
             return False
-        if self.name == "upstream" and self._throttled(state.key):
+        if self.name == "upstream" and throttled:
             # One turn at a time across the server's workers: wait while another holds it.
             until = self.board.turn_elsewhere(state.key)
             if until > 0.0:
@@ -299,10 +302,10 @@ class FairQueue:
             # out (a client's lone query always runs, so the estimate keeps learning; the
             # other parts of a request under way are not refused half way through).
             self._release(key, state, cost)
-            ticket.refused = self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
-                                          f"{expected:.1f}s and this one's deadline is nearer; retry later")
-            self._cancel(ticket, state)
-            raise ticket.refused
+            refused = self._reject(ticket, "deadline", f"client {ticket.label!r}: its queries take "
+                                   f"{expected:.1f}s and this one's deadline is nearer; retry later")
+            self._refuse_request(ticket, state, refused)
+            raise refused
         ticket.lanes.add(self.name)
         turn = self.name == "upstream" and self._throttled(key)
         if turn:
@@ -338,12 +341,13 @@ class FairQueue:
         return held * math.ceil(parts / max(1, self._limit(key, limit))) * paced
 
     @staticmethod
-    def _cancel(ticket: Ticket, state: _Client) -> None:
-        """The request's other parts waiting here leave with its refusal (their waiters see it
-        when they wake)."""
+    def _refuse_request(ticket: Ticket, state: _Client, refused: Rejected) -> None:
+        """The whole request is refused: its later parts at once, and those waiting here leave
+        with the refusal (their waiters see it when they wake)."""
+        ticket.refused = refused
         for w in state.waiting:
-            if w.request == id(ticket) and not w.fut.done() and ticket.refused is not None:
-                w.fut.set_exception(ticket.refused)
+            if w.request == id(ticket) and not w.fut.done():
+                w.fut.set_exception(refused)
 
     def _release(self, key: str, state: _Client, cost: int) -> None:
         state.running -= 1
@@ -452,8 +456,9 @@ class Scheduler:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.upstream = FairQueue("upstream", settings.api_upstream_slots, settings.api_max_waiting_queries)
-        self.heavy = FairQueue("heavy", settings.api_heavy_workers, settings.api_max_waiting_queries)
+        board = Board()
+        self.upstream = FairQueue("upstream", settings.api_upstream_slots, settings.api_max_waiting_queries, board)
+        self.heavy = FairQueue("heavy", settings.api_heavy_workers, settings.api_max_waiting_queries, board)
         self.defaults = Limits(
             max_concurrent_queries=settings.client_max_concurrent_queries,
             max_queued_queries=settings.client_max_queued_queries,
