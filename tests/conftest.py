@@ -12,6 +12,14 @@ if str(ROOT) not in sys.path:
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
+# respx's default mocker patches httpcore's pools, which the gateway's upstream client does
+# not use (app/gateway/upstream/transport.py): this one patches its transport as well.
+import respx.mocks  # noqa: E402
+
+from tests.support.respx_lean import LeanAndHttpcoreMocker  # noqa: E402
+
+respx.mocks.DEFAULT_MOCKER = LeanAndHttpcoreMocker.name
+
 
 # -- one Redis for the tests that only need a store --------------------------------------
 # Session-scoped: one redis-server for the whole run; each test gets it flushed.

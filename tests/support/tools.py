@@ -22,6 +22,7 @@ PACKAGES: dict[str, str] = {
     "redis-cli": "redis-tools",
     "victoria-metrics": "victoria-metrics",
     "chromium": "chromium",
+    "openssl": "openssl",
 }
 OPT_OUT = "ALLOW_MISSING_TOOLS"
 

@@ -23,6 +23,7 @@ from app.gateway.engines.readiness import ReadinessProbe
 from app.gateway.settings import GatewaySettings
 from app.gateway.upstream.answers import QueryAnswer, UpstreamError, parse_answer
 from app.gateway.upstream.client import PrometheusClient
+from app.gateway.upstream.transport import LeanTransport
 from tests.support.files import rotate
 
 PROM = "http://prom.test:9090"
@@ -187,9 +188,12 @@ def test_tls_verify_switch(monkeypatch: pytest.MonkeyPatch, verify: bool, ca: st
         real(self, *args, **kw)
 
     monkeypatch.setattr(httpx.AsyncClient, "__init__", spy)
-    PrometheusClient(settings(prometheus_url="https://prom.test", prometheus_verify_tls=verify,
-                              prometheus_ca_file=ca))
-    assert seen["verify"] == expected
+    client = PrometheusClient(settings(prometheus_url="https://prom.test", prometheus_verify_tls=verify,
+                                       prometheus_ca_file=ca))
+    assert seen["verify"] == expected  # httpx's own transports (proxies from the environment)
+    assert isinstance(seen["transport"], LeanTransport)
+    assert seen["transport"]._verify == expected  # the upstream's (TLS itself: test_upstream_transport.py)
+    del client
 
 
 # --- failures --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from app.gateway.upstream.answers import (
     parse_off_loop,
 )
 from app.gateway.upstream.breaker import QUERY_ERRORS, CircuitBreaker, judge
+from app.gateway.upstream.transport import LeanTransport
 
 _T = TypeVar("_T")
 
@@ -104,6 +105,8 @@ class UpstreamHttp:
             verify = str(settings.prometheus_ca_file)
         limits = httpx.Limits(max_connections=settings.prometheus_max_connections,
                               max_keepalive_connections=settings.prometheus_max_connections)
+        if transport is None:  # tests hand in mocks; everything else speaks through the lean one
+            transport = LeanTransport(verify=verify, limits=limits)
         self._http = httpx.AsyncClient(
             headers=headers, auth=auth, verify=verify, limits=limits, transport=transport,
             timeout=httpx.Timeout(settings.request_deadline_seconds,
