@@ -14,7 +14,7 @@ are not even imported, no middleware is installed, no client is instrumented, an
 module-global test (``span()`` hands back one shared null context).
 
 Public surface: ``configure_from_env()`` (once per process, from the app factory),
-``install_tracing(app, ...)`` (the server-span middleware), ``instrument_client()``,
+``install_tracing(app, ...)`` (the server-span middleware), ``instrument_transport()``,
 ``span()`` (a hand span), ``note()`` (attributes of the request span), ``exemplar()``
 (the current trace id for a histogram observation), ``current_ids()`` (for log lines).
 """
@@ -246,13 +246,14 @@ def quiet() -> AbstractContextManager[Any]:
     return _quietly()
 
 
-def instrument_client(client: httpx.AsyncClient) -> None:
-    """Client spans for every request of `client`, with ``traceparent`` sent along."""
+def instrument_transport(transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+    """`transport` with a client span for every request and ``traceparent`` sent along
+    (httpx's instrumentation, as a transport); `transport` itself when tracing is off."""
     if _provider is None:
-        return
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+        return transport
+    from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
 
-    HTTPXClientInstrumentor.instrument_client(client, tracer_provider=_provider)
+    return AsyncOpenTelemetryTransport(transport, tracer_provider=_provider)
 
 
 def span(name: str, attributes: Mapping[str, AttrValue] | None = None) -> AbstractContextManager[Any]:

@@ -177,23 +177,31 @@ def test_url_must_be_http() -> None:
 
 @pytest.mark.parametrize(("verify", "ca", "expected"), [(True, None, True), (False, None, False),
                                                         (True, "ca.pem", "ca.pem"), (False, "ca.pem", False)])
-def test_tls_verify_switch(monkeypatch: pytest.MonkeyPatch, verify: bool, ca: str | None,
-                           expected: object) -> None:
-    seen: dict[str, Any] = {}
-    real = httpx.AsyncClient.__init__
-
-    def spy(self: httpx.AsyncClient, *args: Any, **kw: Any) -> None:
-        seen.update(kw)
-        kw["verify"] = True  # do not actually load a CA file
-        real(self, *args, **kw)
-
-    monkeypatch.setattr(httpx.AsyncClient, "__init__", spy)
+def test_tls_verify_switch(verify: bool, ca: str | None, expected: object) -> None:
     client = PrometheusClient(settings(prometheus_url="https://prom.test", prometheus_verify_tls=verify,
                                        prometheus_ca_file=ca))
-    assert seen["verify"] == expected  # httpx's own transports (proxies from the environment)
-    assert isinstance(seen["transport"], LeanTransport)
-    assert seen["transport"]._verify == expected  # the upstream's (TLS itself: test_upstream_transport.py)
-    del client
+    transport = client.http._transport
+    assert isinstance(transport, LeanTransport)
+    assert transport._verify == expected  # TLS itself: tests/unit/test_upstream_transport.py
+
+
+@pytest.mark.parametrize(("env", "proxied"), [
+    ({}, False),
+    ({"HTTPS_PROXY": "http://proxy.test:3128"}, True),
+    ({"https_proxy": "http://proxy.test:3128"}, True),
+    ({"ALL_PROXY": "http://proxy.test:3128"}, True),
+    ({"HTTP_PROXY": "http://proxy.test:3128"}, False),  # the upstream is https
+    ({"HTTPS_PROXY": "http://proxy.test:3128", "NO_PROXY": "prom.test"}, False),
+])
+def test_a_proxy_from_the_environment_is_honoured(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                  proxied: bool) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    transport = PrometheusClient(settings(prometheus_url="https://prom.test")).http._transport
+    assert isinstance(transport, httpx.AsyncHTTPTransport if proxied else LeanTransport)
 
 
 # --- failures --------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ app = create_app()
 with TestClient(app) as client:
     client.get("/prometheus/metrics/summary")
     client.get("/health")
-    http = app.state.gateway.client.http._http
+    transport = app.state.gateway.client.http._transport
 print(json.dumps({
     "enabled": tracing.enabled(),
     # (redis' own observability module loads the metrics SDK when installed: not ours)
@@ -264,7 +264,7 @@ print(json.dumps({
                                           "app.common.server_spans")),
     "exporter_threads": [t.name for t in threading.enumerate() if t.name.startswith("OtelBatch")],
     "middleware": [m.cls.__name__ for m in app.user_middleware],
-    "instrumented": bool(getattr(http, "_is_instrumented_by_opentelemetry", False)),
+    "instrumented": type(transport).__name__ == "AsyncOpenTelemetryTransport",
 }))
 sys.stdout.flush()
 """

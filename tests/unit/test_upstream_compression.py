@@ -29,7 +29,7 @@ async def _sent_encoding(settings: GatewaySettings) -> str:
     try:
         with respx.mock(assert_all_called=True) as mock:
             route = mock.get(url__startswith=settings.prometheus_url).mock(return_value=httpx.Response(200, json={}))
-            await http._http.get(settings.prometheus_url + "/api/v1/status/buildinfo")
+            await http.exchange("GET", settings.prometheus_url + "/api/v1/status/buildinfo", [], 5, None)
             return str(route.calls.last.request.headers.get("accept-encoding"))
     finally:
         await http.aclose()
@@ -45,3 +45,16 @@ async def _sent_encoding(settings: GatewaySettings) -> str:
 ])
 async def test_what_the_upstream_is_asked(kwargs: dict[str, object], sent: str) -> None:
     assert await _sent_encoding(GatewaySettings(**kwargs)) == sent  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("params", [
+    [("query", 'sum by (le) (rate(x{a="b c", d=~"e|f"}[5m])) / 2 + ü & %'), ("timeout", "900ms")],
+    [("match[]", "up"), ("match[]", '{__name__=~".+"}'), ("start", "1.5"), ("", "")],
+    [("query", "x" * 20000 + " + 1")],  # beyond the remembered size: quoted as it comes
+])
+def test_the_form_encoding_is_urlencode_byte_for_byte(params: list[tuple[str, str]]) -> None:
+    from urllib.parse import urlencode
+
+    from app.gateway.upstream.client import form
+
+    assert form(params) == form(params) == urlencode(params)
