@@ -140,3 +140,31 @@ def test_a_miss_asks_the_memo_once(upstream: respx.Route, monkeypatch: pytest.Mo
         assert len(asked) == 1, asked  # by the fast path, or (query string) by the route
         assert client.get(f"{BASE}/{path}{query}").status_code == 200
         assert len(asked) == 2  # and the warm one: one lookup, a hit
+
+
+def test_a_cold_summary_is_answered_before_routing_as_its_route_answers_it(
+        upstream: respx.Route, monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.routing import Router
+
+    routed: list[str] = []
+    real = Router.__call__
+
+    async def spy(self: Router, scope: Any, receive: Any, send: Any) -> None:
+        routed.append(scope["path"])
+        await real(self, scope, receive, send)
+
+    settings = AppSettings(gateway=GatewaySettings(prometheus_url=PROM, cache_ttl_seconds=0,
+                                                   response_memo_seconds=0))
+    with TestClient(create_app(settings)) as client:
+        monkeypatch.setattr(Router, "__call__", spy)
+        fast = client.get(f"{BASE}/summary")
+        assert routed == [] and upstream.call_count == 1  # cold, and answered by the fast path
+        via_route = client.get(f"{BASE}/summary?via=route")  # a query string: the route answers
+        assert routed == [f"{BASE}/summary"] and upstream.call_count == 2
+    assert fast.status_code == via_route.status_code == 200
+    assert fast.headers["content-type"] == via_route.headers["content-type"]
+    a, b = fast.json(), via_route.json()
+    for doc in (a, b):  # when each was rendered
+        doc.pop("timestamp", None)
+        doc.pop("generated_at", None)
+    assert a == b

@@ -13,9 +13,20 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from app.common.tenancy import Tenant
 from app.gateway.catalog.model import Catalog
 from app.gateway.catalog.names import figure_name
 from app.gateway.result import QueryResult, State, overall_status
+
+JSON_TYPE = "application/json"
+
+
+def with_scope(doc: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
+    """Tell a confined caller which labels its figures are confined to (an added key:
+    the summary contract allows more keys). Upstream headers are not shown."""
+    if tenant.confined:
+        doc["scope"] = {"labels": tenant.labels()}
+    return doc
 
 
 def _number(v: float | None) -> tuple[float | None, str | None]:

@@ -1,4 +1,5 @@
-"""Warm figure answers served before FastAPI's routing: memoized bodies as bytes.
+"""Figure answers served before FastAPI's routing: memoized bodies as bytes, and a cold
+/summary.
 
 A warm ``/summary`` is a memoized body (ResponseMemo); what it costs is the stack
 around it. Measured on the 2-core dev machine (direct ASGI calls): a bare FastAPI
@@ -10,7 +11,10 @@ figure request whose body is memoized straight from the memo: ~13 us.
 
 Only requests whose answer the route would take from the memo anyway: GET, no
 query string (no filters, no ``format=``), a figure route, a body in the memo.
-Everything else, and every miss, goes on to the routes, which fill the memo.
+And a cold ``/summary`` (GET, no query string), which takes no parameters at all: it
+is answered here by the service call its route makes (`GatewayService.summary_answer`),
+which saves the route's ~0.1 ms of a few-millisecond cold request (docs/benchmarks.md).
+Everything else, and every other miss, goes on to the routes, which fill the memo.
 Keys and the JSON-or-text choice come from here for both (`memo_key`, `kind_of`),
 so the two can never disagree about what a memoized body answers.
 """
@@ -26,6 +30,7 @@ from app.common.exposition import negotiate, wants_json
 from app.common.paths import route_path
 from app.common.tenancy import TENANT_SCOPE_KEY, UNCONFINED, Tenant
 from app.gateway.catalog.model import CATEGORIES
+from app.gateway.service import SUMMARY_MEMO_KEY, GatewayService
 
 MemoKey = tuple[str, ...]
 # The scope key under which the fast path leaves the full memo key it looked up and
@@ -41,7 +46,7 @@ def kind_of(accept: str | None, fmt: str | None) -> str:
 def memo_key(name: str, kind: str | None, filters: Mapping[str, Sequence[str]] | None = None) -> MemoKey:
     """The memo key of a figure route's answer: route name, kind, filters."""
     if name == "summary":
-        return ("summary",)
+        return SUMMARY_MEMO_KEY
     return (name, kind or "", *(f"{k}={','.join(v)}" for k, v in sorted((filters or {}).items())))
 
 
@@ -84,18 +89,27 @@ class MemoFastPath:
             hit = service.memo.get((tenant_id, *key)) if service is not None else None
             if hit is not None:
                 tracing.count_lookup("memo")
-                body, media_type = hit
-                if media_type.startswith("text/") and "charset=" not in media_type.lower():
-                    media_type += "; charset=utf-8"  # as starlette's Response says it
-                await send({"type": "http.response.start", "status": 200, "headers": [
-                    (b"content-length", str(len(body)).encode()),
-                    (b"content-type", media_type.encode("latin-1")),
-                ]})
-                await send({"type": "http.response.body", "body": body})
+                await _send_body(send, *hit)
                 return
-            if service is not None:
+            if isinstance(service, GatewayService):
+                if key == SUMMARY_MEMO_KEY:
+                    # A cold /summary takes no parameters: answered here, by the same
+                    # service call as its route, without routing or dependency solving.
+                    rendered = await service.summary_answer(tenant if isinstance(tenant, Tenant) else UNCONFINED)
+                    await _send_body(send, rendered.body, rendered.media_type)
+                    return
                 scope[MISSED_SCOPE_KEY] = (tenant_id, *key)
         await self.app(scope, receive, send)
+
+
+async def _send_body(send: Send, body: bytes, media_type: str) -> None:
+    if media_type.startswith("text/") and "charset=" not in media_type.lower():
+        media_type += "; charset=utf-8"  # as starlette's Response says it
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", media_type.encode("latin-1")),
+    ]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def missed(scope: Scope, tenant_id: str, key: MemoKey) -> bool:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from starlette.requests import HTTPConnection
 
-from app.common import tracing
 from app.common.exposition import render_families
 from app.common.http_errors import invalid_query
 from app.common.readiness import readiness_of
@@ -27,6 +26,7 @@ from app.gateway.promql.syntax import PLAIN_LABEL_VALUE
 from app.gateway.render import docs as docs_render
 from app.gateway.render import json as json_render
 from app.gateway.render import text as text_render
+from app.gateway.render.json import JSON_TYPE
 from app.gateway.result import QueryResult
 from app.gateway.routes.fastpath import kind_of, memo_key, missed
 from app.gateway.routes.promapi import create_promapi_router
@@ -34,7 +34,6 @@ from app.gateway.service import GatewayService, Rendered
 from app.gateway.settings import GatewaySettings
 
 FILTERABLE = ("providers", "models")
-JSON_TYPE = "application/json"
 
 
 class MarkdownResponse(Response):
@@ -69,14 +68,6 @@ async def _caller(conn: HTTPConnection) -> Tenant:
 
 
 Caller = Annotated[Tenant, Depends(_caller)]
-
-
-def _with_scope(doc: dict[str, Any], tenant: Tenant) -> dict[str, Any]:
-    """Tell a confined caller which labels its figures are confined to (an added key:
-    the summary contract allows more keys). Upstream headers are not shown."""
-    if tenant.confined:
-        doc["scope"] = {"labels": tenant.labels()}
-    return doc
 
 
 def _filters(settings: GatewaySettings, category: str, **given: list[str] | None) -> dict[str, list[str]]:
@@ -143,7 +134,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         accept = request.headers.get("accept")
 
         def as_json() -> tuple[bytes, str]:
-            doc = _with_scope(json_render.category(cat, name, results, filters, up), tenant)
+            doc = json_render.with_scope(json_render.category(cat, name, results, filters, up), tenant)
             return json_render.dumps(doc), JSON_TYPE
 
         def as_text() -> tuple[bytes, str]:
@@ -158,11 +149,7 @@ def create_gateway_router(settings: GatewaySettings | None = None, catalog: Cata
         key = memo_key("summary", None)
         if (hit := recall(request, key, tenant)) is not None:
             return hit
-        results = await service.summary(tenant)
-        with tracing.span("render", {"gateway.figures": len(results)}):
-            doc = _with_scope(json_render.summary(cat, results, service.client.up), tenant)
-            rendered = Rendered(json_render.dumps(doc), JSON_TYPE)
-        return answer(service.remember(key, "summary", list(results.values()), rendered, tenant))
+        return answer(await service.summary_answer(tenant))
 
     @router.get("/docs", summary="Markdown documentation of every figure, from the catalog",
                 response_class=MarkdownResponse)
