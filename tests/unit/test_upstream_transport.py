@@ -352,3 +352,20 @@ async def test_tls_is_verified_as_configured(certificate: tuple[Path, Path], ver
                 assert caught.value.error_type == "unreachable"
         finally:
             await upstream.aclose()
+
+
+async def test_headers_merge_case_insensitively_so_a_tenant_header_replaces_a_configured_one() -> None:
+    async with serving(ok) as (server, url):
+        upstream = UpstreamHttp(GatewaySettings(
+            prometheus_url=url, prometheus_bearer_token="tok",
+            prometheus_headers={"x-scope-orgid": "everyone", "authorization": "Bearer configured", "X-Extra": "1"}))
+        try:
+            await upstream.exchange("POST", f"{url}/api/v1/query", [("query", "up")], 5, {"X-Scope-OrgID": "tenant-a"})
+        finally:
+            await upstream.aclose()
+    lines = [line.lower() for line in server.requests[0].split(b"\r\n\r\n")[0].split(b"\r\n")[1:]]
+    named = {name: [line for line in lines if line.startswith(name + b":")]
+             for name in (b"x-scope-orgid", b"authorization", b"x-extra", b"content-type", b"host")}
+    assert named[b"x-scope-orgid"] == [b"x-scope-orgid: tenant-a"]
+    assert named[b"authorization"] == [b"authorization: bearer tok"]
+    assert all(len(found) == 1 for found in named.values()), named

@@ -87,8 +87,9 @@ class UpstreamHttp:
 
     def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
-        headers = {"Accept": "application/json", "User-Agent": "metrics-gateway", **settings.prometheus_headers}
-        if not any(name.lower() == "accept-encoding" for name in settings.prometheus_headers):
+        headers = httpx.Headers({"Accept": "application/json", "User-Agent": "metrics-gateway"})
+        headers.update(settings.prometheus_headers)
+        if "accept-encoding" not in headers:
             headers["Accept-Encoding"] = accept_encoding(settings)
         self._token_file: SecretFile | None = None
         if settings.prometheus_username is not None:
@@ -111,7 +112,9 @@ class UpstreamHttp:
                  headers: Mapping[str, str] | None) -> httpx.Request:
         """POST bodies are encoded here, so repeated keys (`match[]`) and their order
         reach the upstream exactly as given."""
-        merged = {**self._headers, **(headers or {})}
+        merged = httpx.Headers(self._headers)
+        if headers:
+            merged.update(headers)  # case-insensitively: a tenant's X-Scope-OrgID replaces a configured one
         if self._token_file is not None:
             merged["Authorization"] = f"Bearer {self._token_file.read()}"
         connect = min(timeout, self.settings.connect_timeout_seconds)
