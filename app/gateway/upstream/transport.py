@@ -129,16 +129,11 @@ class _Connection(asyncio.Protocol):
         """Write one request; wait for the answer's head: (status, raw headers)."""
         self._reset()
         self.used = True
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = head = asyncio.get_running_loop().create_future()
         if self.closed or self.transport is None or self.transport.is_closing():
             raise _Closed()
         self.transport.write(data)
-        try:
-            async with asyncio.timeout(read_timeout):
-                await self._head
-        except TimeoutError:
-            self.close()
-            raise httpx.ReadTimeout(f"no answer within {read_timeout}s") from None
+        await self._within(head, read_timeout, "no answer")
         return self._parser.get_status_code(), self._headers
 
     async def body(self, read_timeout: float | None) -> AsyncIterator[bytes]:
@@ -155,15 +150,21 @@ class _Connection(asyncio.Protocol):
                 return
             if self._error is not None:
                 raise self._error
-            self._more = asyncio.get_running_loop().create_future()
+            self._more = more = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(read_timeout):
-                    await self._more
-            except TimeoutError:
-                self.close()
-                raise httpx.ReadTimeout(f"no more of the answer within {read_timeout}s") from None
+                await self._within(more, read_timeout, "no more of the answer")
             except _Closed:
                 raise httpx.RemoteProtocolError("the upstream closed the connection mid-answer") from None
+
+    async def _within(self, waiter: asyncio.Future[None], read_timeout: float | None, what: str) -> None:
+        """Wait for the next part of the answer; past the read timeout the connection is dropped
+        (what it would say next no longer belongs to anybody)."""
+        try:
+            async with asyncio.timeout(read_timeout):
+                await waiter
+        except TimeoutError:
+            self.close()
+            raise httpx.ReadTimeout(f"{what} within {read_timeout}s") from None
 
     def close(self) -> None:
         self.closed = True
